@@ -1,0 +1,205 @@
+"""clip_model.py against open_clip (the reference CLIP), on random weights saved in the real formats."""
+import socket
+import string
+
+import open_clip
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from PIL import Image
+from safetensors.torch import save_file
+
+import clip_model
+from clip_model import PRESETS, CLIPConfig, config_from_state_dict, load_clip, to_openai_state_dict, tokenize
+
+TINY = dict(embed_dim=64, vision=dict(layers=2, width=128, patch_size=8, image_size=32),
+            text=dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=2))
+
+
+def random_open_clip(name=None, quick_gelu=True, seed=0):
+    """An open_clip CLIP with every tensor random (so zero-initialised biases are exercised too)."""
+    torch.manual_seed(seed)
+    if name is None:
+        ref = open_clip.model.CLIP(TINY["embed_dim"], CLIPVisionCfg(**TINY["vision"]), CLIPTextCfg(**TINY["text"]),
+                                   quick_gelu=quick_gelu)
+    else:
+        ref = open_clip.create_model(name, pretrained=None)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.05)
+    return ref.eval()
+
+
+def save(ref, path, fmt):
+    sd = ref.state_dict()
+    if fmt == "pt":
+        torch.save(sd, path)
+    elif fmt == "wrapped":  # training-checkpoint style: {'state_dict': {'module.' + key: ...}}
+        torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in sd.items()}}, path)
+    elif fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items() if "attn_mask" not in k}, str(path))
+    elif fmt == "torchscript":
+        torch.jit.script(ref).save(str(path))
+
+
+def assert_same_features(ref, ours, image_size, context_length, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(3, 3, image_size, image_size, generator=g)
+    tokens = tokenize(["a photo of a cat.", "Ünïcødé & punctuation!?", "x " * 200], context_length)
+    with torch.no_grad():
+        for a, b in [(ref.encode_image(images), ours.encode_image(images)),
+                     (ref.encode_text(tokens), ours.encode_text(tokens))]:
+            assert a.shape == b.shape
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+EXT = {"pt": ".pt", "wrapped": ".pth", "safetensors": ".safetensors", "torchscript": ".pt"}
+
+
+@pytest.mark.parametrize("fmt", list(EXT))
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_tiny_equals_open_clip_in_every_format(tmp_path, fmt, quick_gelu):
+    ref = random_open_clip(quick_gelu=quick_gelu)
+    path = tmp_path / f"tiny{EXT[fmt]}"
+    save(ref, path, fmt)
+    ours = load_clip(path, quick_gelu=None if fmt == "torchscript" else quick_gelu)
+    if fmt == "torchscript":  # archives are OpenAI's: QuickGELU is implied
+        assert ours.config.quick_gelu
+        if not quick_gelu:
+            return
+    assert ours.config.quick_gelu == quick_gelu
+    assert_same_features(ref, ours, 32, 16)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors", "torchscript"])
+def test_vit_b16_openai_shapes_equal_open_clip(tmp_path, fmt):
+    ref = random_open_clip("ViT-B-16-quickgelu")
+    path = tmp_path / f"ViT-B-16{EXT[fmt]}"
+    save(ref, path, fmt)
+    ours = load_clip(path, config="ViT-B-16")
+    assert ours.config == PRESETS["ViT-B-16"]
+    assert_same_features(ref, ours, 224, 77)
+
+
+def test_export_round_trip_is_exact(tmp_path):
+    ref = random_open_clip()
+    sd = {k: v for k, v in ref.state_dict().items() if "attn_mask" not in k}
+    ours = load_clip(_saved(tmp_path, ref))
+    back = to_openai_state_dict(ours)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+    clip_model.save_clip(ours, tmp_path / "export.safetensors")
+    again = load_clip(tmp_path / "export.safetensors")
+    assert again.config == ours.config
+    ref.load_state_dict(to_openai_state_dict(again), strict=False)  # open_clip takes the same names
+    assert_same_features(ref, again, 32, 16)
+
+
+def _saved(tmp_path, ref, name="m.pt"):
+    path = tmp_path / name
+    torch.save(ref.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "tiny"])
+def test_config_inferred_from_shapes(name):
+    with torch.device("meta"):  # shapes only, no allocation
+        model = clip_model.CLIP(PRESETS[name])
+    assert config_from_state_dict(to_openai_state_dict(model)) == PRESETS[name]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=300)
+                | st.text(alphabet=string.printable, max_size=400), min_size=1, max_size=4))
+def test_tokenizer_ids_equal_open_clip(texts):
+    ours = tokenize(texts)
+    assert torch.equal(ours, open_clip.tokenize(texts))
+    assert ours.shape == (len(texts), 77)
+    sot, eot = 49406, 49407
+    assert (ours[:, 0] == sot).all()
+    assert (ours.argmax(-1) == (ours != 0).sum(-1) - 1).all()  # EOT is the last non-pad token
+    assert (ours.max(-1).values == eot).all()
+
+
+def test_long_text_truncated_with_eot_kept():
+    tokens = tokenize(["word " * 500], context_length=16)
+    assert tokens.shape == (1, 16) and tokens[0, -1] == 49407 and (tokens != 0).all()
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = _saved(tmp_path, random_open_clip())
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="m.pt.*cannot read"):
+        load_clip(path)
+    st_path = tmp_path / "t.safetensors"
+    save(random_open_clip(), st_path, "safetensors")
+    st_path.write_bytes(st_path.read_bytes()[:3000])
+    with pytest.raises(ValueError, match="t.safetensors"):
+        load_clip(st_path)
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path):
+    with torch.device("meta"):
+        b32 = clip_model.CLIP(PRESETS["ViT-B-32"])
+    sd = {k: torch.zeros(v.shape) for k, v in to_openai_state_dict(b32).items()}
+    path = tmp_path / "b32.pt"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match="ViT-B-32.*expected ViT-B-16"):
+        load_clip(path, config="ViT-B-16")
+
+
+def test_non_clip_and_missing_keys_are_clear_errors(tmp_path):
+    path = tmp_path / "resnet.pt"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, path)
+    with pytest.raises(ValueError, match="not a CLIP"):
+        load_clip(path)
+    sd = random_open_clip().state_dict()
+    del sd["transformer.resblocks.1.mlp.c_proj.bias"]
+    sd["visual.extra.weight"] = torch.zeros(1)
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"missing text\.blocks\.1\.mlp\.fc2\.bias.*unexpected visual\.extra\.weight"):
+        load_clip(path)
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ValueError, match="state dict of tensors"):
+        load_clip(path)
+
+
+def test_hub_name_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setattr(clip_model, "CACHE_DIR", tmp_path)
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(RuntimeError, match=r"(?s)Download.*ViT-B-16\.pt.*" + str(tmp_path)):
+        load_clip("ViT-B-16:openai")
+    with pytest.raises(FileNotFoundError, match="not a known model name"):
+        load_clip("ViT-H-99")
+
+
+def test_hub_name_uses_cached_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(clip_model, "CACHE_DIR", tmp_path)
+    ref = random_open_clip()
+    torch.save(ref.state_dict(), tmp_path / "ViT-B-16.pt")  # any CLIP file under the expected name
+    assert_same_features(ref, load_clip("ViT-B-16"), 32, 16)
+
+
+def test_image_transform():
+    image = Image.new("L", (50, 40), color=128)  # grey, single channel: converted to RGB
+    for train in (False, True):
+        x = clip_model.image_transform(32, train=train)(image)
+        assert x.shape == (3, 32, 32)
+        expected = (128 / 255 - torch.tensor(clip_model.CLIP_MEAN)) / torch.tensor(clip_model.CLIP_STD)
+        torch.testing.assert_close(x.mean((1, 2)), expected, atol=1e-2, rtol=0)
+
+
+def test_forward_returns_normalised_features_and_scale():
+    torch.manual_seed(0)
+    model = clip_model.CLIP(CLIPConfig(**{**PRESETS["tiny"].__dict__, "vocab_size": 1000})).eval()
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 999, (2, 32))
+    f, g, s = model(images, tokens)
+    torch.testing.assert_close(f.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(g.norm(dim=-1), torch.ones(2))
+    assert torch.isclose(s, torch.tensor(1 / 0.07))
