@@ -8,6 +8,7 @@ runs them interleaved (A, B, A, B, ...) after a warm-up, and prints median times
 and the ratio against the first contender.
 """
 import argparse
+import copy
 import statistics
 import time
 
@@ -15,6 +16,7 @@ import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
+import r_adapter
 from clip_model import PRESETS, load_clip, tokenize
 
 
@@ -81,6 +83,23 @@ def bench_clip(preset, batch, device, dtype, repeats, tmp):
     report(f"CLIP {preset} b{batch} {device.type} {str(dtype)[6:]}", medians)
 
 
+def bench_r_adapter(preset, batch, device, dtype, repeats, tmp):
+    """Vanilla CLIP vs the adapted CLIP unmerged (eval) vs merged: merging should cost nothing."""
+    vanilla = ours_from(open_clip_reference(preset), tmp).to(device, dtype)
+    unmerged = r_adapter.add_adapters(copy.deepcopy(vanilla))
+    with torch.no_grad():
+        for _, p in r_adapter.adapter_parameters(unmerged):
+            p.normal_(0, 0.02)
+    merged = r_adapter.merge(copy.deepcopy(unmerged).eval())
+    images, tokens = inputs(preset, batch, device, dtype)
+    medians = interleaved({
+        "vanilla": lambda: (vanilla.encode_image(images), vanilla.encode_text(tokens)),
+        "unmerged": lambda: (unmerged.encode_image(images), unmerged.encode_text(tokens)),
+        "merged": lambda: (merged.encode_image(images), merged.encode_text(tokens)),
+    }, repeats, device)
+    report(f"R-Adapter {preset} b{batch} {device.type} {str(dtype)[6:]}", medians)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
@@ -97,6 +116,8 @@ def main():
                  ("ViT-B-16", 128, cuda, torch.bfloat16)]
     for preset, batch, device, dtype in runs:
         bench_clip(preset, batch, device, dtype, args.repeats, tmp)
+    for preset, batch, device, dtype in runs:
+        bench_r_adapter(preset, batch, device, dtype, args.repeats, tmp)
 
 
 if __name__ == "__main__":

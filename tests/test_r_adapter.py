@@ -1,0 +1,388 @@
+"""r_adapter.py: merge exactness, zero init, adapter dropping, EMA, guards, checkpoints, counts."""
+import copy
+
+import open_clip
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from safetensors.torch import load_file
+from torch import nn
+
+import r_adapter as ra
+from clip_model import CLIP, PRESETS, CLIPConfig, load_clip
+
+FAST = settings(max_examples=12, deadline=None)
+
+
+def tiny(vision_width=64, vision_layers=1, text_width=64, text_layers=1, image_size=16, context_length=8):
+    return CLIPConfig(embed_dim=32, image_size=image_size, patch_size=8, vision_width=vision_width,
+                      vision_layers=vision_layers, context_length=context_length, vocab_size=1000,
+                      text_width=text_width, text_layers=text_layers)
+
+
+configs = st.builds(tiny, vision_width=st.sampled_from([64, 128]), vision_layers=st.integers(1, 3),
+                    text_width=st.sampled_from([64, 128]), text_layers=st.integers(1, 2),
+                    image_size=st.sampled_from([16, 32]), context_length=st.sampled_from([8, 16]))
+ranks = st.one_of(st.none(), st.integers(1, 8),
+                  st.fixed_dictionaries({"visual": st.one_of(st.none(), st.integers(1, 8)),
+                                         "text": st.one_of(st.none(), st.integers(1, 8))}))
+
+
+def random_clip(cfg, seed=0):
+    """A CLIP with every tensor random (biases and LayerNorms too), in eval mode."""
+    torch.manual_seed(seed)
+    model = CLIP(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def randomize_adapters(model, seed=0, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ra.adapter_parameters(model):
+            p.copy_(torch.rand(p.shape, generator=g) * 0.9 + 0.1 if name.endswith(".s") else
+                    torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def batch(cfg, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=g)
+    tokens = torch.randint(1, cfg.vocab_size, (n, cfg.context_length), generator=g)
+    return images, tokens
+
+
+@torch.no_grad()
+def features(model, images, tokens):
+    return model.encode_image(images), model.encode_text(tokens)
+
+
+def assert_close(a, b, rtol=1e-5):
+    for x, y in zip(a, b):
+        assert x.shape == y.shape
+        assert (x - y).abs().max() <= rtol * y.abs().max(), (x - y).abs().max()
+
+
+def assert_equal(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def adapted(cfg, rank=None, seed=0, learn_scale=True, **kw):
+    base = random_clip(cfg, seed)
+    model = randomize_adapters(ra.add_adapters(copy.deepcopy(base), rank, learn_scale=learn_scale, **kw), seed)
+    return base, model
+
+
+def scaled_copy(model, alpha):
+    """Independent reference for W_ens: a copy whose adapter weights are multiplied by alpha
+    (W_adp, or the up factor B, for low rank); no alpha attribute involved."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ra.adapter_parameters(ref):
+            if name.endswith((".W_adp", ".B")):
+                p.mul_(alpha)
+    return ref
+
+
+# ------------------------------------------------------------------ merging
+@FAST
+@given(cfg=configs, rank=ranks, alpha=st.floats(0, 1), n=st.integers(1, 3), seed=st.integers(0, 99),
+       learn_scale=st.booleans())
+def test_merge_equals_unmerged_at_alpha_and_unmerge_is_exact(cfg, rank, alpha, n, seed, learn_scale):
+    base, model = adapted(cfg, rank, seed, learn_scale)
+    images, tokens = batch(cfg, n, seed)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unmerged = features(model, images, tokens)
+    reference = features(scaled_copy(model, alpha), images, tokens)
+    with ra.rescaled(model, alpha):
+        rescaled = features(model, images, tokens)
+    assert_close(rescaled, reference)
+    assert not torch.allclose(unmerged[0], features(base, images, tokens)[0])  # the adapters do act
+
+    ra.merge(model, alpha)
+    assert ra.is_merged(model)
+    assert_close(features(model, images, tokens), reference)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
+    assert not any(isinstance(m, (ra.Adapter, ra.AdaptedLinear)) for m in model.modules())
+    assert model.state_dict().keys() == base.state_dict().keys()
+
+    ra.unmerge(model)
+    assert not ra.is_merged(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert_equal(features(model, images, tokens), unmerged)
+
+
+@FAST
+@given(cfg=configs, rank=ranks, seed=st.integers(0, 99))
+def test_merge_at_alpha_1_equals_plain_unmerged_forward(cfg, rank, seed):
+    _, model = adapted(cfg, rank, seed)
+    images, tokens = batch(cfg, 2, seed)
+    unmerged = features(model, images, tokens)
+    assert_close(features(ra.merge(model, 1.0), images, tokens), unmerged)
+
+
+@FAST
+@given(cfg=configs, rank=ranks, seed=st.integers(0, 99))
+def test_alpha_0_is_the_original_clip_exactly(cfg, rank, seed):
+    base, model = adapted(cfg, rank, seed)
+    images, tokens = batch(cfg, 2, seed)
+    ra.merge(model, 0.0)
+    merged, original = model.state_dict(), base.state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in original.items())
+    assert_equal(features(model, images, tokens), features(base, images, tokens))
+
+
+@FAST
+@given(cfg=configs, rank=ranks, seed=st.integers(0, 99), learn_scale=st.booleans(),
+       drop_mode=st.sampled_from(ra.DROP_MODES))
+def test_fresh_adapters_are_zero_shot_clip_exactly(cfg, rank, seed, learn_scale, drop_mode):
+    base = random_clip(cfg, seed)
+    model = ra.add_adapters(copy.deepcopy(base), rank, drop_mode=drop_mode, learn_scale=learn_scale)
+    images, tokens = batch(cfg, 3, seed)
+    assert_equal(features(model, images, tokens), features(base, images, tokens))
+    assert_equal(features(model.train(), images, tokens), features(base.train(), images, tokens))
+    for _, layer in ra._adapted(model):
+        a = layer.adapter
+        assert (a.s is not None) == learn_scale and (a.s is None or a.s.item() == pytest.approx(0.1))
+        if a.rank is None:
+            assert not a.W_adp.any()
+        else:
+            assert not a.B.any() and a.A.abs().min() > 0  # up zero, down random
+
+
+def test_only_adapters_train_and_base_keys_unchanged():
+    cfg = tiny()
+    base = random_clip(cfg)
+    model = copy.deepcopy(base)
+    w_o = model.visual.blocks[0].attn.proj.weight
+    ra.add_adapters(model, rank={"visual": None, "text": 4})
+    assert model.visual.blocks[0].attn.proj.weight is w_o  # shared, not copied
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in ra.adapter_parameters(model)}
+    assert "logit_scale" not in trainable and len(trainable) == 2 * 2 + 2 * 3  # (W_adp, s), (A, B, s)
+    assert set(base.state_dict()) <= set(model.state_dict())
+    images, tokens = batch(cfg)
+    model.train()
+    img, txt, scale = model(images, tokens)
+    (img @ txt.T * scale).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    assert all(p.grad is not None for n, p in ra.adapter_parameters(model))
+
+
+def test_vit_b16_trainable_count():
+    for learn_scale, expected in [(True, 20_447_232 + 48), (False, 20_447_232)]:
+        with torch.device("meta"):
+            model = ra.add_adapters(CLIP(PRESETS["ViT-B-16"]), learn_scale=learn_scale)
+        assert 12 * 2 * 768 ** 2 + 12 * 2 * 512 ** 2 == 20_447_232
+        assert ra.count_trainable(model) == expected
+        assert "W_adp 20,447,232" in ra.summary(model)
+    with torch.device("meta"):
+        model = ra.add_adapters(CLIP(PRESETS["ViT-B-16"]), rank=8)
+    assert ra.count_trainable(model) == 24 * 2 * 8 * 768 + 24 * 2 * 8 * 512 + 48
+
+
+# ----------------------------------------------------------------- dropping
+def identity_adapter(d=8, p=0.2, mode="sample"):
+    a = ra.Adapter(d, drop_p=p, drop_mode=mode)
+    with torch.no_grad():
+        a.W_adp.copy_(torch.eye(d))
+        a.s.fill_(1.0)
+    return a  # branch = y, so output / input is the drop gain
+
+
+@settings(max_examples=10, deadline=None)
+@given(p=st.floats(0.05, 0.8), mode=st.sampled_from(ra.DROP_MODES), seed=st.integers(0, 99))
+def test_dropping_is_unbiased_and_off_in_eval(p, mode, seed):
+    torch.manual_seed(seed)
+    a = identity_adapter(p=p, mode=mode)
+    y = torch.randn(4, 5, 8)
+    a.eval()
+    assert torch.equal(a(y), y) and torch.equal(a(y), a(y))
+    a.train()
+    draws = 3000
+    mean = sum(a(y) for _ in range(draws)) / draws
+    sigma = (p / (1 - p)) ** 0.5 / draws ** 0.5  # std of the mean gain
+    assert ((mean - y).abs() <= 6 * sigma * y.abs()).all()
+    gain = a(y) / y
+    assert ((gain == 0) | ((gain - 1 / (1 - p)).abs() < 1e-4)).all()
+
+
+def test_drop_p_0_is_no_dropping():
+    a, y = identity_adapter(p=0.0), torch.randn(4, 5, 8)
+    assert torch.equal(a.train()(y), a.eval()(y))
+
+
+@pytest.mark.parametrize("mode", ra.DROP_MODES)
+def test_drop_mask_granularity(mode):
+    torch.manual_seed(0)
+    a = identity_adapter(p=0.5, mode=mode).train()
+    gain = a(torch.ones(64, 48, 8))  # [N, L, d], the branch's gain: 0 or 2
+    assert torch.equal(gain, gain[..., :1].expand_as(gain))  # features of a token share it
+    if mode == "sample":  # one draw per sample: all its tokens share it, samples differ
+        assert torch.equal(gain, gain[:, :1].expand_as(gain)) and len(gain[:, 0, 0].unique()) == 2
+    else:  # one draw per position, shared by the batch, positions differ
+        assert torch.equal(gain, gain[:1].expand_as(gain)) and len(gain[0, :, 0].unique()) == 2
+
+
+# ---------------------------------------------------------------------- EMA
+@settings(max_examples=20, deadline=None)
+@given(m=st.floats(0, 1), k=st.integers(0, 20), rank=ranks)
+def test_ema_closed_form(m, k, rank):
+    _, model = adapted(tiny(), rank, learn_scale=True)
+    ema = ra.AdapterEMA(model, m)
+    W0 = {n: w.clone() for n, w in ra.adapter_state_dict(model).items()}
+    randomize_adapters(model, seed=1)
+    W = {n: w.clone() for n, w in ra.adapter_state_dict(model).items()}
+    for _ in range(k):
+        ema.update(model)
+    for n, w in ema.shadow.items():
+        expected = m ** k * W0[n] + (1 - m ** k) * W[n]
+        assert torch.allclose(w, expected, atol=1e-6, rtol=1e-5), n
+        if m == 0 and k > 0:
+            assert torch.equal(w, W[n])
+
+
+def test_ema_starts_from_initial_values_and_merge_uses_it():
+    cfg = tiny(vision_layers=2)
+    base = random_clip(cfg)
+    model = ra.add_adapters(copy.deepcopy(base), rank={"visual": None, "text": 3})
+    ema = ra.AdapterEMA(model, 0.9)
+    assert all(torch.equal(ema.shadow[n], p) for n, p in ra.adapter_parameters(model))
+    for step in range(3):
+        randomize_adapters(model, seed=step)
+        ema.update(model)
+    live = {n: p.clone() for n, p in ra.adapter_state_dict(model).items()}
+    images, tokens = batch(cfg)
+    with ra.rescaled(model, 0.7, ema):
+        reference = features(model, images, tokens)
+    assert all(torch.equal(p, live[n]) for n, p in ra.adapter_state_dict(model).items())  # swapped back
+    with ema.applied(model):
+        alpha_1 = features(model, images, tokens)
+    ra.merge(model, 0.7, ema=ema)
+    assert_close(features(model, images, tokens), reference)
+    ra.unmerge(model)
+    assert all(torch.equal(p, live[n]) for n, p in ra.adapter_state_dict(model).items())
+    assert not torch.allclose(alpha_1[0], features(model, images, tokens)[0])  # EMA differs from live
+    restored = ra.AdapterEMA(model, 0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.m == 0.9 and all(torch.equal(restored.shadow[n], w) for n, w in ema.shadow.items())
+
+
+def test_merged_context_evaluates_then_restores_weights_and_mode():
+    cfg = tiny()
+    _, model = adapted(cfg, rank=2)
+    images, tokens = batch(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ra.rescaled(model, 0.3):
+        expected = features(model, images, tokens)
+    model.train()
+    with pytest.raises(KeyError):  # restored even when the block fails
+        with ra.merged(model, 0.3) as merged:
+            assert merged is model and ra.is_merged(model) and not model.training
+            assert_close(features(model, images, tokens), expected)
+            raise KeyError
+    assert model.training and not ra.is_merged(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------- guards
+def test_misuse_is_a_clear_error(tmp_path):
+    cfg = tiny()
+    _, model = adapted(cfg)
+    ema = ra.AdapterEMA(model)
+    with pytest.raises(RuntimeError, match="eval"):
+        ra.merge(model.train())
+    with pytest.raises(RuntimeError, match="not merged"):
+        ra.unmerge(model)
+    ra.merge(model.eval())
+    with pytest.raises(RuntimeError, match="merged"):
+        ra.merge(model)
+    with pytest.raises(RuntimeError, match="merged"):
+        ema.update(model)
+    with pytest.raises(RuntimeError, match="merged"):
+        ra.save_adapters(model, tmp_path / "a.safetensors")
+    with pytest.raises(RuntimeError, match="merged"):
+        ra.add_adapters(model)
+    images, tokens = batch(cfg)
+    model.train()
+    for encode, x in [(model.encode_image, images), (model.encode_text, tokens)]:
+        with pytest.raises(RuntimeError, match="evaluation only"):
+            encode(x)
+    ra.unmerge(model)
+    model(images, tokens)  # training works again
+    ema.update(model)
+    with pytest.raises(RuntimeError, match="already has adapters"):
+        ra.add_adapters(model)
+    with pytest.raises(RuntimeError, match="no adapters"):
+        ra.merge(random_clip(cfg))
+    with pytest.raises(ValueError, match="rank"):
+        ra.add_adapters(random_clip(cfg), rank=0)
+
+
+# -------------------------------------------------------------- checkpoints
+def test_save_load_adapters_and_ema_round_trip(tmp_path):
+    cfg = tiny(vision_layers=2)
+    base, model = adapted(cfg, rank={"visual": 4, "text": None}, drop_p=0.3, drop_mode="token")
+    ema = ra.AdapterEMA(model, 0.99)
+    randomize_adapters(model, seed=5)
+    ema.update(model)
+    path = tmp_path / "adapters.safetensors"
+    ra.save_adapters(model, path, ema=ema)
+    assert set(load_file(path)) == set(ra.adapter_state_dict(model)) | {f"ema.{n}" for n in ema.shadow}
+
+    loaded = ra.load_adapters(copy.deepcopy(base), path, use_ema=False)
+    assert loaded.r_adapter_config == model.r_adapter_config
+    images, tokens = batch(cfg)
+    assert_equal(features(loaded, images, tokens), features(model, images, tokens))
+    loaded_ema = ra.load_ema(loaded, path)
+    assert loaded_ema.m == 0.99 and all(torch.equal(loaded_ema.shadow[n], w) for n, w in ema.shadow.items())
+    from_ema = ra.load_adapters(copy.deepcopy(base), path)  # the EMA weights by default
+    with ema.applied(model):
+        assert_equal(features(from_ema, images, tokens), features(model, images, tokens))
+    ra.save_adapters(model, tmp_path / "live.safetensors")  # no EMA saved: the live weights
+    assert_equal(features(ra.load_adapters(copy.deepcopy(base), tmp_path / "live.safetensors"), images, tokens),
+                 features(model, images, tokens))
+    with pytest.raises(ValueError, match="no EMA"):
+        ra.load_adapters(copy.deepcopy(base), tmp_path / "live.safetensors", use_ema=True)
+
+    other = random_clip(tiny(vision_layers=1))
+    with pytest.raises(ValueError, match="adapters.safetensors"):
+        ra.load_adapters(other, path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        ra.load_adapters(copy.deepcopy(base), tmp_path / "junk.safetensors")
+
+
+def open_clip_model(cfg):
+    return open_clip.model.CLIP(
+        cfg.embed_dim,
+        CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, patch_size=cfg.patch_size,
+                      image_size=cfg.image_size),
+        CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
+                    heads=cfg.text_width // 64, layers=cfg.text_layers),
+        quick_gelu=cfg.quick_gelu).eval()
+
+
+def test_export_merged_loads_in_clip_model_and_open_clip(tmp_path):
+    cfg = tiny(vision_width=128, vision_layers=2, text_layers=2)
+    _, model = adapted(cfg, rank={"visual": None, "text": 5})
+    ema = ra.AdapterEMA(model, 0.5)
+    randomize_adapters(model, seed=3)
+    ema.update(model)
+    path = tmp_path / "merged.safetensors"
+    model.train()
+    ra.export_merged(model, path, alpha=0.6, ema=ema)
+    assert model.training and not ra.is_merged(model)
+    images, tokens = batch(cfg, 3)
+    with ra.rescaled(model.eval(), 0.6, ema):
+        expected = features(model, images, tokens)
+
+    ours = load_clip(path)
+    assert_close(features(ours, images, tokens), expected)
+    ref = open_clip_model(cfg)
+    ref.load_state_dict(load_file(path))
+    assert_close(features(ref, images, tokens), expected)
