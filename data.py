@@ -51,6 +51,10 @@ An OOD set that is absent is skipped with one printed line; one that is present 
 folder or file. Images that fail to decode (including truncated files) come back as None with a
 warning, or raise with strict=True; `collate_skip` drops them when batching.
 
+build_task('toy', None): the procedurally generated world of toy_world.py (no files): ID =
+its 'photo' style, OOD = toy-v2, toy-sketch, toy-r, toy-a, toy-c (the roles of ImageNet-V2,
+-Sketch, -R, -A and ImageNet-C). Sizes in TOY_SIZES.
+
 Public: build_task, TaskData, EvalSet, ImageList, collate_skip, crop_border, FOLDER_TEMPLATES,
 OOD_DIRS, IMAGENET_WNIDS, IMAGENET_R_INDICES, IMAGENET_A_INDICES.
 """
@@ -66,7 +70,9 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-from torchvision.transforms import Compose
+from torchvision.transforms import Compose, Normalize
+
+from clip_model import CLIP_MEAN, CLIP_STD
 
 # where each OOD set unpacks under the ImageNet root (WiSE-FT's datasets.md)
 OOD_DIRS = {
@@ -167,7 +173,7 @@ def crop_border(image: Image.Image, px: int = 2) -> Image.Image:
     return image.crop((px, px, w - px, h - px))
 
 
-def build_task(name: str, root: str, train_transform: Optional[Callable] = None,
+def build_task(name: str, root: Optional[str], train_transform: Optional[Callable] = None,
                eval_transform: Optional[Callable] = None, *, shots: Optional[int] = None,
                seed: int = 0, ood: Optional[dict[str, str]] = None, strict: bool = False,
                classnames=None) -> TaskData:
@@ -179,8 +185,12 @@ def build_task(name: str, root: str, train_transform: Optional[Callable] = None,
         extra eval sets.
     classnames: a list, or a JSON file {folder: name}, overriding the class names.
     """
+    if name == 'toy':
+        return _toy_task(shots, seed)
     if name not in ('imagenet', 'folder'):
-        raise ValueError(f"unknown task {name!r}: expected 'imagenet' or 'folder'")
+        raise ValueError(f"unknown task {name!r}: expected 'imagenet', 'folder' or 'toy'")
+    if root is None:
+        raise ValueError(f"task {name!r} needs a root directory (--data-root)")
     if shots is not None and shots < 1:
         raise ValueError(f'shots must be a positive integer, got {shots}')
     train_dir, eval_dir = os.path.join(root, 'train'), os.path.join(root, 'val')
@@ -225,6 +235,28 @@ def build_task(name: str, root: str, train_transform: Optional[Callable] = None,
     else:
         print(f'data: no train folder at {train_dir}; train=None')
     return TaskData(_names(classes, classnames, default_names), templates, train, test, ood_sets)
+
+
+# ---------------------------------------------------------------------------- the toy world
+
+# The toy world's sizes: ID train/test on the 'photo' style, one OOD set per shifted style,
+# named after the ImageNet set it plays (toy_world.py explains the roles).
+TOY_SIZES = dict(train_per_class=200, test_per_class=50)
+TOY_OOD = {'v2': 'toy-v2', 'sketch': 'toy-sketch', 'rendition': 'toy-r', 'adversarial': 'toy-a',
+           'corrupt': 'toy-c'}
+
+
+def _toy_task(shots, seed):
+    """build_task('toy'): generated in memory, deterministic; images are 32 px, already tensors."""
+    import toy_world
+    normalize = Normalize(CLIP_MEAN, CLIP_STD)
+    per_class = shots or TOY_SIZES['train_per_class']
+    train = toy_world.ToySplit('photo', per_class, seed=seed, split='train', transform=normalize)
+    test = EvalSet('toy-photo', toy_world.ToySplit('photo', TOY_SIZES['test_per_class'], seed=seed,
+                                                   split='test', transform=normalize))
+    ood = [EvalSet(name, toy_world.ToySplit(style, TOY_SIZES['test_per_class'], seed=seed, split='test',
+                                            transform=normalize)) for style, name in TOY_OOD.items()]
+    return TaskData(list(toy_world.CLASSNAMES), list(toy_world.TEMPLATES), train, test, ood)
 
 
 # ---------------------------------------------------------------------------- ImageNet shifts
