@@ -154,7 +154,7 @@ def test_bad_inputs_are_clear_errors(tree, tmp_path, monkeypatch, capsys):
     train.main(args(tree, run_dir, "--epochs", "1", "--method", "r-adapter", "--no-sweep"))
     other = tmp_path / "other.safetensors"
     torch.manual_seed(1)
-    save_clip(CLIP(PRESETS["tiny"].__class__(**{**PRESETS["tiny"].__dict__, "text_layers": 2})), other)
+    save_clip(CLIP(PRESETS["tiny"].__class__(**{**PRESETS["tiny"].__dict__, "text_layers": 3})), other)
     with pytest.raises(ValueError, match="checkpoint is for CLIP"):
         train.main([*args(tree, run_dir, "--epochs", "2", "--resume", "latest"), "--model", str(other)])
 

@@ -1,0 +1,232 @@
+"""CLIPFit and the baselines: what trains (names and counts, tiny and ViT-B/16), the CLIPFit
+regulariser, LoRA merging, the per-method recipes, and a short run of every method through
+train.main on a shrunken toy world (the whole file takes a few seconds)."""
+import csv
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import baselines
+import clipfit
+import data
+import evaluate
+import train
+from clip_model import CLIP, PRESETS, load_clip, save_clip, tokenize
+
+TINY = PRESETS["tiny"]
+N_TINY = sum(p.numel() for p in CLIP(TINY).parameters())
+
+
+def lora_count(cfg, rank):
+    """r (4d + 2d) per block: qkv [3d, d] gets A [r, d] + B [3d, r], proj [d, d] gets 2 r d."""
+    return rank * 6 * (cfg.vision_layers * cfg.vision_width + cfg.text_layers * cfg.text_width)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip") / "tiny.safetensors"
+    save_clip(CLIP(TINY), path)
+    return path
+
+
+def fresh_tiny():
+    torch.manual_seed(0)
+    return CLIP(TINY).eval()
+
+
+def fake_task(n_classes=3, n_train=30):
+    return SimpleNamespace(classnames=[f"class{i}" for i in range(n_classes)],
+                           templates=["a photo of a {}.", "a sketch of a {}."], train=range(n_train))
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def n_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def setup(method, model, **overrides):
+    cfg = train.method_config(train.TrainConfig(**overrides), method)
+    return train.setup_method(model, cfg, fake_task())
+
+
+# ----------------------------------------------------------- what trains
+def clipfit_names(cfg):
+    text = {f"text.blocks.{i}.mlp.fc2.bias" for i in range(cfg.text_layers)}
+    norms = ["visual.norm_pre", "visual.norm"] + [f"visual.blocks.{i}.norm{k}"
+                                                  for i in range(cfg.vision_layers) for k in (1, 2)]
+    return text | {f"{n}.{w}" for n in norms for w in ("weight", "bias")}
+
+
+def lora_names(cfg, towers=("visual", "text")):
+    layers = {"visual": cfg.vision_layers, "text": cfg.text_layers}
+    return {f"{t}.blocks.{i}.attn.{m}.lora_{ab}" for t in towers for i in range(layers[t])
+            for m in ("qkv", "proj") for ab in "AB"}
+
+
+def test_clipfit_trains_text_ffn_biases_and_image_layernorms():
+    model = fresh_tiny()
+    state = setup("clipfit", model)
+    assert trainable(model) == clipfit_names(TINY)
+    want = TINY.text_layers * TINY.text_width + (1 + 2 * TINY.vision_layers + 1) * 2 * TINY.vision_width
+    assert n_trainable(model) == want == clipfit.expected_count(TINY)
+    assert state.prompts.shape == (3, TINY.context_length) and state.reg_weight == 8
+    assert torch.equal(state.prompts[0], tokenize(["a photo of a class0."], TINY.context_length)[0])
+
+
+@pytest.mark.parametrize("method, names, count", [
+    ("prolip", {"visual.head.weight"}, TINY.embed_dim * TINY.vision_width),
+    ("linear-probe", {"linear_probe.weight"}, 3 * TINY.embed_dim),
+    ("lora", lora_names(TINY), lora_count(TINY, 2)),
+    ("zero-shot", set(), 0),
+])
+def test_baselines_train_exactly_their_parameters(method, names, count):
+    model = fresh_tiny()
+    setup(method, model, rank=2)
+    assert trainable(model) == names and n_trainable(model) == count
+
+
+@pytest.mark.parametrize("method", train.FULL_FT)
+def test_full_finetuning_methods_train_everything_but_the_scale(method):
+    model = fresh_tiny()
+    setup(method, model)
+    assert trainable(model) == {n for n, _ in model.named_parameters()} - {"logit_scale"}
+
+
+def test_vit_b16_trainable_counts():
+    cfg = PRESETS["ViT-B-16"]
+
+    def meta_b16():
+        with torch.device("meta"):
+            return CLIP(cfg)
+
+    model = clipfit.setup(meta_b16())
+    assert trainable(model) == clipfit_names(cfg)
+    assert clipfit.count(model) == 12 * 512 + (1 + 2 * 12 + 1) * 2 * 768 == 46_080 == clipfit.expected_count(cfg)
+    model = baselines.add_lora(meta_b16(), rank=8)
+    assert n_trainable(model) == 12 * 6 * 8 * 768 + 12 * 6 * 8 * 512 == 737_280 == lora_count(cfg, 8)
+    model = meta_b16()
+    baselines.setup_prolip(model)
+    assert trainable(model) == {"visual.head.weight"} and n_trainable(model) == 768 * 512
+    model = baselines.full_finetune(meta_b16())
+    assert n_trainable(model) == 149_620_736  # 149,620,737 parameters, the logit scale frozen
+
+
+# ------------------------------------------------------------ the losses
+def test_clipfit_regularizer_is_zero_at_start_and_grows_after_a_step():
+    model = fresh_tiny()
+    state = setup("clipfit", model)
+    g = model.encode_text(state.prompts, normalize=True)
+    assert clipfit.regularizer(g, state.anchor).abs().item() < 1e-6
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    torch.manual_seed(1)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(3, (8,))
+    f, g, _ = model(images, state.prompts)
+    clipfit.loss(f, g, state.anchor, labels, tau=0.01, lam=8.0).backward()
+    optimizer.step()
+    reg = clipfit.regularizer(model.encode_text(state.prompts, normalize=True), state.anchor)
+    assert 0 < reg.item() <= 2
+
+
+def test_prolip_starts_at_zero_shot_and_weights_its_anchor_by_one_over_n():
+    model = fresh_tiny()
+    state = setup("prolip", model, shots=4)
+    assert state.reg_weight == 1 / 4 and torch.equal(state.anchor, model.visual.head.weight)
+    assert setup("prolip", fresh_tiny()).reg_weight == 1 / 10  # 30 images, 3 classes: N = 10
+    f = model.encode_image(torch.randn(4, 3, 32, 32), normalize=True)
+    labels = torch.tensor([0, 1, 2, 0])
+    loss = baselines.prolip_loss(f, state.classifier, labels, 0.01, state.head, state.anchor, 1.0)
+    ce = torch.nn.functional.cross_entropy(f @ state.classifier.T / 0.01, labels)
+    torch.testing.assert_close(loss, ce)
+
+
+def test_linear_probe_starts_at_the_zero_shot_classifier():
+    model = fresh_tiny()
+    state = setup("linear-probe", model)
+    task = fake_task()
+    zs = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    assert torch.equal(state.head, zs) and state.head is model.linear_probe.weight
+
+
+def test_lora_merge_equals_unmerged_and_restores():
+    model = baselines.add_lora(fresh_tiny(), rank=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.05)  # B starts at zero: give the LoRA branch something to do
+    images, tokens = torch.randn(3, 3, 32, 32), tokenize(["a photo of a dog.", "a cat", "x"], TINY.context_length)
+    with torch.no_grad():
+        f, g, _ = model(images, tokens)
+        with baselines.lora_merged(model):
+            assert not any(isinstance(m, baselines.LoRALinear) for m in model.modules())
+            assert n_trainable(model) == 0
+            fm, gm, _ = model(images, tokens)
+        f2, _, _ = model(images, tokens)
+    torch.testing.assert_close(fm, f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gm, g, atol=1e-5, rtol=1e-5)
+    assert torch.equal(f2, f) and n_trainable(model) == lora_count(TINY, 4)
+
+
+# ----------------------------------------------------- recipes and schedule
+def test_method_recipes_fill_flags_not_given(tiny_path):
+    base = ["--model", str(tiny_path), "--data", "toy"]
+    cfg = train.parse_args(base + ["--method", "clipfit,r-adapter,lora"])
+    fit = train.method_config(cfg, "clipfit")
+    assert (fit.optimizer, fit.lr, fit.batch_size, fit.warmup_epochs, fit.warmup_lr, fit.loss, fit.flip) == \
+        ("sgd", 0.002, 32, 1, 1e-5, "ce", True)
+    assert fit.clipfit_lambda == 8 and fit.epochs == train.TOY_RECIPE["epochs"]
+    ra = train.method_config(cfg, "r-adapter")
+    assert (ra.optimizer, ra.lr, ra.batch_size, ra.loss, ra.rank) == ("adamw", 5e-4, 128, "mpm-nce", None)
+    assert train.method_config(cfg, "lora").rank == 8
+    assert train.method_config(cfg, "flyp").loss == "infonce"
+    cfg = train.parse_args(base + ["--method", "clipfit", "--lr", "0.01", "--batch-size", "64", "--rank", "2"])
+    fit = train.method_config(cfg, "clipfit")
+    assert (fit.lr, fit.batch_size, fit.optimizer) == (0.01, 64, "sgd")  # given flags win
+    assert train.method_config(cfg, "lora").rank == 2
+    # a TrainConfig built in code: the recipe fills the fields still at their defaults
+    assert train.method_config(train.TrainConfig(rank=2), "lora").rank == 2
+    assert train.method_config(train.TrainConfig(), "clipfit").lr == 0.002
+    for bad in (["--method", "clipfit", "--loss", "infonce"], ["--explicit", "lr"], ["--method", "clipfit2"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(base + bad)
+
+
+def test_constant_warmup_then_cosine():
+    cfg = train.TrainConfig(lr=0.002, min_lr=0.0, warmup=5, warmup_lr=1e-5)
+    assert [train.lr_at(s, 105, cfg) for s in range(5)] == [1e-5] * 5
+    assert train.lr_at(5, 105, cfg) == 0.002 and train.lr_at(105, 105, cfg) == pytest.approx(0.0)
+    assert train.lr_at(0, 105, train.TrainConfig(lr=1.0, warmup=4)) == 0.25  # the linear ramp
+
+
+# ------------------------------------------------- every method, end to end
+def test_every_method_trains_and_evaluates_through_main(tiny_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(data.TOY_SIZES, "train_per_class", 4)  # 48 training images, 2 steps of 24
+    monkeypatch.setitem(data.TOY_SIZES, "test_per_class", 2)
+    methods = ["zero-shot", "clipfit", "linear-probe", "flyp", "prolip", "lora", "wise-ft"]
+    run_dir = tmp_path / "runs"
+    train.main(["--model", str(tiny_path), "--data", "toy", "--method", ",".join(methods), "--max-steps", "2",
+                "--batch-size", "24", "--warmup-epochs", "0", "--workers", "0", "--run-dir", str(run_dir)])
+    with open(run_dir / "results.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"zero-shot", "clipfit", "linear-probe", "flyp", "prolip", "lora (r=8)",
+                         "WiSE-FT (α=1)", "WiSE-FT (α=0.5)"}
+    full = N_TINY - 1  # all but the logit scale
+    assert {k: int(r["trainable"]) for k, r in rows.items()} == {
+        "zero-shot": 0, "clipfit": clipfit.expected_count(TINY), "linear-probe": 12 * TINY.embed_dim,
+        "prolip": TINY.embed_dim * TINY.vision_width, "lora (r=8)": lora_count(TINY, 8),
+        "flyp": full, "WiSE-FT (α=1)": full, "WiSE-FT (α=0.5)": full}
+    assert all(0 <= float(r["ood_avg"]) <= 100 for r in rows.values())
+    assert (run_dir / "alpha_sweep.png").exists()  # wise-ft always sweeps
+    assert (run_dir / "linear-probe" / "linear_probe.safetensors").exists()
+
+    base = dict(load_clip(tiny_path).named_parameters())
+    for method, may_change in [("clipfit", clipfit_names(TINY)), ("prolip", {"visual.head.weight"}),
+                               ("lora", {n for n in base if re.search(r"attn\.(qkv|proj)\.weight$", n)})]:
+        tuned = dict(load_clip(run_dir / method / "merged.safetensors").named_parameters())
+        changed = {n for n in base if not torch.equal(base[n], tuned[n])}
+        assert changed and changed <= may_change, method
