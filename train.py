@@ -4,6 +4,7 @@
     python train.py --data imagenet --data-root DIR --model ViT-B-16:openai
     torchrun --nproc-per-node 8 train.py --data imagenet --data-root DIR --model ViT-B-16.pt
     python train.py --data imagenet ... --resume latest     # continue an interrupted run exactly
+    python train.py --data coco --data-root DIR --model ViT-B-16:openai   # retrieval (retrieval.py)
 
 Read top to bottom, one method run is:
   1. base CLIP (load_clip) and task data (data.build_task: train + ID test + OOD sets);
@@ -22,7 +23,9 @@ Read top to bottom, one method run is:
 yields the WiSE-FT row (zero-shot/fine-tuned weight interpolation at alpha).
 
 Defaults are the paper's ImageNet recipe (PAPER.md 2.7). `--data toy` (the default job) swaps
-in the toy world's budgets (TOY_RECIPE) for every flag not given on the command line.
+in the toy world's budgets (TOY_RECIPE) for every flag not given on the command line;
+`--data coco | flickr30k` the retrieval recipe (RETRIEVAL_RECIPE: alpha 0.8, epsilon 0): a row is
+one caption, its label its image id, and the table reports R@1/5/10 both ways (run_retrieval).
 """
 import argparse
 import dataclasses
@@ -48,6 +51,7 @@ import baselines
 import clipfit
 import evaluate
 import r_adapter
+import retrieval
 from clip_model import CACHE_DIR, CLIP, CLIP_MEAN, CLIP_STD, PRESETS, image_transform, load_clip, save_clip, tokenize
 from data import build_task, collate_skip
 from mpm_nce import gather_features, infonce_loss, mpm_nce_loss
@@ -61,7 +65,7 @@ CE_ONLY = ("clipfit", "linear-probe", "prolip")  # class-logit cross-entropy is 
 @dataclass
 class TrainConfig:
     # what to run
-    data: str = "toy"                 # imagenet | folder | toy
+    data: str = "toy"                 # imagenet | folder | toy | coco | flickr30k (retrieval)
     data_root: Optional[str] = None
     ood: list = field(default_factory=list)  # NAME=DIR extra evaluation folders
     shots: Optional[int] = None       # K-shot subset of train
@@ -81,7 +85,7 @@ class TrainConfig:
     epsilon: float = 0.02
     # CLIPFit (PAPER.md 3)
     clipfit_lambda: float = clipfit.LAMBDA  # weight of the distillation term 1 - mean_c cos(g_c, g_c^0)
-    template: Optional[str] = None    # CLIPFit's one prompt; None = 'a photo of a {}.' if the task has it, else its first
+    template: Optional[str] = None    # CLIPFit's one prompt; None = 'a photo of a {}.' if listed, else the first
     # optimisation (PAPER.md 2.7)
     optimizer: str = "adamw"          # adamw | sgd (momentum 0.9; CLIPFit)
     epochs: int = 10
@@ -106,12 +110,16 @@ class TrainConfig:
     sweep: bool = False               # also sweep alpha 0..1 and plot ID vs OOD
     max_steps: Optional[int] = None   # stop early (smoke tests); the schedule still spans all epochs
     retrain_toy: bool = False         # rebuild the cached toy CLIP
-    explicit: tuple = ()              # not a flag: the fields set on the command line (parse_args); recipes leave them alone
+    explicit: Optional[tuple] = None  # not a flag: fields recipes keep (parse_args: those given; None: non-defaults)
 
 
 # The toy world's budgets, used for flags not given when --data toy (issue: embedded default).
 TOY_RECIPE = dict(model="toy", method="zero-shot,full-ft,r-adapter", epochs=4, batch_size=128, warmup=20,
                   workers=0, save_every=200, sweep=True)
+
+
+# Retrieval (--data coco | flickr30k, PAPER.md 2.7), for flags not given on the command line.
+RETRIEVAL_RECIPE = dict(alpha=0.8, epsilon=0.0)
 
 
 # Each method's own optimisation recipe, used for flags not given on the command line (they
@@ -135,8 +143,13 @@ METHOD_RECIPES = {
 
 
 def method_config(cfg, method):
-    """cfg for one method: METHOD_RECIPES[method] fills every field not in cfg.explicit."""
-    recipe = {k: v for k, v in METHOD_RECIPES.get(method, {}).items() if k not in cfg.explicit}
+    """cfg for one method: METHOD_RECIPES[method] fills every field not in cfg.explicit (when
+    that is None, as for a TrainConfig built in code: every field still at its default)."""
+    given = cfg.explicit
+    if given is None:
+        given = {f.name for f in dataclasses.fields(cfg) if f.default is dataclasses.MISSING
+                 or getattr(cfg, f.name) != f.default}
+    recipe = {k: v for k, v in METHOD_RECIPES.get(method, {}).items() if k not in given}
     mcfg = dataclasses.replace(cfg, **recipe, method=method)
     if method in CE_ONLY and mcfg.loss != "ce":
         raise ValueError(f"--method {method} trains with cross-entropy over class logits: drop --loss {mcfg.loss}")
@@ -162,15 +175,21 @@ def parse_args(argv=None) -> TrainConfig:
             kind = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(f.type, f.type)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS)
     given = vars(parser.parse_args(argv))
-    recipe = TOY_RECIPE if given.get("data", TrainConfig.data) == "toy" else {}
+    recipe = {"toy": TOY_RECIPE, **dict.fromkeys(retrieval.DATASETS, RETRIEVAL_RECIPE)}.get(
+        given.get("data", TrainConfig.data), {})
     cfg = TrainConfig(**{**recipe, **given}, explicit=tuple(sorted(given)))
     for name in cfg.method.split(","):
         if name not in METHODS:
             parser.error(f"--method {name!r}: expected one of {', '.join(METHODS)}")
         try:
-            method_config(cfg, name)
+            mcfg = method_config(cfg, name)
         except ValueError as e:
             parser.error(str(e))
+        if cfg.data in retrieval.DATASETS and mcfg.loss == "ce":
+            parser.error(f"--data {cfg.data} is retrieval (captions, no classes): --method {name} with --loss ce "
+                         "cannot train on it")
+    if cfg.data in retrieval.DATASETS and cfg.shots is not None:
+        parser.error(f"--shots: --data {cfg.data} trains on every caption (no classes to draw K shots of)")
     if cfg.data != "toy" and cfg.data_root is None:
         parser.error(f"--data {cfg.data} needs --data-root DIR (see README for the layout)")
     if cfg.batch_size % cfg.accum_steps:
@@ -286,14 +305,14 @@ def setup_method(model, cfg, task):
     return MethodState()
 
 
-def compute_loss(model, images, labels, templates, cfg, tau, state):
-    """Loss of one micro-batch; templates: [T, C, L] class-prompt tokens; state from setup_method.
+def compute_loss(model, images, labels, templates, cfg, tau, state, tokens=None):
+    """Loss of one micro-batch; templates: [T, C, L] class-prompt tokens; state from setup_method;
+    tokens: [B, L] each image's own text (retrieval: its caption, labels = image ids), or None.
 
-    Contrastive losses pair each image with its class name in a random template; --loss ce
+    Contrastive losses pair each image with `tokens`, else its class name in a random template; --loss ce
     scores the images against all classes, each in one random template. CLIPFit scores them
     against its one template and adds its distillation term; linear-probe and prolip score
     them against a fixed classifier."""
-    T, C, _ = templates.shape
     device = images.device
     if cfg.method == "clipfit":
         f, g, _ = model(images, state.prompts.to(device))  # [B, e], [C, e]
@@ -305,10 +324,12 @@ def compute_loss(model, images, labels, templates, cfg, tau, state):
             return torch.nn.functional.cross_entropy(f.float() @ state.head.float().T / tau, labels)
         return baselines.prolip_loss(f, state.classifier, labels, tau, state.head, state.anchor, state.reg_weight)
     if cfg.loss == "ce":
+        T, C, _ = templates.shape
         f, g, _ = model(images, templates[torch.randint(T, (C,)), torch.arange(C)].to(device))  # [B, e], [C, e]
         return torch.nn.functional.cross_entropy((f @ g.T).float() / tau, labels)
-    tokens = templates[torch.randint(T, (len(labels),)), labels.cpu()].to(device)  # [B, L]
-    f, g, _ = model(images, tokens)  # [B, e] each, normalised
+    if tokens is None:
+        tokens = templates[torch.randint(len(templates), (len(labels),)), labels.cpu()]  # [B, L]
+    f, g, _ = model(images, tokens.to(device))  # [B, e] each, normalised
     f, g, labels = gather_features(f, g, labels)
     if cfg.loss == "infonce":
         return infonce_loss(f, g, tau)
@@ -387,7 +408,8 @@ def train(cfg: TrainConfig, model: CLIP, task, device, rank=0, world=1):
         if rank == 0:
             print(f"resumed from {path} at step {step}/{total}")
 
-    templates = class_text_tokens(task, model.config.context_length)  # [T, C, L]
+    captions = isinstance(task, retrieval.RetrievalData)  # retrieval: rows are captions, not classes
+    templates = None if captions else class_text_tokens(task, model.config.context_length)  # [T, C, L]
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -417,10 +439,13 @@ def train(cfg: TrainConfig, model: CLIP, task, device, rank=0, world=1):
             for k in range(cfg.accum_steps):
                 images, labels, n_bad = next(batches)
                 skipped += n_bad
+                tokens = None
+                if captions:  # labels are caption rows: the text is the caption, the label its image id
+                    tokens, labels = task.row_tokens[labels], task.row_image_id[labels]
                 images, labels = images.to(device, non_blocking=True), labels.to(device)
                 sync = net.no_sync() if world > 1 and k < cfg.accum_steps - 1 else nullcontext()
                 with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = compute_loss(net, images, labels, templates, cfg, tau, state) / cfg.accum_steps
+                    loss = compute_loss(net, images, labels, templates, cfg, tau, state, tokens) / cfg.accum_steps
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopped. The last good "
                                              f"checkpoint is {ckpt_path} (--resume latest, maybe with a lower --lr)")
@@ -458,12 +483,19 @@ def train(cfg: TrainConfig, model: CLIP, task, device, rank=0, world=1):
 
 # ------------------------------------------------------------------ driver
 # The toy CLIP's pretraining (contrastive, on toy_world.WebCorpus): seeded, cached once.
-TOY_PRETRAIN = dict(pairs=20000, steps=900, batch_size=128, lr=1e-3, warmup=50, weight_decay=0.1, seed=0)
+TOY_PRETRAIN = dict(pairs=20000, steps=625, batch_size=256, lr=2e-3, warmup=60, weight_decay=0.1, seed=0)
 
 
 def toy_clip_path():
-    p = TOY_PRETRAIN
-    return CACHE_DIR / f"toy-clip-{p['pairs']}x{p['steps']}-s{p['seed']}.safetensors"
+    """Cache file named by a digest of everything that shapes the toy CLIP (so edits invalidate it)."""
+    recipe = repr((sorted(TOY_PRETRAIN.items()), asdict(PRESETS["tiny"]), toy_world_version()))
+    return CACHE_DIR / f"toy-clip-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}.safetensors"
+
+
+def toy_world_version():
+    """A digest of toy_world.py's source: a changed world means a new toy CLIP."""
+    import toy_world
+    return hashlib.sha256(Path(toy_world.__file__).read_bytes()).hexdigest()[:10]
 
 
 def pretrain_toy_clip(path, device):
@@ -511,9 +543,12 @@ def build_data(cfg, model):
     train_transform = image_transform(size, train=True)
     if cfg.flip:  # (the toy world's images are generated as tensors: no train transform there)
         train_transform = transforms.Compose([transforms.RandomHorizontalFlip(), train_transform])
+    ood = dict(o.split("=", 1) for o in cfg.ood)
+    if cfg.data in retrieval.DATASETS:
+        return retrieval.build_retrieval(cfg.data, cfg.data_root, train_transform, image_transform(size),
+                                         model.config.context_length, ood=ood, strict=cfg.strict)
     return build_task(cfg.data, cfg.data_root, train_transform, image_transform(size),
-                      shots=cfg.shots, seed=cfg.seed, ood=dict(o.split("=", 1) for o in cfg.ood),
-                      strict=cfg.strict)
+                      shots=cfg.shots, seed=cfg.seed, ood=ood, strict=cfg.strict)
 
 
 def run(cfg: TrainConfig, device, rank=0, world=1):
@@ -577,6 +612,54 @@ def run(cfg: TrainConfig, device, rank=0, world=1):
     return rows, curves
 
 
+def run_retrieval(cfg: TrainConfig, device, rank=0, world=1):
+    """run() for --data coco | flickr30k: train each method on captions, then R@1/5/10 both ways on
+    every test set (COCO 5K, Flickr30k 1K; PAPER.md 2.7), one row per method and test set. No alpha
+    sweep here: evaluate.sweep scores classification."""
+    rows, zero_shot_state = [], None
+    eval_kwargs = dict(workers=cfg.workers, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    for method in cfg.method.split(","):
+        mcfg = dataclasses.replace(method_config(cfg, method), run_dir=str(Path(out_dir(cfg)) / method))
+        Path(mcfg.run_dir).mkdir(parents=True, exist_ok=True)
+        model = build_model(mcfg, device)
+        task = build_data(mcfg, model)
+        if zero_shot_state is None:
+            zero_shot_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if rank == 0:
+            (Path(mcfg.run_dir) / "config.json").write_text(json.dumps(asdict(mcfg), indent=2))
+        ema = train(mcfg, model, task, device, rank, world)
+        if rank != 0:
+            continue
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad) if method != "zero-shot" else 0
+        out, first = Path(mcfg.run_dir), len(rows)
+
+        def evaluate_as(name):  # one row per test set
+            rows.extend({"method": name, "trainable": n_train, "test": t.name,
+                         **retrieval.evaluate_retrieval(model, t, **eval_kwargs)} for t in task.tests)
+
+        if method == "r-adapter":
+            r_adapter.save_adapters(model, out / "adapters.safetensors", ema=ema)
+            with r_adapter.merged(model, mcfg.alpha, ema=ema):
+                evaluate_as(f"R-Adapter (α={mcfg.alpha:g})")
+                save_clip(model, out / "merged.safetensors")
+        elif method == "lora":  # (with --loss mpm-nce or infonce)
+            with baselines.lora_merged(model):
+                evaluate_as(f"lora (r={mcfg.rank})")
+                save_clip(model, out / "merged.safetensors")
+        else:  # zero-shot, full-ft, wise-ft, flyp
+            evaluate_as("WiSE-FT (α=1)" if method == "wise-ft" else method)
+            if method != "zero-shot":
+                save_clip(model, out / "merged.safetensors")
+        if method in ("full-ft", "wise-ft"):
+            finetuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            with evaluate.interpolated(model, zero_shot_state, finetuned, mcfg.alpha):
+                evaluate_as(f"WiSE-FT (α={mcfg.alpha:g})")
+        print(evaluate.format_table(rows[first:]))
+    if rank == 0 and rows:
+        report(rows, {}, Path(out_dir(cfg)), None)
+    return rows, {}
+
+
 def out_dir(cfg):
     """runs/<data>/ holds the table and plot; each method trains in runs/<data>/<method>/."""
     return cfg.run_dir or f"runs/{cfg.data}"
@@ -612,7 +695,7 @@ def main(argv=None):
     else:
         device = torch.device("cpu")
     try:
-        run(cfg, device, rank, world)
+        (run_retrieval if cfg.data in retrieval.DATASETS else run)(cfg, device, rank, world)
     finally:
         if world > 1:
             dist.destroy_process_group()
