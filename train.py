@@ -70,6 +70,7 @@ class TrainConfig:
     ood: list = field(default_factory=list)  # NAME=DIR extra evaluation folders
     shots: Optional[int] = None       # K-shot subset of train
     strict: bool = False              # unreadable images: error instead of skip
+    classnames: Optional[str] = None  # --data folder: JSON {folder: class name}
     model: str = "ViT-B-16:openai"    # checkpoint path or hub name; 'toy' = the cached toy CLIP
     method: str = "r-adapter"         # comma separated, from METHODS
     loss: str = "mpm-nce"             # mpm-nce | infonce | ce
@@ -548,7 +549,7 @@ def build_data(cfg, model):
         return retrieval.build_retrieval(cfg.data, cfg.data_root, train_transform, image_transform(size),
                                          model.config.context_length, ood=ood, strict=cfg.strict)
     return build_task(cfg.data, cfg.data_root, train_transform, image_transform(size),
-                      shots=cfg.shots, seed=cfg.seed, ood=ood, strict=cfg.strict)
+                      shots=cfg.shots, seed=cfg.seed, ood=ood, strict=cfg.strict, classnames=cfg.classnames)
 
 
 def run(cfg: TrainConfig, device, rank=0, world=1):
