@@ -8,7 +8,9 @@ with the learned scale s = exp(logit_scale) (100 for OpenAI weights).
 
   image tower : timm `VisionTransformer` configured as CLIP (pre-norm `ln_pre`,
                 no patch-embedding bias, class token, final norm, bias-free
-                projection head, QuickGELU for OpenAI weights).
+                projection head, QuickGELU for OpenAI weights). The toy world's
+                preset swaps the patch projection for a small conv stem
+                (`conv_stem`, through timm's HybridEmbed); everything else is CLIP.
   text tower  : `TextTransformer` below, handwritten. Its blocks use the same
                 module names as timm's (`norm1`, `attn.qkv`, `attn.proj`,
                 `norm2`, `mlp.fc1`, `mlp.fc2`), so both towers look alike to
@@ -19,7 +21,8 @@ Public API
   CLIP                         .encode_image, .encode_text, .forward, .logit_scale
   load_clip(source)            file path (TorchScript / state dict / safetensors)
                                or hub name ('ViT-B-16', 'ViT-B-16:openai', ...)
-  save_clip(model, path)       plain OpenAI-named state dict (open_clip loads it too)
+  save_clip(model, path)       plain OpenAI-named state dict (open_clip loads it too,
+                               except the toy preset, whose stem open_clip lacks)
   tokenize(texts)              CLIP BPE tokens, [N, context_length] long
   image_transform(size, train) PIL image -> normalised tensor
   config_from_state_dict(sd)   hyperparameters read off tensor shapes
@@ -44,6 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.layers import HybridEmbed, PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision import transforms
@@ -66,18 +70,40 @@ class CLIPConfig:
     text_width: int = 512
     text_layers: int = 12
     quick_gelu: bool = True  # OpenAI weights use QuickGELU, open_clip's own runs GELU
+    conv_stem: tuple = ()    # toy preset only: channels of an early-convolution stem (see conv_stem)
 
 
 PRESETS = {
     "ViT-B-32": CLIPConfig(patch_size=32),
     "ViT-B-16": CLIPConfig(),
     "ViT-L-14": CLIPConfig(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, text_width=768),
-    # CPU-sized (the toy world's): 32 px images in 4x4 patches of 8 px, a 4-layer image and a
+    # CPU-sized (tests, and open_clip's oracle): 32 px images in 4x4 patches of 8 px, a 4-layer image and a
     # 2-layer text tower, captions of up to 20 tokens, the real BPE vocabulary. About 0.13
     # GFLOP per image-caption pair for a training step (forward + backward).
     "tiny": CLIPConfig(embed_dim=128, image_size=32, patch_size=8, vision_width=128, vision_layers=4,
                        context_length=20, text_width=128, text_layers=2),
+    # The toy world's CLIP (train.py --model toy): tiny with a conv stem in place of the 8 px patch
+    # projection, so that a CPU-minutes pretraining learns shapes, not only colours.
+    "toy": CLIPConfig(embed_dim=128, image_size=32, patch_size=8, vision_width=128, vision_layers=4,
+                      context_length=20, text_width=128, text_layers=2, conv_stem=(32, 64, 128)),
 }
+
+
+def conv_stem(channels, in_chans=3):
+    """Early convolutions for a small ViT (Xiao et al., NeurIPS 2021): per stage a 3x3 stride-2
+    conv, GroupNorm and GELU; len(channels) stages downsample by 2 ** len(channels) (the patch size)."""
+    layers = []
+    for c_in, c_out in zip((in_chans, *channels), channels):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, c_out), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
+def _stem_embed(channels, img_size, patch_size, in_chans, embed_dim, bias, **kwargs):
+    """timm's embed_layer hook: the conv stem, then timm's HybridEmbed 1x1 projection to the width."""
+    if patch_size != 2 ** len(channels):
+        raise ValueError(f"conv_stem {channels} downsamples by {2 ** len(channels)}, not patch_size {patch_size}")
+    return HybridEmbed(conv_stem(channels, in_chans), img_size=img_size, patch_size=1, in_chans=in_chans,
+                       embed_dim=embed_dim, bias=bias, **kwargs)
 
 
 class QuickGELU(nn.Module):
@@ -162,7 +188,8 @@ class CLIP(nn.Module):
             img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vision_width,
             depth=cfg.vision_layers, num_heads=cfg.vision_width // HEAD_WIDTH, mlp_ratio=4.0,
             pre_norm=True, global_pool="token", num_classes=cfg.embed_dim,
-            norm_layer=partial(nn.LayerNorm, eps=1e-5), act_layer=act_layer)
+            norm_layer=partial(nn.LayerNorm, eps=1e-5), act_layer=act_layer,
+            embed_layer=partial(_stem_embed, cfg.conv_stem) if cfg.conv_stem else PatchEmbed)
         self.visual.head = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text = TextTransformer(cfg, act_layer)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -184,6 +211,7 @@ class CLIP(nn.Module):
 # (OpenAI name, our name); a trailing '.' marks a prefix, otherwise a whole key.
 _KEYS = [
     ("visual.conv1.weight", "visual.patch_embed.proj.weight"),
+    ("visual.conv_stem.", "visual.patch_embed.backbone."),   # toy preset only (not an OpenAI key)
     ("visual.class_embedding", "visual.cls_token"),          # [w]     <-> [1, 1, w]
     ("visual.positional_embedding", "visual.pos_embed"),     # [n, w]  <-> [1, n, w]
     ("visual.ln_pre.", "visual.norm_pre."),
@@ -283,14 +311,18 @@ def config_from_state_dict(state_dict, quick_gelu=True) -> CLIPConfig:
     def layers(prefix):
         return len({k.split(".")[len(prefix.split(".")) - 1] for k in state_dict if k.startswith(prefix)})
 
-    conv = state_dict["visual.conv1.weight"].shape  # [width, 3, patch, patch]
+    conv = state_dict["visual.conv1.weight"].shape  # [width, 3, patch, patch] ([width, c, 1, 1] after a stem)
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    stem = [(int(k.split(".")[2]), v.shape[0]) for k, v in state_dict.items()
+            if k.startswith("visual.conv_stem.") and len(v.shape) == 4]  # (index, out channels) per conv
+    patch = conv[-1] * 2 ** len(stem)
     return CLIPConfig(
-        embed_dim=state_dict["text_projection"].shape[1], image_size=conv[-1] * grid, patch_size=conv[-1],
+        embed_dim=state_dict["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
         vision_width=conv[0], vision_layers=layers("visual.transformer.resblocks."),
         context_length=state_dict["positional_embedding"].shape[0],
         vocab_size=state_dict["token_embedding.weight"].shape[0], text_width=state_dict["ln_final.weight"].shape[0],
-        text_layers=layers("transformer.resblocks."), quick_gelu=quick_gelu)
+        text_layers=layers("transformer.resblocks."), quick_gelu=quick_gelu,
+        conv_stem=tuple(c for _, c in sorted(stem)))
 
 
 def _describe(cfg):
@@ -402,9 +434,9 @@ def _resolve_name(name):
 
     arch, _, tag = name.partition(":")
     tag = tag or "openai"
-    if arch not in PRESETS or arch == "tiny":
+    if arch not in PRESETS or arch in ("tiny", "toy"):
         raise FileNotFoundError(f"--model {name!r}: no such file, and not a known model name "
-                                f"(use one of {[p for p in PRESETS if p != 'tiny']}, optionally ':tag')")
+                                f"(use one of {[p for p in PRESETS if p not in ('tiny', 'toy')]}, optionally ':tag')")
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     if not cfg:
         raise ValueError(f"--model {name!r}: unknown pretrained tag {tag!r}; see open_clip.list_pretrained()")

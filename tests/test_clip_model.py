@@ -97,13 +97,31 @@ def test_export_round_trip_is_exact(tmp_path):
     assert_same_features(ref, again, 32, 16)
 
 
+def test_toy_conv_stem_round_trip(tmp_path):
+    """The toy preset (conv stem + 1x1 projection) saves under OpenAI-style names and loads back."""
+    torch.manual_seed(0)
+    model = clip_model.CLIP(PRESETS["toy"]).eval()
+    assert len(model.visual.patch_embed.backbone) == 9  # 3 x (conv, GroupNorm, GELU)
+    names = to_openai_state_dict(model)
+    assert names["visual.conv1.weight"].shape == (128, 128, 1, 1) and "visual.conv_stem.6.weight" in names
+    clip_model.save_clip(model, tmp_path / "toy.safetensors")
+    again = load_clip(tmp_path / "toy.safetensors")
+    assert again.config == PRESETS["toy"]
+    images, tokens = torch.randn(3, 3, 32, 32), tokenize(["a red star.", "a ring.", "a sketch of a bolt."], 20)
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image(images), model.encode_image(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(again.encode_text(tokens), model.encode_text(tokens), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expected tiny"):
+        load_clip(tmp_path / "toy.safetensors", config="tiny")
+
+
 def _saved(tmp_path, ref, name="m.pt"):
     path = tmp_path / name
     torch.save(ref.state_dict(), path)
     return path
 
 
-@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "tiny"])
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "tiny", "toy"])
 def test_config_inferred_from_shapes(name):
     with torch.device("meta"):  # shapes only, no allocation
         model = clip_model.CLIP(PRESETS[name])
