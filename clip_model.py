@@ -72,6 +72,9 @@ class CLIPConfig:
     quick_gelu: bool = True  # OpenAI weights use QuickGELU, open_clip's own runs GELU
     conv_stem: tuple = ()    # toy preset only: channels of an early-convolution stem (see conv_stem)
 
+    def __post_init__(self):  # a config read back from JSON metadata has conv_stem as a list
+        object.__setattr__(self, "conv_stem", tuple(self.conv_stem))
+
 
 PRESETS = {
     "ViT-B-32": CLIPConfig(patch_size=32),

@@ -1,4 +1,4 @@
-"""Evaluation: zero-shot classifiers, the robustness table, and the alpha sweep.
+"""Evaluation: zero-shot classifiers, the robustness table, and the alpha sweep (also for retrieval).
 
 Protocol (R-Adapter Sec. 4.1, inherited from WiSE-FT; PAPER.md 2.8): the classifier is
 built from the (adapted) text encoder, one row per class = the normalised mean of the
@@ -10,31 +10,37 @@ or class groups (ObjectNet) projects the task logits first (data.EvalSet.project
 The re-scaling coefficient alpha (Sec. 3.3, weight-space ensemble) enters only when the
 adapters are merged, so `--alpha 0,0.1,...,1` sweeps it without retraining: merge, evaluate,
 unmerge for each value. WiSE-FT is swept the same way by interpolating a fully fine-tuned
-model with the zero-shot one.
+model with the zero-shot one. `--data coco | flickr30k` (retrieval.py) sweeps image-text retrieval
+instead: R@1/5/10 both ways and rsum on every test set the data has (COCO 5K, Flickr30k 1K).
 
     python evaluate.py --model ViT-B-16:openai --data imagenet --data-root DIR            # zero-shot
     python evaluate.py --model ViT-B-16.pt --adapters runs/imagenet-r-adapter/adapters.safetensors \
         --data imagenet --data-root DIR --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1  # sweep + PNG
     python evaluate.py --model ViT-B-16.pt --finetuned runs/imagenet-full-ft/merged.safetensors --alpha 0.5
+    python evaluate.py --model ViT-B-16.pt --adapters runs/coco/r-adapter/adapters.safetensors \
+        --data coco --data-root DIR --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1  # retrieval sweep
     python evaluate.py --model ViT-B-16.pt --images photos/ --classes cat,dog,car     # top-k per image
 
 Public functions
   zero_shot_classifier(model, classnames, templates)  -> [C, embed] normalised class embeddings
   evaluate_task(model, task, ...)                     -> {set name: top-1 %, ..., 'ood_avg': %}
   sweep(model, task, alphas, apply)                   -> rows (alpha, each set, ood_avg)
+  retrieval_sweep(model, tests, alphas, apply)        -> rows (alpha, test, R@1/5/10 both ways, rsum)
   interpolate(model, zero_shot, finetuned, alpha)     WiSE-FT weights, in place
-  plot_sweep(curves, path), write_results(rows, stem), format_table(rows)
+  plot_sweep(curves, path), plot_retrieval_sweep(curves, path), write_results(rows, stem), format_table(rows)
 """
 import argparse
 import csv
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import retrieval
 from clip_model import image_transform, load_clip, tokenize
 from data import build_task, collate_skip
 
@@ -96,6 +102,18 @@ def sweep(model, task, alphas, apply, **eval_kwargs):
     return rows
 
 
+def retrieval_sweep(model, tests, alphas, apply, **eval_kwargs):
+    """sweep() for retrieval: one row per alpha and test set (retrieval.RetrievalSet)."""
+    rows = []
+    for alpha in alphas:
+        with apply(alpha):
+            new = [{"alpha": alpha, "test": t.name, **retrieval.evaluate_retrieval(model, t, **eval_kwargs)}
+                   for t in tests]
+        print(format_table(new, header=not rows))
+        rows += new
+    return rows
+
+
 @torch.no_grad()
 def interpolate(model, zero_shot, finetuned, alpha):
     """WiSE-FT: theta = alpha * theta_ft + (1 - alpha) * theta_zs, loaded in place (fp32 math)."""
@@ -138,25 +156,40 @@ def write_results(rows, stem):
 
 
 def plot_sweep(curves, path, id_name="ID"):
-    """ID vs OOD-avg accuracy over alpha, one curve per method; alpha=0 (zero-shot) and
-    alpha=1 (fine-tuned) end points marked."""
+    """ID vs OOD-avg accuracy over alpha, one curve per method (curves: {method: sweep rows})."""
+    plot_curves(curves, path, id_name, "ood_avg", f"ID accuracy ({id_name}, %)", "OOD avg accuracy (%)")
+
+
+def plot_retrieval_sweep(curves, path):
+    """curves: {method: retrieval_sweep rows}. The first test set's rsum (the --data set's) against
+    the second's over alpha, or rsum against alpha when there is one test set."""
+    tests = list(dict.fromkeys(r["test"] for rows in curves.values() for r in rows))
+    points = {m: [{"alpha": a, **{r["test"]: r["rsum"] for r in rows if r["alpha"] == a}}
+                  for a in dict.fromkeys(r["alpha"] for r in rows)] for m, rows in curves.items()}
+    if len(tests) == 2:
+        plot_curves(points, path, tests[0], tests[1], f"{tests[0]} rsum", f"{tests[1]} rsum")
+    else:
+        plot_curves(points, path, "alpha", tests[0], "α", f"{tests[0]} rsum")
+
+
+def plot_curves(curves, path, x, y, xlabel, ylabel):
+    """r[y] against r[x] over alpha, one curve per method (curves: {method: rows with 'alpha', x, y});
+    alpha=0 (zero-shot) and alpha=1 (fine-tuned) end points marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for name, rows in curves.items():
-        ids, oods = [r[id_name] for r in rows], [r["ood_avg"] for r in rows]
-        line, = ax.plot(ids, oods, "o-", ms=3, label=name)
+        line, = ax.plot([r[x] for r in rows], [r[y] for r in rows], "o-", ms=3, label=name)
         for r in rows:
             if r["alpha"] in (0, 0.5, 1):
-                ax.annotate(f"α={r['alpha']:g}", (r[id_name], r["ood_avg"]), fontsize=7,
+                ax.annotate(f"α={r['alpha']:g}", (r[x], r[y]), fontsize=7,
                             textcoords="offset points", xytext=(4, 4), color=line.get_color())
         ends = [r for r in rows if r["alpha"] in (0, 1)]
-        ax.plot([r[id_name] for r in ends], [r["ood_avg"] for r in ends], "s", ms=7, mfc="none",
-                color=line.get_color())
-    ax.set_xlabel(f"ID accuracy ({id_name}, %)")
-    ax.set_ylabel("OOD avg accuracy (%)")
+        ax.plot([r[x] for r in ends], [r[y] for r in ends], "s", ms=7, mfc="none", color=line.get_color())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title("Re-scaling coefficient α (□: zero-shot α=0, fine-tuned α=1)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -188,9 +221,10 @@ def main(argv=None):
     parser.add_argument("--adapters", help="R-Adapter weights saved by train.py (adapters.safetensors)")
     parser.add_argument("--finetuned", help="a fully fine-tuned CLIP export, for WiSE-FT interpolation")
     parser.add_argument("--alpha", default="0.5", help="re-scaling coefficient(s), comma separated")
-    parser.add_argument("--data", default="imagenet", help="imagenet | folder | toy")
+    parser.add_argument("--data", default="imagenet", help="imagenet | folder | toy | coco | flickr30k (retrieval)")
     parser.add_argument("--data-root", help="dataset root (see README for layouts)")
-    parser.add_argument("--ood", action="append", default=[], metavar="NAME=DIR", help="extra OOD folder")
+    parser.add_argument("--ood", action="append", default=[], metavar="NAME=DIR",
+                        help="extra OOD folder; for retrieval the other test set, e.g. flickr30k=DIR")
     parser.add_argument("--images", help="an image file or a folder: print top-k classes instead")
     parser.add_argument("--classes", help="comma separated class names for --images")
     parser.add_argument("--topk", type=int, default=5)
@@ -211,28 +245,33 @@ def main(argv=None):
             print(path + ": " + ", ".join(f"{c} {100 * q:.1f}%" for c, q in top))
         return
     alphas = [float(a) for a in args.alpha.split(",")]
-    task = build_task(args.data, args.data_root, eval_transform=image_transform(model.config.image_size),
-                      ood=dict(o.split("=", 1) for o in args.ood))
+    transform, ood = image_transform(model.config.image_size), dict(o.split("=", 1) for o in args.ood)
+    if args.data in retrieval.DATASETS:
+        tests = retrieval.build_retrieval(args.data, args.data_root, eval_transform=transform,
+                                          context_length=model.config.context_length, ood=ood).tests
+        run_sweep, plot = partial(retrieval_sweep, model, tests), plot_retrieval_sweep
+    else:
+        task = build_task(args.data, args.data_root, eval_transform=transform, ood=ood)
+        run_sweep, plot = partial(sweep, model, task), partial(plot_sweep, id_name=task.test.name)
     kwargs = dict(batch_size=args.batch_size, workers=args.workers,
                   autocast_dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
     out = Path(args.out)
     if args.adapters:
         import r_adapter
         r_adapter.load_adapters(model, args.adapters)
-        rows = sweep(model, task, alphas, lambda a: r_adapter.merged(model, a), **kwargs)
+        rows = run_sweep(alphas, lambda a: r_adapter.merged(model, a), **kwargs)
         name = "R-Adapter"
     elif args.finetuned:
         zs = {k: v.clone() for k, v in model.state_dict().items()}
         ft = load_clip(args.finetuned, device=args.device).state_dict()
-        rows = sweep(model, task, alphas, lambda a: interpolated(model, zs, ft, a), **kwargs)
+        rows = run_sweep(alphas, lambda a: interpolated(model, zs, ft, a), **kwargs)
         name = "WiSE-FT"
     else:
-        rows = [{"alpha": 0.0, **evaluate_task(model, task, **kwargs)}]
-        print(format_table(rows))
+        rows = run_sweep([0.0], lambda a: nullcontext(), **kwargs)
         name = "zero-shot"
     write_results(rows, out / "results")
-    if len(rows) > 1:
-        plot_sweep({name: rows}, out / "alpha_sweep.png", id_name=task.test.name)
+    if len({r["alpha"] for r in rows}) > 1:
+        plot({name: rows}, out / "alpha_sweep.png")
         print(f"wrote {out / 'alpha_sweep.png'}")
     print(f"wrote {out / 'results.csv'} and .json")
 

@@ -77,7 +77,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from clip_model import save_clip
+from clip_model import CLIPConfig, save_clip
 
 TOWERS = ("visual", "text")
 DROP_MODES = ("sample", "token")
@@ -372,7 +372,7 @@ def load_adapters(model, path, use_ema=None):
     use_ema: load the EMA weights W~ as the adapters (what the paper evaluates); None (default):
     when the file holds them. use_ema=False (+ load_ema) resumes training from the live weights."""
     path, info, tensors = _read(path)
-    if info["clip"] != asdict(model.config):
+    if CLIPConfig(**info["clip"]) != model.config:
         raise ValueError(f"{path}: adapters were trained on CLIP {info['clip']}, the base model is {asdict(model.config)}")
     if use_ema is None:
         use_ema = info["ema_m"] is not None

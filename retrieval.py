@@ -99,6 +99,8 @@ def build_retrieval(name: str, root: str, train_transform: Optional[Callable] = 
     the other dataset's test set is added when found at ROOT/<other> or ood[other]."""
     if name not in DATASETS:
         raise ValueError(f"unknown retrieval task {name!r}: expected one of {', '.join(DATASETS)}")
+    if root is None:
+        raise ValueError(f"retrieval task {name!r} needs a root directory (--data-root)")
     roots = {name: root}
     for other, path in ({n: os.path.join(root, n) for n in DATASETS if n != name} | (ood or {})).items():
         if other not in DATASETS or other == name:

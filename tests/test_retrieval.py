@@ -1,4 +1,5 @@
-"""retrieval.py: recall@k by hand, the Karpathy readers on a tiny tree, and train.py --data coco end to end."""
+"""retrieval.py: recall@k by hand, the Karpathy readers on a tiny tree, train.py --data coco end to end,
+and evaluate.py's retrieval alpha sweep."""
 import csv
 import json
 from pathlib import Path
@@ -8,12 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
+import r_adapter
 import retrieval
 import train
-from clip_model import CLIP, PRESETS, save_clip, tokenize
+from clip_model import CLIP, PRESETS, load_clip, save_clip, tokenize
 
 COCO_SPLITS = {"train": 3, "restval": 2, "val": 1, "test": 3}  # images per split
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "grey", "pink", "brown"]
+METRICS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
 
 
 def _jpeg(path, value, rng):
@@ -49,6 +53,15 @@ def tree(tmp_path_factory):
     torch.manual_seed(0)
     save_clip(CLIP(PRESETS["tiny"]), root / "tiny.safetensors")
     return root
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _metrics(row):
+    return {k: row[k] for k in METRICS}
 
 
 def test_recall_at_k_by_hand():
@@ -100,6 +113,8 @@ def test_bad_trees_are_clear_errors(tree, tmp_path):
         retrieval.build_retrieval("coco", str(tmp_path))
     with pytest.raises(ValueError, match="--ood imagenet-r"):
         retrieval.build_retrieval("coco", str(tree), ood={"imagenet-r": str(tmp_path)})
+    with pytest.raises(ValueError, match="--data-root"):
+        retrieval.build_retrieval("coco", None)
 
 
 def test_train_coco_end_to_end(tree, tmp_path, monkeypatch):
@@ -112,19 +127,64 @@ def test_train_coco_end_to_end(tree, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "mpm_nce_loss", recording)
     train.main(["--data", "coco", "--data-root", str(tree), "--model", str(tree / "tiny.safetensors"),
                 "--method", "zero-shot,full-ft,r-adapter", "--epochs", "1", "--batch-size", "8", "--warmup", "1",
-                "--workers", "0", "--run-dir", str(tmp_path)])
+                "--workers", "0", "--run-dir", str(tmp_path), "--sweep"])
     # MPM-NCE labels are image ids: 8 captions of 5 images always share some
     assert labels and all(set(y) <= set(range(5)) and len(set(y)) < len(y) for y in labels)
     config = json.loads((tmp_path / "r-adapter" / "config.json").read_text())
     assert (config["alpha"], config["epsilon"]) == (0.8, 0.0)  # the retrieval recipe
-    with open(tmp_path / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["method", "trainable", "test", "i2t_R@1", "i2t_R@5", "i2t_R@10",
-                             "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
+    rows = _csv(tmp_path / "results.csv")
+    assert list(rows[0]) == ["method", "trainable", "test", *METRICS]
     methods = ("zero-shot", "full-ft", "WiSE-FT (α=0.8)", "R-Adapter (α=0.8)")
     assert [(r["method"], r["test"]) for r in rows] == [(m, t) for m in methods for t in ("coco", "flickr30k")]
     assert all(float(r["i2t_R@10"]) == 100 == float(r["t2i_R@10"]) for r in rows)  # 3 and 2 test images
     assert (tmp_path / "r-adapter" / "merged.safetensors").exists()
+
+    # --sweep: WiSE-FT (after full-ft) and R-Adapter at alpha 0, 0.1, ..., 1 on both test sets
+    sweep = _csv(tmp_path / "alpha_sweep.csv")
+    assert list(sweep[0]) == ["method", "alpha", "test", *METRICS]
+    assert [(r["method"], float(r["alpha"]), r["test"]) for r in sweep] == [
+        (m, a / 10, t) for m in ("WiSE-FT", "R-Adapter") for a in range(11) for t in ("coco", "flickr30k")]
+    table = {(r["method"], r["test"]): _metrics(r) for r in rows}
+    at = {(r["method"], float(r["alpha"]), r["test"]): _metrics(r) for r in sweep}
+    for t in ("coco", "flickr30k"):  # the sweep's ends and alpha 0.8 are the table's rows
+        assert at["WiSE-FT", 0, t] == at["R-Adapter", 0, t] == table["zero-shot", t]
+        assert at["WiSE-FT", 1, t] == table["full-ft", t]
+        assert at["WiSE-FT", 0.8, t] == table["WiSE-FT (α=0.8)", t]
+        assert at["R-Adapter", 0.8, t] == table["R-Adapter (α=0.8)", t]
+    assert (tmp_path / "alpha_sweep.png").stat().st_size > 1000
+
+
+def test_evaluate_retrieval_sweep(tree, tmp_path):
+    model = load_clip(tree / "tiny.safetensors")
+    r_adapter.add_adapters(model)
+    torch.manual_seed(0)
+    with torch.no_grad():  # random adapters (zero-initialised ones would be the zero-shot model at any alpha)
+        for name, p in r_adapter.adapter_parameters(model):
+            if name.endswith("W_adp"):
+                p.normal_(std=0.3)
+    r_adapter.save_adapters(model, tmp_path / "adapters.safetensors")
+    common = ["--model", str(tree / "tiny.safetensors"), "--workers", "0"]
+    coco = ["--data", "coco", "--data-root", str(tree)]
+    evaluate.main([*common, *coco, "--out", str(tmp_path / "zero-shot")])
+    evaluate.main([*common, *coco, "--adapters", str(tmp_path / "adapters.safetensors"), "--alpha", "0,0.5,1",
+                   "--out", str(tmp_path / "sweep")])
+
+    zero_shot, sweep = _csv(tmp_path / "zero-shot" / "results.csv"), _csv(tmp_path / "sweep" / "results.csv")
+    assert list(sweep[0]) == ["alpha", "test", *METRICS]
+    assert [(float(r["alpha"]), r["test"]) for r in zero_shot] == [(0, "coco"), (0, "flickr30k")]
+    tests = ("coco", "flickr30k")
+    assert [(float(r["alpha"]), r["test"]) for r in sweep] == [(a, t) for a in (0, 0.5, 1) for t in tests]
+    assert [_metrics(r) for r in sweep[:2]] == [_metrics(r) for r in zero_shot]  # alpha 0 is zero-shot CLIP
+    assert [_metrics(r) for r in sweep[4:]] != [_metrics(r) for r in zero_shot]  # the adapters do change it
+    assert (tmp_path / "sweep" / "alpha_sweep.png").stat().st_size > 1000  # coco rsum vs flickr30k rsum
+    assert not (tmp_path / "zero-shot" / "alpha_sweep.png").exists()
+
+    # one test set (Flickr30k alone): rsum against alpha
+    evaluate.main([*common, "--data", "flickr30k", "--data-root", str(tree / "flickr30k"),
+                   "--adapters", str(tmp_path / "adapters.safetensors"), "--alpha", "0,1",
+                   "--out", str(tmp_path / "f")])
+    assert [r["test"] for r in _csv(tmp_path / "f" / "results.csv")] == ["flickr30k", "flickr30k"]
+    assert (tmp_path / "f" / "alpha_sweep.png").stat().st_size > 1000
 
 
 def test_classification_only_flags_are_refused(tree, capsys):
