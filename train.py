@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 8 train.py --data imagenet --data-root DIR --model ViT-B-16.pt
     python train.py --data imagenet ... --resume latest     # continue an interrupted run exactly
     python train.py --data coco --data-root DIR --model ViT-B-16:openai   # retrieval (retrieval.py)
+    python train.py --data dtd --data-root DIR --shots 16 --split base    # base-to-novel (coop.py)
 
 Read top to bottom, one method run is:
   1. base CLIP (load_clip) and task data (data.build_task: train + ID test + OOD sets);
@@ -25,7 +26,11 @@ yields the WiSE-FT row (zero-shot/fine-tuned weight interpolation at alpha).
 Defaults are the paper's ImageNet recipe (PAPER.md 2.7). `--data toy` (the default job) swaps
 in the toy world's budgets (TOY_RECIPE) for every flag not given on the command line;
 `--data coco | flickr30k` the retrieval recipe (RETRIEVAL_RECIPE: alpha 0.8, epsilon 0): a row is
-one caption, its label its image id, and the table reports R@1/5/10 both ways (run_retrieval).
+one caption, its label its image id, and the table reports R@1/5/10 both ways (run_retrieval);
+`--sweep` plots rsum over alpha (the COCO 5K rsum against the Flickr30k 1K one when both are there).
+`--data <CoOp dataset>` (coop.DATASETS) reads one of the CoOp benchmark's datasets; `--split base`
+trains on its base classes and reports base, new and their harmonic mean (CoCoOp's protocol), with
+R-Adapter's base-to-novel recipe (BASE_TO_NOVEL_RECIPE) for the flags not given.
 """
 import argparse
 import dataclasses
@@ -36,6 +41,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +55,7 @@ from tqdm import tqdm
 
 import baselines
 import clipfit
+import coop
 import evaluate
 import r_adapter
 import retrieval
@@ -65,10 +72,11 @@ CE_ONLY = ("clipfit", "linear-probe", "prolip")  # class-logit cross-entropy is 
 @dataclass
 class TrainConfig:
     # what to run
-    data: str = "toy"                 # imagenet | folder | toy | coco | flickr30k (retrieval)
+    data: str = "toy"                 # imagenet | folder | toy | coco | flickr30k (retrieval) | coop.DATASETS
     data_root: Optional[str] = None
     ood: list = field(default_factory=list)  # NAME=DIR extra evaluation folders
     shots: Optional[int] = None       # K-shot subset of train
+    split: Optional[str] = None       # base: train on the base classes, report base/new/HM (coop.py)
     strict: bool = False              # unreadable images: error instead of skip
     classnames: Optional[str] = None  # --data folder: JSON {folder: class name}
     model: str = "ViT-B-16:openai"    # checkpoint path or hub name; 'toy' = the cached toy CLIP
@@ -115,12 +123,22 @@ class TrainConfig:
 
 
 # The toy world's budgets, used for flags not given when --data toy (issue: embedded default).
-TOY_RECIPE = dict(model="toy", method="zero-shot,full-ft,r-adapter", epochs=4, batch_size=128, warmup=20,
-                  workers=0, save_every=200, sweep=True)
+# 180 steps in all, so the EMA momentum is the paper's short-run value (base-to-novel, m 0.9): with
+# m 0.999 the EMA would still hold 84% of the zero initialisation at the end.
+TOY_RECIPE = dict(model="toy", method="zero-shot,full-ft,r-adapter", epochs=10, batch_size=128, warmup=20,
+                  m=0.9, workers=0, save_every=200, sweep=True)
 
 
 # Retrieval (--data coco | flickr30k, PAPER.md 2.7), for flags not given on the command line.
 RETRIEVAL_RECIPE = dict(alpha=0.8, epsilon=0.0)
+
+
+# Base-to-novel (--split base, PAPER.md 2.7), for flags not given on the command line: R-Adapter's
+# released script (docs/RUN.md: --epochs 101 --batch-size 32 --ema 0.9 --mg 0.1 --ls 0). Its lr 5e-4,
+# weight decay 0, 500 warm-up steps, drop 0.2 and alpha 0.5 are our defaults already. It also sets
+# --adapter 4,4 (adapter rank 4, our --rank 4); not a recipe entry, since --rank cannot be set back
+# to full rank (None) on the command line.
+BASE_TO_NOVEL_RECIPE = dict(epochs=101, batch_size=32, m=0.9, delta=0.1, epsilon=0.0)
 
 
 # Each method's own optimisation recipe, used for flags not given on the command line (they
@@ -176,12 +194,26 @@ def parse_args(argv=None) -> TrainConfig:
             kind = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(f.type, f.type)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS)
     given = vars(parser.parse_args(argv))
-    recipe = {"toy": TOY_RECIPE, **dict.fromkeys(retrieval.DATASETS, RETRIEVAL_RECIPE)}.get(
-        given.get("data", TrainConfig.data), {})
+    data = given.get("data", TrainConfig.data)
+    recipe = {"toy": TOY_RECIPE, **dict.fromkeys(retrieval.DATASETS, RETRIEVAL_RECIPE)}.get(data, {})
+    if given.get("split") == "base":
+        recipe = BASE_TO_NOVEL_RECIPE
+    elif "shots" in given and data in coop.BENCHMARK:  # CLIPFit's K-shot lambda (PAPER.md 3)
+        recipe = dict(clipfit_lambda=clipfit.few_shot_lambda(data))
     cfg = TrainConfig(**{**recipe, **given}, explicit=tuple(sorted(given)))
+    if cfg.split not in (None, "base"):
+        parser.error(f"--split {cfg.split!r}: expected base (train on the base classes, report base/new/HM)")
+    if cfg.split and cfg.data in ("toy", *retrieval.DATASETS):
+        parser.error(f"--split base: --data {cfg.data} is not read from image files with classes "
+                     f"(use a CoOp dataset, imagenet or folder)")
+    if cfg.ood and (cfg.split or cfg.data in coop.DATASETS):
+        parser.error("--ood: base-to-novel and the CoOp datasets evaluate their own test set only")
     for name in cfg.method.split(","):
         if name not in METHODS:
             parser.error(f"--method {name!r}: expected one of {', '.join(METHODS)}")
+        if cfg.split and name == "linear-probe":
+            parser.error("--split base: --method linear-probe learns rows for the base classes only, "
+                         "so it cannot score the new ones")
         try:
             mcfg = method_config(cfg, name)
         except ValueError as e:
@@ -484,12 +516,12 @@ def train(cfg: TrainConfig, model: CLIP, task, device, rank=0, world=1):
 
 # ------------------------------------------------------------------ driver
 # The toy CLIP's pretraining (contrastive, on toy_world.WebCorpus): seeded, cached once.
-TOY_PRETRAIN = dict(pairs=20000, steps=625, batch_size=256, lr=2e-3, warmup=60, weight_decay=0.1, seed=0)
+TOY_PRETRAIN = dict(pairs=40000, steps=800, batch_size=256, lr=1e-3, warmup=60, weight_decay=0.1, seed=0)
 
 
 def toy_clip_path():
     """Cache file named by a digest of everything that shapes the toy CLIP (so edits invalidate it)."""
-    recipe = repr((sorted(TOY_PRETRAIN.items()), asdict(PRESETS["tiny"]), toy_world_version()))
+    recipe = repr((sorted(TOY_PRETRAIN.items()), asdict(PRESETS["toy"]), toy_world_version()))
     return CACHE_DIR / f"toy-clip-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}.safetensors"
 
 
@@ -500,17 +532,21 @@ def toy_world_version():
 
 
 def pretrain_toy_clip(path, device):
-    """CLIP pretraining in miniature: the tiny preset, InfoNCE with the learned logit scale
-    (clamped at 100, as CLIP does), AdamW with warm-up + cosine, on web image-caption pairs."""
+    """CLIP pretraining in miniature: the toy preset, InfoNCE with the learned logit scale
+    (clamped at 100, as CLIP does), AdamW with warm-up + cosine, on web image-caption pairs.
+    As in CLIP and open_clip, gains, biases, the class token and the logit scale get no weight decay."""
     import toy_world
     p = TOY_PRETRAIN
     torch.manual_seed(p["seed"])
-    model = CLIP(PRESETS["tiny"]).to(device).train()
+    model = CLIP(PRESETS["toy"]).to(device).train()
     web = toy_world.WebCorpus(p["pairs"], seed=p["seed"])
     images = ((web.images.float() / 255 - torch.tensor(CLIP_MEAN)[:, None, None])
               / torch.tensor(CLIP_STD)[:, None, None])  # [n, 3, 32, 32], normalised like every CLIP input
     tokens = tokenize(web.captions, model.config.context_length)  # [n, L]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+    no_decay = {n for n, q in model.named_parameters() if q.ndim < 2 or n == "visual.cls_token"}
+    groups = [[q for n, q in model.named_parameters() if (n in no_decay) == skip] for skip in (False, True)]
+    optimizer = torch.optim.AdamW([{"params": groups[0], "weight_decay": p["weight_decay"]},
+                                   {"params": groups[1], "weight_decay": 0.0}], lr=p["lr"])
     schedule = argparse.Namespace(lr=p["lr"], min_lr=0.0, warmup=p["warmup"])
     order = torch.randperm(len(images))
     for step in tqdm(range(p["steps"]), desc="pretraining the toy CLIP", mininterval=5):
@@ -548,90 +584,103 @@ def build_data(cfg, model):
     if cfg.data in retrieval.DATASETS:
         return retrieval.build_retrieval(cfg.data, cfg.data_root, train_transform, image_transform(size),
                                          model.config.context_length, ood=ood, strict=cfg.strict)
+    if cfg.data in coop.DATASETS:
+        return coop.build_coop(cfg.data, cfg.data_root, train_transform, image_transform(size),
+                               shots=cfg.shots, seed=cfg.seed, strict=cfg.strict)
     return build_task(cfg.data, cfg.data_root, train_transform, image_transform(size),
                       shots=cfg.shots, seed=cfg.seed, ood=ood, strict=cfg.strict, classnames=cfg.classnames)
 
 
+def method_setup(cfg, method, device):
+    """One method's config (its recipe, its run directory under the run's) and a fresh base CLIP."""
+    mcfg = dataclasses.replace(method_config(cfg, method), run_dir=str(Path(out_dir(cfg)) / method))
+    Path(mcfg.run_dir).mkdir(parents=True, exist_ok=True)
+    return mcfg, build_model(mcfg, device)
+
+
+def fit(mcfg, model, task, device, rank, world):
+    """Record the method's resolved config and train it; returns (adapter EMA or None, trainable count)."""
+    if rank == 0:
+        (Path(mcfg.run_dir) / "config.json").write_text(json.dumps(asdict(mcfg), indent=2))
+    ema = train(mcfg, model, task, device, rank, world)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad) if mcfg.method != "zero-shot" else 0
+    return ema, n_train
+
+
 def run(cfg: TrainConfig, device, rank=0, world=1):
-    """Train and evaluate each method of cfg.method; returns the table rows (and sweeps)."""
+    """Train and evaluate each method of cfg.method; returns the table rows (and sweeps). With
+    --split base a method trains on the base classes and is scored by coop.evaluate_base_new."""
     rows, curves, zero_shot_state = [], {}, None
     if cfg.model == "toy" and cfg.retrain_toy and rank == 0:
         pretrain_toy_clip(toy_clip_path(), device)
     eval_kwargs = dict(workers=cfg.workers, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     for method in cfg.method.split(","):
-        mcfg = dataclasses.replace(method_config(cfg, method), run_dir=str(Path(out_dir(cfg)) / method))
-        Path(mcfg.run_dir).mkdir(parents=True, exist_ok=True)
-        model = build_model(mcfg, device)
-        task = build_data(mcfg, model)
+        mcfg, model = method_setup(cfg, method, device)
+        task = eval_task = build_data(mcfg, model)
+        if mcfg.split:  # train on the base classes; evaluate base and new, each among its own classes
+            task, eval_task = coop.base_new(task)
+        score = coop.evaluate_base_new if mcfg.split else evaluate.evaluate_task
         if task.train is None and method != "zero-shot":
             raise ValueError(f"--data-root {cfg.data_root}: no train/ folder, so only --method zero-shot can run")
         if zero_shot_state is None:
             zero_shot_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if rank == 0:
-            (Path(mcfg.run_dir) / "config.json").write_text(json.dumps(asdict(mcfg), indent=2))
-        ema = train(mcfg, model, task, device, rank, world)
+        ema, n_train = fit(mcfg, model, task, device, rank, world)
         if rank != 0:
             continue
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad) if method != "zero-shot" else 0
         out = Path(mcfg.run_dir)
         if method == "r-adapter":
             r_adapter.save_adapters(model, out / "adapters.safetensors", ema=ema)
             with r_adapter.merged(model, mcfg.alpha, ema=ema):
                 rows.append({"method": f"R-Adapter (α={mcfg.alpha:g})", "trainable": n_train,
-                             **evaluate.evaluate_task(model, task, **eval_kwargs)})
+                             **score(model, eval_task, **eval_kwargs)})
                 save_clip(model, out / "merged.safetensors")
             if mcfg.sweep:
-                curves["R-Adapter"] = evaluate.sweep(model, task, alpha_grid(),
+                curves["R-Adapter"] = evaluate.sweep(model, eval_task, alpha_grid(),
                                                      lambda a: r_adapter.merged(model, a, ema=ema), **eval_kwargs)
         elif method == "lora":  # folded into the weights: a plain CLIP is evaluated and exported
             with baselines.lora_merged(model):
                 rows.append({"method": f"lora (r={mcfg.rank})", "trainable": n_train,
-                             **evaluate.evaluate_task(model, task, **eval_kwargs)})
+                             **score(model, eval_task, **eval_kwargs)})
                 save_clip(model, out / "merged.safetensors")
         elif method == "linear-probe":  # the probe's W replaces the text classifier
             probe = model.linear_probe.weight.detach()
             save_file({"weight": probe.cpu().contiguous()}, str(out / "linear_probe.safetensors"))
             rows.append({"method": method, "trainable": n_train,
-                         **evaluate.evaluate_task(model, task, classifier=probe, **eval_kwargs)})
+                         **score(model, eval_task, classifier=probe, **eval_kwargs)})
         else:
             rows.append({"method": "WiSE-FT (α=1)" if method == "wise-ft" else method, "trainable": n_train,
-                         **evaluate.evaluate_task(model, task, **eval_kwargs)})
+                         **score(model, eval_task, **eval_kwargs)})
             if method != "zero-shot":  # full-ft, wise-ft, flyp, clipfit, prolip: a plain CLIP
                 save_clip(model, out / "merged.safetensors")
         if method in ("full-ft", "wise-ft"):
             finetuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
             with evaluate.interpolated(model, zero_shot_state, finetuned, mcfg.alpha):
                 rows.append({"method": f"WiSE-FT (α={mcfg.alpha:g})", "trainable": n_train,
-                             **evaluate.evaluate_task(model, task, **eval_kwargs)})
+                             **score(model, eval_task, **eval_kwargs)})
             if mcfg.sweep:
-                curves["WiSE-FT"] = evaluate.sweep(model, task, alpha_grid(),
+                curves["WiSE-FT"] = evaluate.sweep(model, eval_task, alpha_grid(),
                                                    lambda a: evaluate.interpolated(model, zero_shot_state,
                                                                                    finetuned, a), **eval_kwargs)
         print(evaluate.format_table(rows[-1:]))
     if rank == 0 and rows:
-        report(rows, curves, Path(out_dir(cfg)), task.test.name)
+        report(rows, curves, Path(out_dir(cfg)), partial(evaluate.plot_sweep, id_name=eval_task.test.name))
     return rows, curves
 
 
 def run_retrieval(cfg: TrainConfig, device, rank=0, world=1):
     """run() for --data coco | flickr30k: train each method on captions, then R@1/5/10 both ways on
-    every test set (COCO 5K, Flickr30k 1K; PAPER.md 2.7), one row per method and test set. No alpha
-    sweep here: evaluate.sweep scores classification."""
-    rows, zero_shot_state = [], None
+    every test set (COCO 5K, Flickr30k 1K; PAPER.md 2.7), one row per method and test set. With
+    --sweep, r-adapter and WiSE-FT are also scored at every alpha (evaluate.retrieval_sweep)."""
+    rows, curves, zero_shot_state = [], {}, None
     eval_kwargs = dict(workers=cfg.workers, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     for method in cfg.method.split(","):
-        mcfg = dataclasses.replace(method_config(cfg, method), run_dir=str(Path(out_dir(cfg)) / method))
-        Path(mcfg.run_dir).mkdir(parents=True, exist_ok=True)
-        model = build_model(mcfg, device)
+        mcfg, model = method_setup(cfg, method, device)
         task = build_data(mcfg, model)
         if zero_shot_state is None:
             zero_shot_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if rank == 0:
-            (Path(mcfg.run_dir) / "config.json").write_text(json.dumps(asdict(mcfg), indent=2))
-        ema = train(mcfg, model, task, device, rank, world)
+        ema, n_train = fit(mcfg, model, task, device, rank, world)
         if rank != 0:
             continue
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad) if method != "zero-shot" else 0
         out, first = Path(mcfg.run_dir), len(rows)
 
         def evaluate_as(name):  # one row per test set
@@ -643,6 +692,9 @@ def run_retrieval(cfg: TrainConfig, device, rank=0, world=1):
             with r_adapter.merged(model, mcfg.alpha, ema=ema):
                 evaluate_as(f"R-Adapter (α={mcfg.alpha:g})")
                 save_clip(model, out / "merged.safetensors")
+            if mcfg.sweep:
+                curves["R-Adapter"] = evaluate.retrieval_sweep(
+                    model, task.tests, alpha_grid(), lambda a: r_adapter.merged(model, a, ema=ema), **eval_kwargs)
         elif method == "lora":  # (with --loss mpm-nce or infonce)
             with baselines.lora_merged(model):
                 evaluate_as(f"lora (r={mcfg.rank})")
@@ -655,10 +707,14 @@ def run_retrieval(cfg: TrainConfig, device, rank=0, world=1):
             finetuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
             with evaluate.interpolated(model, zero_shot_state, finetuned, mcfg.alpha):
                 evaluate_as(f"WiSE-FT (α={mcfg.alpha:g})")
+            if mcfg.sweep:
+                curves["WiSE-FT"] = evaluate.retrieval_sweep(
+                    model, task.tests, alpha_grid(),
+                    lambda a: evaluate.interpolated(model, zero_shot_state, finetuned, a), **eval_kwargs)
         print(evaluate.format_table(rows[first:]))
     if rank == 0 and rows:
-        report(rows, {}, Path(out_dir(cfg)), None)
-    return rows, {}
+        report(rows, curves, Path(out_dir(cfg)), evaluate.plot_retrieval_sweep)
+    return rows, curves
 
 
 def out_dir(cfg):
@@ -670,13 +726,14 @@ def alpha_grid():
     return [round(0.1 * i, 1) for i in range(11)]
 
 
-def report(rows, curves, out, id_name):
+def report(rows, curves, out, plot):
+    """The table (results.csv/.json); with sweeps also alpha_sweep.csv/.json and plot(curves, PNG path)."""
     out.mkdir(parents=True, exist_ok=True)
     print("\n" + evaluate.format_table(rows))
     evaluate.write_results(rows, out / "results")
     print(f"wrote {out / 'results.csv'}")
     if curves:
-        evaluate.plot_sweep(curves, out / "alpha_sweep.png", id_name=id_name)
+        plot(curves, out / "alpha_sweep.png")
         evaluate.write_results([{"method": m, **r} for m, rs in curves.items() for r in rs], out / "alpha_sweep")
         print(f"wrote {out / 'alpha_sweep.png'}")
 
