@@ -1,53 +1,26 @@
-"""Baselines next to R-Adapter and CLIPFit (PAPER.md section 4): small pieces train.py plugs in.
+"""Baselines next to R-Adapter and CLIPFit: what each trains, its loss where it has its own, its
+evaluation weights. Their recipes are in recipes.py; ViT-B/16 counts in brackets.
 
-Each method names what trains; its loss lives in train.compute_loss and its optimiser recipe in
-train.METHOD_RECIPES (applied for every flag not given on the command line). Counts for ViT-B/16
-(768-wide image tower, 512-wide text tower, 512-d embedding, 12 blocks each).
-
-full-ft       every weight of both towers (the logit scale stays frozen), trained like R-Adapter
-              (MPM-NCE, its optimiser flags). full_finetune(model). B/16: 149,620,736 (all
-              parameters but the scale).
-wise-ft       full-ft, evaluated by weight-space interpolation with the zero-shot weights,
-              theta = alpha theta_ft + (1 - alpha) theta_zs (Wortsman et al., CVPR 2022;
-              evaluate.interpolated), swept over alpha = 0, 0.1, ..., 1. Same training as full-ft
-              (WiSE-FT's own fine-tuning differs: CE through a zero-shot-initialised head on the
-              image tower, AdamW lr 3e-5, weight decay 0.1).
-flyp          "Finetune Like You Pretrain" (Goyal et al., CVPR 2023): full fine-tuning with CLIP's
-              own contrastive loss (InfoNCE; other images of the same class are negatives) on
-              (image, class name in a random template) pairs; AdamW lr 1e-5, weight decay 0.1
-              (its ImageNet recipe). The logit scale stays frozen here, as in every method of
-              this repository (FLYP's code, to our knowledge, trains it with the rest).
-linear-probe  the towers are frozen; a bias-free linear classifier W [C, e] on the normalised image
-              features, initialised from the zero-shot head: W = the class text embeddings (the
-              evaluation classifier: normalised mean over all templates), logits = f W^T / tau with
-              tau = 1 / logit scale, so step 0 is exactly zero-shot CLIP (a "ZS-LP"). Trained with
-              CE; at evaluation W replaces the text classifier (argmax is scale free). Bias-free so
-              it plugs into evaluate.evaluate_task(classifier=W). add_linear_probe(model, W).
-              B/16 on ImageNet: 1000 * 512 = 512,000.
-prolip        "Fine-tuning CLIP's last visual projector" (Fahes et al., 2024): only the visual
-              projection W (ours `visual.head.weight`, OpenAI `visual.proj`, 768 * 512 = 393,216)
-              trains; loss CE(f W . g_c / tau) + (1/N) ||W - W0||_F^2 with the frozen zero-shot
-              classifier g (all templates), W0 the pretrained projection and N the number of shots
-              (the released code: squared error summed, lambda = 1/N, Adam lr 1e-3, cosine; it
-              trains full-batch on cached pre-projection features of 300 augmented views, we train
-              through the frozen tower in mini-batches: the same objective).
-              Without --shots, N = the mean number of training images per class (the same rule
-              extended to full data: more data, weaker anchor). setup_prolip(model), prolip_loss.
-lora          LoRA (Hu et al., ICLR 2022) on the attention projections qkv and proj of every block
-              of both towers: W x + scale * B A x, A [r, d_in] Kaiming-uniform, B [d_out, r] zero
-              (starts at zero-shot CLIP), scale = 1 (alpha = r). Merged into plain Linear layers at
-              evaluation (lora_merged), so the evaluated and exported model is a plain CLIP.
-              Per block r * (4d + 2d): B/16 with r = 8: 12*6*8*768 + 12*6*8*512 = 737,280.
+full-ft       every weight of both towers but the logit scale, trained like R-Adapter [149,620,736].
+wise-ft       full-ft evaluated at theta = alpha theta_ft + (1 - alpha) theta_zs (Wortsman et al.,
+              CVPR 2022), swept over alpha. (WiSE-FT's own fine-tuning uses CE through a zero-shot
+              head, AdamW 3e-5; here it shares full-ft's training.)
+flyp          full fine-tuning with CLIP's contrastive loss on (image, class prompt) pairs (Goyal et
+              al., CVPR 2023); the logit scale stays frozen here, as in every method of this repository.
+linear-probe  a bias-free linear classifier on the frozen, normalised image features, initialised
+              from the zero-shot class embeddings, so step 0 is zero-shot CLIP [1000 x 512].
+prolip        only the visual projection W trains (Fahes et al., 2024): CE(f W . g_c / tau) +
+              (1/N) ||W - W0||_F^2, N the shots (or the mean images per class) [393,216]. The release
+              trains on cached features of augmented views; we train through the frozen tower.
+lora          LoRA (Hu et al., ICLR 2022) on qkv and proj of every block of both towers, B zero-
+              initialised, scale 1; merged into plain Linear layers for evaluation [737,280 at r 8].
 """
+
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def count_trainable(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # ----------------------------------------------------------- full-ft, flyp, wise-ft
@@ -56,6 +29,26 @@ def full_finetune(model):
     for name, param in model.named_parameters():
         param.requires_grad_(name != "logit_scale")
     return model
+
+
+def snapshot(model):
+    """A copy of every weight: the zero-shot end of WiSE-FT's interpolation."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@contextmanager
+def wise_ft(model, zero_shot, alpha):
+    """The model at theta = alpha theta_ft + (1 - alpha) theta_zs inside the block (fp32 math, cast
+    once), its fine-tuned weights again after it."""
+    finetuned = snapshot(model)
+    with torch.no_grad():
+        model.load_state_dict(
+            {k: (alpha * finetuned[k].float() + (1 - alpha) * v.float()).to(v.dtype) for k, v in zero_shot.items()}
+        )
+    try:
+        yield model
+    finally:
+        model.load_state_dict(finetuned)
 
 
 # ---------------------------------------------------------------------- linear-probe
@@ -69,6 +62,15 @@ def add_linear_probe(model, class_embeddings):
         probe.weight.copy_(class_embeddings)
     model.linear_probe = probe  # trainable; not part of a CLIP checkpoint (save it separately)
     return probe
+
+
+def linear_probe_loss(probe, tau):
+    """CE of the probe's logits f W^T / tau; through net(images) so that DDP syncs the gradients."""
+
+    def batch_loss(net, images, labels, tokens=None):
+        return F.cross_entropy(net(images)[0].float() @ probe.weight.float().T / tau, labels)
+
+    return batch_loss
 
 
 # ---------------------------------------------------------------------------- prolip
@@ -91,6 +93,16 @@ def prolip_loss(f, classifier, labels, tau, W, W0, lam):
     return ce + lam * (W.float() - W0.float()).pow(2).sum()
 
 
+def prolip(model, classifier, tau, lam):
+    """Set up ProLIP on `model` and return its batch loss over the frozen [C, e] classifier."""
+    W0 = setup_prolip(model)
+
+    def batch_loss(net, images, labels, tokens=None):
+        return prolip_loss(net(images)[0], classifier, labels, tau, model.visual.head.weight, W0, lam)
+
+    return batch_loss
+
+
 # ------------------------------------------------------------------------------ lora
 class LoRALinear(nn.Linear):
     """y = x W^T + b + scale * (x A^T) B^T. Shares W and b with the Linear it wraps (same keys)."""
@@ -100,7 +112,7 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features, self.scale = base.in_features, base.out_features, scale
         self.weight, self.bias = base.weight, base.bias
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, self.in_features, **kw), a=5 ** 0.5))
+        self.lora_A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, self.in_features, **kw), a=5**0.5))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
 
     def forward(self, x):

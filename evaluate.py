@@ -1,48 +1,43 @@
-"""Evaluation: zero-shot classifiers, the robustness table, and the alpha sweep (also for retrieval).
+"""Evaluation: zero-shot classifiers, the robustness table, retrieval recall, alpha sweeps, plots.
 
-Protocol (R-Adapter Sec. 4.1, inherited from WiSE-FT; PAPER.md 2.8): the classifier is
-built from the (adapted) text encoder, one row per class = the normalised mean of the
-normalised embeddings of all templates filled with the class name. Accuracy is top-1 on
-the ID test set and on every present OOD set; an OOD set with a class subset (ImageNet-R/A)
-or class groups (ObjectNet) projects the task logits first (data.EvalSet.project_logits).
-"OOD avg" is the plain mean over the OOD sets.
+Protocol (R-Adapter Sec. 4.1, inherited from WiSE-FT): the classifier is built from the (adapted)
+text encoder, one row per class = the normalised mean of the normalised embeddings of every prompt
+template filled with the class name. Accuracy is top-1 on the ID test set and on every OOD set
+found; a set with a class subset (ImageNet-R/A) or class groups (ObjectNet) projects the logits
+first, and "OOD avg" is the plain mean over the OOD sets. Every accuracy carries its standard error.
+Base-to-novel (CoCoOp) scores base and new each among its own classes and reports their harmonic
+mean; retrieval reports R@1/5/10 both ways (Sec. 4). Re-scaling alpha (Sec. 3.3) only enters at
+merge time, so a sweep over alpha needs no retraining: merge, evaluate, unmerge for each value.
 
-The re-scaling coefficient alpha (Sec. 3.3, weight-space ensemble) enters only when the
-adapters are merged, so `--alpha 0,0.1,...,1` sweeps it without retraining: merge, evaluate,
-unmerge for each value. WiSE-FT is swept the same way by interpolating a fully fine-tuned
-model with the zero-shot one. `--data coco | flickr30k` (retrieval.py) sweeps image-text retrieval
-instead: R@1/5/10 both ways and rsum on every test set the data has (COCO 5K, Flickr30k 1K).
-
-    python evaluate.py --model ViT-B-16:openai --data imagenet --data-root DIR            # zero-shot
-    python evaluate.py --model ViT-B-16.pt --adapters runs/imagenet-r-adapter/adapters.safetensors \
-        --data imagenet --data-root DIR --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1  # sweep + PNG
-    python evaluate.py --model ViT-B-16.pt --finetuned runs/imagenet-full-ft/merged.safetensors --alpha 0.5
-    python evaluate.py --model ViT-B-16.pt --adapters runs/coco/r-adapter/adapters.safetensors \
-        --data coco --data-root DIR --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1  # retrieval sweep
-    python evaluate.py --model ViT-B-16.pt --images photos/ --classes cat,dog,car     # top-k per image
-
-Public functions
-  zero_shot_classifier(model, classnames, templates)  -> [C, embed] normalised class embeddings
-  evaluate_task(model, task, ...)                     -> {set name: top-1 %, ..., 'ood_avg': %}
-  sweep(model, task, alphas, apply)                   -> rows (alpha, each set, ood_avg)
-  retrieval_sweep(model, tests, alphas, apply)        -> rows (alpha, test, R@1/5/10 both ways, rsum)
-  interpolate(model, zero_shot, finetuned, alpha)     WiSE-FT weights, in place
-  plot_sweep(curves, path), plot_retrieval_sweep(curves, path), write_results(rows, stem), format_table(rows)
+    python evaluate.py --model ViT-B-16:openai --data imagenet --data-root DIR             # zero-shot
+    python evaluate.py --model ViT-B-16.pt --adapters runs/imagenet/r-adapter/adapters.safetensors \
+        --data imagenet --data-root DIR --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1   # sweep + PNG
+    python evaluate.py --model ViT-B-16.pt --finetuned runs/imagenet/full-ft/merged.safetensors --alpha 0.5
+    python evaluate.py --model ViT-B-16.pt --images photos/ --classes cat,dog,car       # top-k per image
 """
+
 import argparse
 import csv
 import json
-from contextlib import contextmanager, nullcontext
-from functools import partial
+import math
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import retrieval
-from clip_model import image_transform, load_clip, tokenize
-from data import build_task, collate_skip
+import baselines
+import claims
+import data
+import r_adapter
+import recipes
+from clip_model import autocast_dtype, image_transform, tokenize
+from clip_weights import WeightsError, load_clip
+from data import coop, retrieval
+
+ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
 
 @torch.no_grad()
@@ -51,17 +46,21 @@ def zero_shot_classifier(model, classnames, templates, batch_size=1000):
     device = next(model.parameters()).device
     texts = [t.format(c) for c in classnames for t in templates]  # class-major: [C*T]
     tokens = tokenize(texts, model.config.context_length)
-    feats = torch.cat([model.encode_text(tokens[i:i + batch_size].to(device), normalize=True)
-                       for i in range(0, len(tokens), batch_size)])
+    feats = torch.cat(
+        [
+            model.encode_text(tokens[i : i + batch_size].to(device), normalize=True)
+            for i in range(0, len(tokens), batch_size)
+        ]
+    )
     feats = feats.view(len(classnames), len(templates), -1).mean(dim=1)  # [C, embed]
     return torch.nn.functional.normalize(feats, dim=-1)
 
 
 @torch.no_grad()
 def accuracy(model, classifier, evalset, batch_size=256, workers=4, autocast_dtype=None):
-    """Top-1 accuracy (%) on one EvalSet, and the number of unreadable images skipped."""
+    """Top-1 accuracy (%) on one EvalSet, the number of images scored, and the number skipped."""
     device = classifier.device
-    loader = DataLoader(evalset.dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
+    loader = DataLoader(evalset.dataset, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_skip)
     correct = total = bad = 0
     for images, labels, n_bad in tqdm(loader, desc=evalset.name, leave=False, disable=None):
         bad += n_bad
@@ -69,78 +68,119 @@ def accuracy(model, classifier, evalset, batch_size=256, workers=4, autocast_dty
             continue
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model.encode_image(images.to(device), normalize=True).float() @ classifier.float().T
-        pred = evalset.project_logits(logits).argmax(dim=-1).cpu()
-        correct += (pred == labels).sum().item()
+        correct += (evalset.project_logits(logits).argmax(dim=-1).cpu() == labels).sum().item()
         total += len(labels)
     if total == 0:
-        raise ValueError(f"evaluation set {evalset.name!r} has no readable images")
-    return 100.0 * correct / total, bad
+        raise data.DataError(f"evaluation set {evalset.name!r} has no readable images")
+    return 100.0 * correct / total, total, bad
 
 
-def evaluate_task(model, task, classifier=None, batch_size=256, workers=4, autocast_dtype=None):
-    """{'<id set>': acc, '<ood set>': acc, ..., 'ood_avg': mean over OOD, 'skipped': n unreadable}."""
+def standard_error(acc, n):
+    """One standard error (points) of a top-1 accuracy `acc` (%) measured on n images: sqrt(p (1-p) / n)."""
+    p = acc / 100
+    return 100 * math.sqrt(p * (1 - p) / n)
+
+
+def evaluate_task(model, task, classifier=None, prompts=None, **kwargs):
+    """{'<id set>': acc, '<ood set>': acc, ..., 'ood_avg': mean over OOD, then '<set>_se' for each
+    (one standard error, points), 'skipped': n unreadable}. prompts: the classifier's templates
+    (default: the task's)."""
     model.eval()
     if classifier is None:
-        classifier = zero_shot_classifier(model, task.classnames, task.templates)
-    results, skipped = {}, 0
+        classifier = zero_shot_classifier(model, task.classnames, prompts or task.templates)
+    acc, se, skipped = {}, {}, 0
     for evalset in [task.test, *task.ood]:
-        results[evalset.name], bad = accuracy(model, classifier, evalset, batch_size, workers, autocast_dtype)
+        acc[evalset.name], n, bad = accuracy(model, classifier, evalset, **kwargs)
+        se[f"{evalset.name}_se"] = standard_error(acc[evalset.name], n)
         skipped += bad
-    ood = [results[s.name] for s in task.ood]
-    results["ood_avg"] = sum(ood) / len(ood) if ood else float("nan")
-    results["skipped"] = skipped
-    return results
+    ood = [s.name for s in task.ood]
+    acc["ood_avg"] = sum(acc[k] for k in ood) / len(ood) if ood else float("nan")
+    # the OOD sets are disjoint samples: the SE of their mean is the root sum of squares over k
+    se["ood_avg_se"] = math.sqrt(sum(se[f"{k}_se"] ** 2 for k in ood)) / len(ood) if ood else float("nan")
+    return {**acc, **se, "skipped": skipped}
 
 
-def sweep(model, task, alphas, apply, **eval_kwargs):
-    """Evaluate at each alpha; `apply(alpha)` is a context manager that sets the weights."""
+def harmonic_mean(base, new):
+    """HM = 2 * base * new / (base + new); 0 when both are 0."""
+    return 2 * base * new / (base + new) if base + new else 0.0
+
+
+def recall_at_k(image_features, text_features, text_to_image, ks=(1, 5, 10)):
+    """Recall@k (%) both ways from [I, D] image and [T, D] text features (normalised) and the [T]
+    caption -> image map. Image -> text: a hit if ANY of the image's captions is in its top k; text ->
+    image: a hit if the caption's image is in its top k. rsum = the sum of all six."""
+    sims = image_features @ text_features.T  # [I, T]
+    images = torch.arange(len(image_features), device=sims.device)
+    text_to_image = text_to_image.to(sims.device)
+    i2t = text_to_image[sims.topk(min(max(ks), sims.shape[1]), dim=1).indices] == images[:, None]  # [I, k]
+    t2i = sims.T.topk(min(max(ks), sims.shape[0]), dim=1).indices == text_to_image[:, None]  # [T, k]
+    out = {f"i2t_R@{k}": 100 * i2t[:, :k].any(1).float().mean().item() for k in ks}
+    out |= {f"t2i_R@{k}": 100 * t2i[:, :k].any(1).float().mean().item() for k in ks}
+    out["rsum"] = sum(out.values())
+    return out
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, test_set, batch_size=256, workers=4, autocast_dtype=None):
+    """recall_at_k of `model` on one retrieval.RetrievalSet: every image and caption encoded once."""
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(test_set.images, batch_size=batch_size, num_workers=workers)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        f = torch.cat([model.encode_image(x.to(device), normalize=True).float() for x, _ in loader])  # [I, D]
+        g = torch.cat(
+            [model.encode_text(t.to(device), normalize=True).float() for t in test_set.tokens.split(batch_size)]
+        )
+    return recall_at_k(f, g, test_set.text_to_image)
+
+
+def score(model, task, split=None, prompts=None, classifier=None, **kwargs):
+    """The table rows of `model` on a task: [accuracies] for classification, [base, new, hm] for a
+    base-to-novel split (coop.base_new's eval task), one row of recalls per retrieval test set."""
+    if isinstance(task, retrieval.RetrievalData):
+        return [{"test": t.name, **evaluate_retrieval(model, t, **kwargs)} for t in task.tests]
+    acc = evaluate_task(model, task, classifier, prompts, **kwargs)
+    if split:
+        hm = harmonic_mean(acc["base"], acc["new"])
+        return [
+            {
+                "base": acc["base"],
+                "new": acc["new"],
+                "hm": hm,
+                "base_se": acc["base_se"],
+                "new_se": acc["new_se"],
+                "skipped": acc["skipped"],
+            }
+        ]
+    return [acc]
+
+
+def sweep(model, task, alphas, weights, **kwargs):
+    """score() at each alpha; weights(alpha) is a context manager that sets the weights."""
     rows = []
     for alpha in alphas:
-        with apply(alpha):
-            rows.append({"alpha": alpha, **evaluate_task(model, task, **eval_kwargs)})
-        print(format_table([rows[-1]], header=len(rows) == 1))
-    return rows
-
-
-def retrieval_sweep(model, tests, alphas, apply, **eval_kwargs):
-    """sweep() for retrieval: one row per alpha and test set (retrieval.RetrievalSet)."""
-    rows = []
-    for alpha in alphas:
-        with apply(alpha):
-            new = [{"alpha": alpha, "test": t.name, **retrieval.evaluate_retrieval(model, t, **eval_kwargs)}
-                   for t in tests]
+        with weights(alpha):
+            new = [{"alpha": alpha, **s} for s in score(model, task, **kwargs)]
         print(format_table(new, header=not rows))
         rows += new
     return rows
 
 
-@torch.no_grad()
-def interpolate(model, zero_shot, finetuned, alpha):
-    """WiSE-FT: theta = alpha * theta_ft + (1 - alpha) * theta_zs, loaded in place (fp32 math)."""
-    model.load_state_dict({k: (alpha * finetuned[k].float() + (1 - alpha) * v.float()).to(v.dtype)
-                           for k, v in zero_shot.items()})
-
-
-@contextmanager
-def interpolated(model, zero_shot, finetuned, alpha):
-    """WiSE-FT weights at alpha inside the block, the zero-shot weights again after it."""
-    interpolate(model, zero_shot, finetuned, alpha)
-    try:
-        yield
-    finally:
-        model.load_state_dict(zero_shot)
-
-
 def format_table(rows, header=True):
-    """The paper's layout: one row per method/alpha, ID, each OOD set, OOD avg."""
-    keys = [k for k in rows[0] if k != "skipped"]
-    widths = [max(9, len(k), *(len(str(r[k])) for r in rows if not isinstance(r[k], float))) for k in keys]
+    """The paper's layout: one row per method/alpha, ID, each OOD set, OOD avg; a cell reads
+    'acc±se' where the row has the set's standard error."""
+    keys = [k for k in rows[0] if k != "skipped" and not k.endswith("_se")]
 
-    def cell(v, w):
-        return f"{v:>{w}.2f}" if isinstance(v, float) else f"{str(v):>{w}}"
+    def cell(row, k):
+        v, se = row[k], row.get(f"{k}_se")
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:.2f}" if se is None else f"{v:.2f}±{se:.2f}"
 
+    cells = [[cell(r, k) for k in keys] for r in rows]
+    widths = [max(11, len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     lines = ["  ".join(f"{k:>{w}}" for k, w in zip(keys, widths))] if header else []
-    lines += ["  ".join(cell(r[k], w) for k, w in zip(keys, widths)) for r in rows]
+    lines += ["  ".join(f"{c:>{w}}" for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
 
@@ -155,17 +195,41 @@ def write_results(rows, stem):
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
 
 
-def plot_sweep(curves, path, id_name="ID"):
-    """ID vs OOD-avg accuracy over alpha, one curve per method (curves: {method: sweep rows})."""
-    plot_curves(curves, path, id_name, "ood_avg", f"ID accuracy ({id_name}, %)", "OOD avg accuracy (%)")
+def report(rows, curves, out, cfg):
+    """The table (results.csv/.json), the sweeps and their plot, and for the toy job the paper's claims."""
+    out.mkdir(parents=True, exist_ok=True)
+    print("\n" + format_table(rows))
+    write_results(rows, out / "results")
+    print(f"wrote {out / 'results.csv'}")
+    if curves:
+        plot(curves, out / "alpha_sweep.png", rows)
+        write_results([{"method": m, **r} for m, rs in curves.items() for r in rs], out / "alpha_sweep")
+        print(f"wrote {out / 'alpha_sweep.png'}")
+    methods = {r["method"] for r in rows}
+    if cfg.data == "toy" and {"zero-shot", "full-ft", f"R-Adapter (α={cfg.alpha:g})"} <= methods:
+        checked = claims.paper_claims(rows, curves, list(rows[0])[2], cfg.alpha)
+        (out / "claims.json").write_text(json.dumps(checked, indent=2))
+        print("\nThe paper's claims, checked (delta and se in points; 'within noise' when |delta| < 2 se):")
+        for c in checked:
+            print(f"  {c['verdict']:>12}  {c['delta']:+6.2f} ± {c['se']:.2f}  {c['claim']}")
+        print(f"wrote {out / 'claims.json'}")
 
 
-def plot_retrieval_sweep(curves, path):
-    """curves: {method: retrieval_sweep rows}. The first test set's rsum (the --data set's) against
-    the second's over alpha, or rsum against alpha when there is one test set."""
-    tests = list(dict.fromkeys(r["test"] for rows in curves.values() for r in rows))
-    points = {m: [{"alpha": a, **{r["test"]: r["rsum"] for r in rows if r["alpha"] == a}}
-                  for a in dict.fromkeys(r["alpha"] for r in rows)] for m, rows in curves.items()}
+def plot(curves, path, rows):
+    """The sweeps as curves over alpha: ID vs OOD avg (classification), base vs new (base-to-novel),
+    and for retrieval the first test set's rsum against the second's (or against alpha)."""
+    keys = [k for k in rows[0] if k not in ("method", "trainable", "alpha")]
+    if "rsum" not in keys:
+        x, y = ("base", "new") if "hm" in keys else (keys[0], "ood_avg")
+        return plot_curves(
+            curves, path, x, y, f"{x} accuracy (%)", "OOD avg accuracy (%)" if y == "ood_avg" else "new (%)"
+        )
+    tests = list(dict.fromkeys(r["test"] for rs in curves.values() for r in rs))
+    alphas = {m: dict.fromkeys(r["alpha"] for r in rs) for m, rs in curves.items()}
+    points = {
+        m: [{"alpha": a, **{r["test"]: r["rsum"] for r in rs if r["alpha"] == a}} for a in alphas[m]]
+        for m, rs in curves.items()
+    }
     if len(tests) == 2:
         plot_curves(points, path, tests[0], tests[1], f"{tests[0]} rsum", f"{tests[1]} rsum")
     else:
@@ -176,21 +240,40 @@ def plot_curves(curves, path, x, y, xlabel, ylabel):
     """r[y] against r[x] over alpha, one curve per method (curves: {method: rows with 'alpha', x, y});
     alpha=0 (zero-shot) and alpha=1 (fine-tuned) end points marked."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for name, rows in curves.items():
-        line, = ax.plot([r[x] for r in rows], [r[y] for r in rows], "o-", ms=3, label=name)
+        (line,) = ax.plot([r[x] for r in rows], [r[y] for r in rows], "o-", ms=3, label=name)
+        if f"{y}_se" in rows[0]:  # one standard error each way
+            ax.errorbar(
+                [r[x] for r in rows],
+                [r[y] for r in rows],
+                fmt="none",
+                ecolor=line.get_color(),
+                alpha=0.5,
+                xerr=[r.get(f"{x}_se", 0) for r in rows],
+                yerr=[r[f"{y}_se"] for r in rows],
+                elinewidth=0.8,
+            )
         for r in rows:
             if r["alpha"] in (0, 0.5, 1):
-                ax.annotate(f"α={r['alpha']:g}", (r[x], r[y]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4), color=line.get_color())
+                ax.annotate(
+                    f"α={r['alpha']:g}",
+                    (r[x], r[y]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    color=line.get_color(),
+                )
         ends = [r for r in rows if r["alpha"] in (0, 1)]
         ax.plot([r[x] for r in ends], [r[y] for r in ends], "s", ms=7, mfc="none", color=line.get_color())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title("Re-scaling coefficient α (□: zero-shot α=0, fine-tuned α=1)", fontsize=9)
+    bars = "; bars: ±1 SE" if any(f"{y}_se" in rows[0] for rows in curves.values()) else ""
+    ax.set_title(f"Re-scaling coefficient α (□: zero-shot α=0, fine-tuned α=1{bars})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -202,6 +285,7 @@ def plot_curves(curves, path, x, y, xlabel, ylabel):
 def predict_images(model, paths, classnames, templates, topk=5):
     """Top-k (class, probability) for each image file."""
     from PIL import Image
+
     device = next(model.parameters()).device
     classifier = zero_shot_classifier(model, classnames, templates)
     transform = image_transform(model.config.image_size)
@@ -216,62 +300,69 @@ def predict_images(model, paths, classnames, templates, topk=5):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="CLIP checkpoint path or hub name (the zero-shot base)")
+    doc = argparse.RawDescriptionHelpFormatter
+    parser = recipes.ArgumentParser(description=__doc__, formatter_class=doc, allow_abbrev=False)
+    parser.add_argument("--model", required=True, help="CLIP checkpoint file or hub name (the zero-shot base)")
     parser.add_argument("--adapters", help="R-Adapter weights saved by train.py (adapters.safetensors)")
     parser.add_argument("--finetuned", help="a fully fine-tuned CLIP export, for WiSE-FT interpolation")
-    parser.add_argument("--alpha", default="0.5", help="re-scaling coefficient(s), comma separated")
-    parser.add_argument("--data", default="imagenet", help="imagenet | folder | toy | coco | flickr30k (retrieval)")
-    parser.add_argument("--data-root", help="dataset root (see README for layouts)")
-    parser.add_argument("--ood", action="append", default=[], metavar="NAME=DIR",
-                        help="extra OOD folder; for retrieval the other test set, e.g. flickr30k=DIR")
+    parser.add_argument("--alpha", default="0.5", help="re-scaling coefficient(s) in [0, 1], comma separated")
+    parser.add_argument("--data", default="imagenet", help=f"one of: {', '.join(data.names())}")
+    parser.add_argument("--data-root", help="dataset root (layouts: data/imagenet.py, coop.py, retrieval.py)")
+    parser.add_argument("--ood", action="append", default=[], metavar="NAME=DIR", help="an extra evaluation set")
+    parser.add_argument("--split", choices=["base"], help="base: score base and new classes apart (CoCoOp)")
+    parser.add_argument("--prompts", default="task", help="classifier prompts: task | imagenet-80 | a template")
     parser.add_argument("--images", help="an image file or a folder: print top-k classes instead")
     parser.add_argument("--classes", help="comma separated class names for --images")
-    parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--out", default="runs/eval", help="output directory for tables and the plot")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--topk", type=int, default=5, help="classes printed per image")
+    parser.add_argument("--out", default="runs/eval", help="output folder for the table and the plot")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=4, help="data loader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    try:
+        alphas = [float(a) for a in args.alpha.split(",")]
+    except ValueError:
+        parser.error(f"--alpha {args.alpha}: expected numbers in [0, 1], comma separated")
+    if not all(0 <= a <= 1 for a in alphas):
+        parser.error(f"--alpha {args.alpha}: expected values in [0, 1]")
+    if args.images and not args.classes:
+        parser.error("--images needs --classes a,b,c")
+    if args.data not in data.names():
+        parser.error(f"--data {args.data}: expected one of {', '.join(data.names())}")
+    try:
+        run(args, alphas)
+    except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
+        sys.exit(f"error: {e}")
 
-    model = load_clip(args.model, device=args.device)
+
+def run(args, alphas):
+    model = load_clip(args.finetuned or args.model, device=args.device)
     if args.images:
-        if not args.classes:
-            parser.error("--images needs --classes a,b,c")
         root = Path(args.images)
         paths = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else [root]
-        for path, top in predict_images(model, paths, args.classes.split(","), ["a photo of a {}."],
-                                        args.topk).items():
+        for path, top in predict_images(model, paths, args.classes.split(","), ["a photo of a {}."], args.topk).items():
             print(path + ": " + ", ".join(f"{c} {100 * q:.1f}%" for c, q in top))
         return
-    alphas = [float(a) for a in args.alpha.split(",")]
-    transform, ood = image_transform(model.config.image_size), dict(o.split("=", 1) for o in args.ood)
-    if args.data in retrieval.DATASETS:
-        tests = retrieval.build_retrieval(args.data, args.data_root, eval_transform=transform,
-                                          context_length=model.config.context_length, ood=ood).tests
-        run_sweep, plot = partial(retrieval_sweep, model, tests), plot_retrieval_sweep
-    else:
-        task = build_task(args.data, args.data_root, eval_transform=transform, ood=ood)
-        run_sweep, plot = partial(sweep, model, task), partial(plot_sweep, id_name=task.test.name)
-    kwargs = dict(batch_size=args.batch_size, workers=args.workers,
-                  autocast_dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
-    out = Path(args.out)
+    size, L = model.config.image_size, model.config.context_length
+    ood = dict(o.split("=", 1) for o in args.ood)
+    task = data.build_task(args.data, args.data_root, eval_transform=image_transform(size), context_length=L, ood=ood)
+    if args.split:
+        task = coop.base_new(task)[1]
+    kwargs = dict(split=args.split, batch_size=args.batch_size, workers=args.workers)
+    kwargs |= dict(prompts=recipes.templates(args.prompts, getattr(task, "templates", [])))
+    kwargs["autocast_dtype"] = autocast_dtype(args.device)
     if args.adapters:
-        import r_adapter
         r_adapter.load_adapters(model, args.adapters)
-        rows = run_sweep(alphas, lambda a: r_adapter.merged(model, a), **kwargs)
-        name = "R-Adapter"
+        name, rows = "R-Adapter", sweep(model, task, alphas, lambda a: r_adapter.merged(model, a), **kwargs)
     elif args.finetuned:
-        zs = {k: v.clone() for k, v in model.state_dict().items()}
-        ft = load_clip(args.finetuned, device=args.device).state_dict()
-        rows = run_sweep(alphas, lambda a: interpolated(model, zs, ft, a), **kwargs)
-        name = "WiSE-FT"
+        zero_shot = load_clip(args.model, device=args.device).state_dict()
+        name, rows = "WiSE-FT", sweep(model, task, alphas, lambda a: baselines.wise_ft(model, zero_shot, a), **kwargs)
     else:
-        rows = run_sweep([0.0], lambda a: nullcontext(), **kwargs)
-        name = "zero-shot"
+        name, rows = "zero-shot", sweep(model, task, [0.0], lambda a: nullcontext(), **kwargs)
+    out = Path(args.out)
     write_results(rows, out / "results")
-    if len({r["alpha"] for r in rows}) > 1:
-        plot({name: rows}, out / "alpha_sweep.png")
+    if len(alphas) > 1:
+        plot({name: rows}, out / "alpha_sweep.png", rows)
         print(f"wrote {out / 'alpha_sweep.png'}")
     print(f"wrote {out / 'results.csv'} and .json")
 

@@ -24,13 +24,8 @@ The loss is the mean of the image->text and text->image cross-entropies:
 Because y is symmetric, the targets of text j over the images are row j of the same matrix t.
 tau = 0.01 is CLIP's frozen logit scale 100; the paper uses delta = 0.05, epsilon = 0.02 on
 ImageNet and epsilon = 0 for retrieval and base-to-novel. With distinct labels, epsilon = 0 and
-delta = 0 it is exactly CLIP's InfoNCE.
-
-Public functions:
-    soft_targets(labels, epsilon)            -> [B, B] target matrix t (rows sum to 1)
-    mpm_nce_loss(image_features, text_features, labels, tau, delta, epsilon) -> scalar loss
-    infonce_loss(image_features, text_features, tau)                         -> CLIP's loss
-    gather_features(image_features, text_features, labels) -> the global batch under DDP
+delta = 0 it is exactly CLIP's InfoNCE. Under data parallelism the loss is over the global batch
+(gather_features keeps the gradient of every rank's features).
 """
 
 import torch
@@ -41,8 +36,10 @@ import torch.nn.functional as F
 
 def _check(image_features, text_features, tau):
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
-        raise ValueError(f"image and text features must both be [B, D], got "
-                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+        raise ValueError(
+            f"image and text features must both be [B, D], got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
 

@@ -1,72 +1,31 @@
-"""R-Adapter: adapters, adapter dropping, EMA and re-scaling for CLIP (PAPER.md 2.1-2.5).
+"""R-Adapter (Kim, Jeong, Kim, Kwak, ECCV 2024, Sec. 3.3): adapters, dropping, EMA, re-scaling, merge.
 
-Kim, Jeong, Kim, Kwak, "Efficient and Versatile Robust Fine-Tuning of Zero-shot Models",
-ECCV 2024 (arXiv 2408.05749), Sec. 3.3.
+Adapter. A linear, bias-free, residual module h(X) = X + s X W_adp (row vectors, X: tokens x d),
+after the attention output projection W_O (`attn.proj`) and after the FFN's W_2 (`mlp.fc2`) of every
+block of both towers, before the residual addition. Full rank: W_adp is d x d (ViT-B/16: 20,447,232
+weights + 48 scales s). Low rank: W_adp = (B A)^T, A: r x d random, B: d x r zero. W_adp starts at
+zero, so a fresh model is zero-shot CLIP bit for bit; s is learnable (init 0.1, as released).
+Everything else is frozen, the logit scale included.
 
-Adapter (Sec. 3.3). A linear, bias-free, residual module h(X) = X + s X W_adp (row vectors,
-X: tokens x d). Full rank: W_adp is d x d. Low rank: W_adp = (B A)^T with LoRA's factors
-A: r x d (down, random) and B: d x r (up, zero). W_adp is zero-initialised, so a fresh model
-IS zero-shot CLIP, bit for bit. s is a learnable scalar (init 0.1, as in the released code);
-learn_scale=False drops it (s = 1). Two adapters per block in both towers: after the attention
-output projection W_O (`attn.proj`) and after the FFN's W_2 (`mlp.fc2`), both before the
-residual addition. Everything but the adapters is frozen, the logit scale included.
+Re-parameterisation. As a Linear weight the adapter is M = s W_adp^T, h(y) = y + y M^T, so the pair
+folds into one Linear: W_rep = (I + M) W_org, b_rep = (I + M) b_org. merge() does this in fp32 and
+casts once; the merged model is a plain CLIP (no extra parameters or FLOPs); unmerge() puts back
+the kept original weights (bit exact, never inverted). Training while merged is refused.
 
-    add_adapters(model, rank=None, drop_p=0.2, drop_mode='sample', learn_scale=True) -> model
-    count_trainable(model) -> int,  summary(model) -> str
-        Each target nn.Linear becomes an AdaptedLinear that shares its weight and bias (so the
-        base keys stay `...attn.proj.weight`) and owns an `adapter`. rank: None (full), an int,
-        or {'visual': r_v, 'text': r_t}. ViT-B/16 full rank: 12*2*768^2 + 12*2*512^2
-        = 20,447,232 W_adp weights, plus 48 scalars s.
+Dynamic ensemble (adapter dropping): in training each branch is kept with probability 1 - p and
+scaled by 1 / (1 - p); one draw per sample and adapter (the paper's sub-networks, drop_mode
+'sample') or per token position shared by the batch ('token', the released code's timm DropPath).
+Temporal ensemble: W~ <- m W~ + (1 - m) W after every step (AdapterEMA), from the initial values.
+Weight-space ensemble (re-scaling): W_ens = (I + alpha M~) W_org; alpha 0 is zero-shot CLIP, 1 the
+fine-tuned model (paper: 0.5 classification, 0.8 retrieval), so an alpha sweep needs no retraining.
 
-Re-parameterisation (Sec. 3.3). A Linear computes y = x W^T + b. As a Linear weight the adapter
-is M = s W_adp^T (d x d), h(y) = y + y M^T, so the pair merges into one Linear:
-    W_rep = (I + M) W_org,   b_rep = (I + M) b_org.
-
-Dynamic ensemble by adapter dropping. In training each adapter's branch is kept with
-probability 1 - p (p = drop_p = 0.2) and scaled by 1/(1 - p); nothing is dropped in eval.
-    drop_mode='sample'  one draw per sample and adapter (mask [N, 1, 1]): each sample runs its
-                        own sub-network, the paper's description. Default.
-    drop_mode='token'   one draw per token position shared by the batch (mask [1, L, 1]): what
-                        the released code does (timm DropPath on sequence-first tensors).
-
-Temporal ensemble (EMA). AdapterEMA(model, m=0.999) keeps W~ <- m W~ + (1 - m) W over all
-adapter parameters (s included) from their initial values; call .update(model) after every
-optimiser step. Evaluation uses W~ through merge(..., ema=), rescaled(..., ema=) or
-ema.applied(model).
-
-Weight-space ensemble by re-scaling. alpha scales the adapters at evaluation:
-    W_ens = alpha W~_rep + (1 - alpha) W_org = (I + alpha M~) W_org   (same for the bias)
-alpha = 0 is zero-shot CLIP, 1 the fine-tuned model (paper: 0.5 classification, 0.8 retrieval).
-    merge(model, alpha=0.5, ema=None)    fold (I + alpha M~) into each Linear, in fp32, cast once.
-                                         The model is then a plain CLIP: plain nn.Linear modules,
-                                         the original parameter count, no extra FLOPs.
-    unmerge(model)                       put back the original weights (kept, never inverted:
-                                         bit exact) and the adapters.
-    merged(model, alpha=0.5, ema=None)   context manager: eval(), merge ... unmerge, mode restored.
-    rescaled(model, alpha=0.5, ema=None) context manager: the same function without merging
-                                         (each branch multiplied by alpha), the unmerged reference.
-    is_merged(model)
-    export_merged(model, path, alpha=0.5, ema=None)  a plain OpenAI-named CLIP file (save_clip).
-
-Checkpoints: adapter_state_dict(model); save_adapters(model, path, ema=None) writes the adapter
-(and EMA) tensors as safetensors with a JSON config (ranks, drop_p, drop_mode, learn_scale, base
-CLIPConfig) in the file's metadata; load_adapters(model, path, use_ema=None) attaches them to a
-base CLIP (the EMA weights when saved, as the paper evaluates W~); load_ema(model, path) ->
-AdapterEMA and load_adapters(..., use_ema=False) resume training.
-
-Training while merged is refused. merge() requires model.eval(); while merged, a forward pass of
-either tower in train mode raises (a forward pre-hook: a Python call per tower, no tensor work);
-AdapterEMA.update, save_adapters, add_adapters and rescaled raise. unmerge() before training.
-
-Where the released code (github.com/tjddus9597/R-Adapter-ECCV2024) differs:
-  - dropping is per token position shared over the batch: drop_mode='token' reproduces it;
-  - with the scale frozen, s stays at its init value 0.1 (ours: no scale, s = 1);
-  - its low-rank branch is unreachable (building and merging test opposite rank conditions,
-    issue #1); ours supports both (its factors, too, are down random / up zero);
-  - merged evaluation hard-wires alpha = 0.5; ours takes alpha.
+Where the released code (github.com/tjddus9597/R-Adapter-ECCV2024) differs: per-token dropping
+(drop_mode='token'); its low-rank branch is unreachable, since building and merging test opposite
+rank conditions (github.com/tjddus9597/R-Adapter-ECCV2024/issues/1), while ours runs both; its
+merged evaluation hard-wires alpha = 0.5.
 """
+
 import json
-import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -77,7 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from clip_model import CLIPConfig, save_clip
+from clip_model import CLIPConfig, count_trainable
+from clip_weights import WeightsError, atomic, save_clip
 
 TOWERS = ("visual", "text")
 DROP_MODES = ("sample", "token")
@@ -146,8 +106,9 @@ def is_merged(model):
 
 def _require_unmerged(model, action):
     if is_merged(model):
-        raise RuntimeError(f"{action}: the adapters are merged into the weights (r_adapter.merge); "
-                           f"call r_adapter.unmerge(model) first")
+        raise RuntimeError(
+            f"{action}: the adapters are merged into the weights (r_adapter.merge); call r_adapter.unmerge(model) first"
+        )
 
 
 def _adapted(model):
@@ -173,8 +134,15 @@ def add_adapters(model, rank=None, drop_p=0.2, drop_mode="sample", learn_scale=T
         linear = getattr(parent, name)
         if type(linear) is not nn.Linear:
             raise TypeError(f"{tower} {name}: expected nn.Linear, found {type(linear).__name__}")
-        adapter = Adapter(linear.out_features, ranks[tower], learn_scale, drop_p, drop_mode,
-                          device=linear.weight.device, dtype=linear.weight.dtype)
+        adapter = Adapter(
+            linear.out_features,
+            ranks[tower],
+            learn_scale,
+            drop_p,
+            drop_mode,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
         setattr(parent, name, AdaptedLinear(linear, adapter).train(linear.training))
     model.r_adapter_config = dict(rank=ranks, drop_p=drop_p, drop_mode=drop_mode, learn_scale=learn_scale)
     return model
@@ -190,18 +158,16 @@ def adapter_state_dict(model):
     return {n: p.detach() for n, p in adapter_parameters(model, "adapter_state_dict")}
 
 
-def count_trainable(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def summary(model):
     """One line: adapter weights, scales, trainable and total parameter counts."""
     params = adapter_parameters(model, "summary")
     scales = sum(p.numel() for n, p in params if n.endswith(".s"))
     weights = sum(p.numel() for _, p in params) - scales
     total = sum(p.numel() for p in model.parameters())
-    return (f"R-Adapter {model.r_adapter_config}: {len(_adapted(model))} adapters, W_adp {weights:,} + s {scales:,} "
-            f"= {weights + scales:,} adapter parameters; trainable {count_trainable(model):,} of {total:,}")
+    return (
+        f"R-Adapter {model.r_adapter_config}: {len(_adapted(model))} adapters, W_adp {weights:,} + s {scales:,} "
+        f"= {weights + scales:,} adapter parameters; trainable {count_trainable(model):,} of {total:,}"
+    )
 
 
 # ----------------------------------------------------------- EMA and alpha
@@ -271,8 +237,10 @@ def rescaled(model, alpha=0.5, ema=None):
 # ------------------------------------------------------------------- merging
 def _refuse_training(tower, args):
     if tower.training:
-        raise RuntimeError("this CLIP has its adapters merged (r_adapter.merge) and is for evaluation only: "
-                           "call r_adapter.unmerge(model) before training, or model.eval()")
+        raise RuntimeError(
+            "this CLIP has its adapters merged (r_adapter.merge) and is for evaluation only: "
+            "call r_adapter.unmerge(model) before training, or model.eval()"
+        )
 
 
 @torch.no_grad()
@@ -328,7 +296,7 @@ def merged(model, alpha=0.5, ema=None):
 
 
 def export_merged(model, path, alpha=0.5, ema=None):
-    """Write the merged model as a plain OpenAI-named CLIP (clip_model.load_clip and open_clip
+    """Write the merged model as a plain OpenAI-named CLIP (clip_weights.load_clip and open_clip
     read it). The model itself is left unmerged, in its train/eval mode."""
     with merged(model, alpha, ema):
         save_clip(model, path)
@@ -343,9 +311,8 @@ def save_adapters(model, path, ema=None):
         ema._live(model, "save_adapters")
         tensors.update({f"ema.{n}": w.cpu().contiguous() for n, w in ema.shadow.items()})
     info = dict(config=model.r_adapter_config, clip=asdict(model.config), ema_m=None if ema is None else ema.m)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"r_adapter": json.dumps(info)})
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"r_adapter": json.dumps(info)})
 
 
 def _read(path):
@@ -355,13 +322,17 @@ def _read(path):
             info = json.loads((f.metadata() or {})["r_adapter"])
             return path, info, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise ValueError(f"{path}: not an R-Adapter file written by save_adapters ({type(e).__name__}: {e})") from None
+        raise WeightsError(
+            f"{path}: not an R-Adapter file written by save_adapters ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _copy_into(params, tensors, path):
-    bad = sorted(set(params) ^ set(tensors)) + [n for n in params if n in tensors and params[n].shape != tensors[n].shape]
+    bad = sorted(set(params) ^ set(tensors)) + [
+        n for n in params if n in tensors and params[n].shape != tensors[n].shape
+    ]
     if bad:
-        raise ValueError(f"{path}: adapter tensors do not match the model: {bad[:6]}")
+        raise WeightsError(f"{path}: adapter tensors do not match the model: {bad[:6]}")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
@@ -373,15 +344,20 @@ def load_adapters(model, path, use_ema=None):
     when the file holds them. use_ema=False (+ load_ema) resumes training from the live weights."""
     path, info, tensors = _read(path)
     if CLIPConfig(**info["clip"]) != model.config:
-        raise ValueError(f"{path}: adapters were trained on CLIP {info['clip']}, the base model is {asdict(model.config)}")
+        raise WeightsError(
+            f"{path}: adapters were trained on CLIP {info['clip']}, the base model is {asdict(model.config)}"
+        )
     if use_ema is None:
         use_ema = info["ema_m"] is not None
     if use_ema and info["ema_m"] is None:
-        raise ValueError(f"{path}: holds no EMA weights (saved without ema=)")
+        raise WeightsError(f"{path}: holds no EMA weights (saved without ema=)")
     add_adapters(model, **info["config"])
     prefix = "ema." if use_ema else ""
-    _copy_into(dict(adapter_parameters(model)), {k[len(prefix):]: v for k, v in tensors.items()
-                                                 if k.startswith("ema.") == use_ema}, path)
+    _copy_into(
+        dict(adapter_parameters(model)),
+        {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith("ema.") == use_ema},
+        path,
+    )
     return model
 
 
@@ -389,7 +365,7 @@ def load_ema(model, path):
     """The AdapterEMA saved in path, for a model carrying the same adapters (e.g. from load_adapters)."""
     path, info, tensors = _read(path)
     if info["ema_m"] is None:
-        raise ValueError(f"{path}: holds no EMA weights (saved without ema=)")
+        raise WeightsError(f"{path}: holds no EMA weights (saved without ema=)")
     ema = AdapterEMA(model, info["ema_m"])
     _copy_into(ema.shadow, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, path)
     return ema

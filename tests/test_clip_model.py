@@ -1,28 +1,36 @@
 """clip_model.py against open_clip (the reference CLIP), on random weights saved in the real formats."""
+
 import socket
 import string
 
 import open_clip
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 from safetensors.torch import save_file
 
 import clip_model
-from clip_model import PRESETS, CLIPConfig, config_from_state_dict, load_clip, to_openai_state_dict, tokenize
+import clip_weights
+from clip_model import PRESETS, CLIPConfig, tokenize
+from clip_weights import config_from_state_dict, load_clip, to_openai_state_dict
 
-TINY = dict(embed_dim=64, vision=dict(layers=2, width=128, patch_size=8, image_size=32),
-            text=dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=2))
+TINY = dict(
+    embed_dim=64,
+    vision=dict(layers=2, width=128, patch_size=8, image_size=32),
+    text=dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=2),
+)
 
 
 def random_open_clip(name=None, quick_gelu=True, seed=0):
     """An open_clip CLIP with every tensor random (so zero-initialised biases are exercised too)."""
     torch.manual_seed(seed)
     if name is None:
-        ref = open_clip.model.CLIP(TINY["embed_dim"], CLIPVisionCfg(**TINY["vision"]), CLIPTextCfg(**TINY["text"]),
-                                   quick_gelu=quick_gelu)
+        ref = open_clip.model.CLIP(
+            TINY["embed_dim"], CLIPVisionCfg(**TINY["vision"]), CLIPTextCfg(**TINY["text"]), quick_gelu=quick_gelu
+        )
     else:
         ref = open_clip.create_model(name, pretrained=None)
     with torch.no_grad():
@@ -48,8 +56,10 @@ def assert_same_features(ref, ours, image_size, context_length, seed=1):
     images = torch.randn(3, 3, image_size, image_size, generator=g)
     tokens = tokenize(["a photo of a cat.", "Ünïcødé & punctuation!?", "x " * 200], context_length)
     with torch.no_grad():
-        for a, b in [(ref.encode_image(images), ours.encode_image(images)),
-                     (ref.encode_text(tokens), ours.encode_text(tokens))]:
+        for a, b in [
+            (ref.encode_image(images), ours.encode_image(images)),
+            (ref.encode_text(tokens), ours.encode_text(tokens)),
+        ]:
             assert a.shape == b.shape
             assert (a - b).abs().max() <= 1e-5 * a.abs().max()
 
@@ -90,7 +100,7 @@ def test_export_round_trip_is_exact(tmp_path):
     assert set(back) == set(sd)
     for k in sd:
         assert torch.equal(back[k], sd[k]), k
-    clip_model.save_clip(ours, tmp_path / "export.safetensors")
+    clip_weights.save_clip(ours, tmp_path / "export.safetensors")
     again = load_clip(tmp_path / "export.safetensors")
     assert again.config == ours.config
     ref.load_state_dict(to_openai_state_dict(again), strict=False)  # open_clip takes the same names
@@ -101,10 +111,12 @@ def test_toy_conv_stem_round_trip(tmp_path):
     """The toy preset (conv stem + 1x1 projection) saves under OpenAI-style names and loads back."""
     torch.manual_seed(0)
     model = clip_model.CLIP(PRESETS["toy"]).eval()
-    assert len(model.visual.patch_embed.backbone) == 9  # 3 x (conv, GroupNorm, GELU)
+    convs = [m for m in model.visual.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
+    assert len(model.visual.patch_embed.backbone) == 18  # 6 x (conv, GroupNorm, GELU)
+    assert [c.stride[0] for c in convs] == [2, 1, 2, 1, 2, 1]  # a widening conv halves the resolution
     names = to_openai_state_dict(model)
     assert names["visual.conv1.weight"].shape == (128, 128, 1, 1) and "visual.conv_stem.6.weight" in names
-    clip_model.save_clip(model, tmp_path / "toy.safetensors")
+    clip_weights.save_clip(model, tmp_path / "toy.safetensors")
     again = load_clip(tmp_path / "toy.safetensors")
     assert again.config == PRESETS["toy"]
     images, tokens = torch.randn(3, 3, 32, 32), tokenize(["a red star.", "a ring.", "a sketch of a bolt."], 20)
@@ -129,8 +141,14 @@ def test_config_inferred_from_shapes(name):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=300)
-                | st.text(alphabet=string.printable, max_size=400), min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=300)
+        | st.text(alphabet=string.printable, max_size=400),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_tokenizer_ids_equal_open_clip(texts):
     ours = tokenize(texts)
     assert torch.equal(ours, open_clip.tokenize(texts))
@@ -138,7 +156,7 @@ def test_tokenizer_ids_equal_open_clip(texts):
     sot, eot = 49406, 49407
     assert (ours[:, 0] == sot).all()
     eot_at = ours.argmax(-1)  # EOT is the last token; only padding follows it
-    assert all((row[i + 1:] == 0).all() for row, i in zip(ours, eot_at.tolist()))
+    assert all((row[i + 1 :] == 0).all() for row, i in zip(ours, eot_at.tolist()))
     assert (ours.max(-1).values == eot).all()
 
 
@@ -186,20 +204,22 @@ def test_non_clip_and_missing_keys_are_clear_errors(tmp_path):
 
 
 def test_hub_name_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
-    monkeypatch.setattr(clip_model, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(clip_weights, "CACHE_DIR", tmp_path)
 
     def no_network(*args, **kwargs):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(socket, "create_connection", no_network)
-    with pytest.raises(RuntimeError, match=r"(?s)Download.*ViT-B-16\.pt.*" + str(tmp_path)):
+    with pytest.raises(
+        clip_weights.WeightsError, match=r"cannot download .*ViT-B-16\.pt \(no network.*" + str(tmp_path)
+    ):
         load_clip("ViT-B-16:openai")
-    with pytest.raises(FileNotFoundError, match="not a known model name"):
+    with pytest.raises(clip_weights.WeightsError, match="not a known model name"):
         load_clip("ViT-H-99")
 
 
 def test_hub_name_uses_cached_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(clip_model, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(clip_weights, "CACHE_DIR", tmp_path)
     ref = random_open_clip()
     torch.save(ref.state_dict(), tmp_path / "ViT-B-16.pt")  # any CLIP file under the expected name
     assert_same_features(ref, load_clip("ViT-B-16"), 32, 16)

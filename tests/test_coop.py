@@ -1,4 +1,5 @@
 """coop.py: CoOp layouts, CoCoOp's base/new split, HM, and train.py's --split base end to end (tiny CLIP, CPU)."""
+
 import csv
 import json
 import math
@@ -8,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import coop
 import evaluate
 import train
-from clip_model import CLIP, PRESETS, image_transform, save_clip
-from data import EvalSet
+from clip_model import CLIP, PRESETS, image_transform
+from clip_weights import save_clip
+from data import DataError, EvalSet, coop
 
 CLASSES = ["banded", "blotchy", "braided", "bubbly", "bumpy"]  # 5: an odd count, base = 3, new = 2
 
@@ -39,26 +40,26 @@ def make_dtd(root, n_train=3, n_test=2, classes=CLASSES):
 
 def test_split_file_layout_builds_classes_counts_and_k_shots(tmp_path):
     root = make_dtd(tmp_path)
-    task = coop.build_coop("dtd", str(root))
+    task = coop.build("dtd", str(root))
     assert task.classnames == CLASSES and task.templates == ["{} texture."]
     assert len(task.train) == 15 and len(task.test.dataset) == 10 and task.ood == []
     path, label = task.test.dataset.samples[-1]
     assert path == str(root / "dtd" / "images" / "bumpy" / "test_1.png") and label == 4
 
-    few = coop.build_coop("dtd", str(root), shots=2, seed=1)
+    few = coop.build("dtd", str(root), shots=2, seed=1)
     labels = [y for _, y in few.train.samples]
     assert sorted(labels) == sorted(list(range(5)) * 2)
-    assert few.train.samples == coop.build_coop("dtd", str(root), shots=2, seed=1).train.samples  # seeded
+    assert few.train.samples == coop.build("dtd", str(root), shots=2, seed=1).train.samples  # seeded
     assert {p for p, _ in few.train.samples} <= {p for p, _ in task.train.samples}
 
 
 def test_underscores_read_as_spaces(tmp_path):
     root = make_dtd(tmp_path, classes=["Apply_Eye_Makeup", "Archery"])
-    assert coop.build_coop("dtd", str(root)).classnames == ["Apply Eye Makeup", "Archery"]
+    assert coop.build("dtd", str(root)).classnames == ["Apply Eye Makeup", "Archery"]
 
 
 def test_base_new_partition_relabels_the_new_half(tmp_path):
-    task = coop.build_coop("dtd", str(make_dtd(tmp_path)))
+    task = coop.build("dtd", str(make_dtd(tmp_path)))
     train_task, eval_task = coop.base_new(task)
     assert train_task.classnames == CLASSES[:3]  # ceil(5 / 2) = 3 base classes, the first labels
     assert sorted({y for _, y in train_task.train.samples}) == [0, 1, 2] and len(train_task.train) == 9
@@ -70,13 +71,13 @@ def test_base_new_partition_relabels_the_new_half(tmp_path):
     assert all(CLASSES[3 + y] in p for p, y in new.dataset.samples) and len(new.dataset) == 4
     assert sorted({y for _, y in new.dataset.samples}) == [0, 1]
 
-    even = coop.build_coop("dtd", str(make_dtd(tmp_path / "even", classes=CLASSES[:4])))
+    even = coop.build("dtd", str(make_dtd(tmp_path / "even", classes=CLASSES[:4])))
     assert coop.base_new(even)[0].classnames == CLASSES[:2]
 
 
 def test_each_half_is_scored_among_its_own_classes(tmp_path):
-    """base_new + evaluate_base_new = a classifier over the base (or new) class names only."""
-    task = coop.build_coop("dtd", str(make_dtd(tmp_path, n_test=4)), eval_transform=image_transform(32))
+    """base_new + evaluate.score(split="base") = a classifier over the base (or new) class names only."""
+    task = coop.build("dtd", str(make_dtd(tmp_path, n_test=4)), eval_transform=image_transform(32))
     _, eval_task = coop.base_new(task)
     torch.manual_seed(0)
     model = CLIP(PRESETS["tiny"]).eval()
@@ -87,33 +88,33 @@ def test_each_half_is_scored_among_its_own_classes(tmp_path):
         f = model.encode_image(images, normalize=True).detach()
         torch.testing.assert_close(evalset.project_logits(f @ full.T), f @ own.T)
 
-    got = coop.evaluate_base_new(model, eval_task, workers=0)
+    got = evaluate.score(model, eval_task, split="base", workers=0)[0]
     for name, evalset, names in (("base", eval_task.test, CLASSES[:3]), ("new", eval_task.ood[0], CLASSES[3:])):
         own = evaluate.zero_shot_classifier(model, names, task.templates)
         assert got[name] == evaluate.accuracy(model, own, EvalSet("own", evalset.dataset), workers=0)[0]
-    assert got["hm"] == coop.harmonic_mean(got["base"], got["new"])
+    assert got["hm"] == evaluate.harmonic_mean(got["base"], got["new"])
 
 
 def test_harmonic_mean():
-    assert coop.harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)  # 68.571...
-    assert coop.harmonic_mean(80.0, 60.0) == pytest.approx(68.5714286)
-    assert coop.harmonic_mean(0.0, 0.0) == 0.0
+    assert evaluate.harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)  # 68.571...
+    assert evaluate.harmonic_mean(80.0, 60.0) == pytest.approx(68.5714286)
+    assert evaluate.harmonic_mean(0.0, 0.0) == 0.0
 
 
 def test_missing_split_file_or_images_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"dtd/images: image folder not found.*split_zhou_Describable"):
-        coop.build_coop("dtd", str(tmp_path))
+    with pytest.raises(DataError, match=r"dtd/images: image folder not found.*split_zhou_Describable"):
+        coop.build("dtd", str(tmp_path))
     root = make_dtd(tmp_path)
     (root / "dtd" / "split_zhou_DescribableTextures.json").unlink()
-    with pytest.raises(FileNotFoundError, match="split_zhou_DescribableTextures.json: split file not found"):
-        coop.build_coop("dtd", str(root))
+    with pytest.raises(DataError, match="split_zhou_DescribableTextures.json: split file not found"):
+        coop.build("dtd", str(root))
     make_dtd(root)
     (root / "dtd" / "images" / "banded" / "test_0.png").unlink()
-    with pytest.raises(FileNotFoundError, match="1 listed images are missing"):
-        coop.build_coop("dtd", str(root))
+    with pytest.raises(DataError, match="1 listed images are missing"):
+        coop.build("dtd", str(root))
     (root / "dtd" / "split_zhou_DescribableTextures.json").write_text('{"train": [["a.png", 0]]}')
     with pytest.raises(ValueError, match="not a CoOp split file"):
-        coop.build_coop("dtd", str(root))
+        coop.build("dtd", str(root))
 
 
 def test_fgvc_aircraft_text_files(tmp_path):
@@ -128,29 +129,32 @@ def test_fgvc_aircraft_text_files(tmp_path):
             _png(folder / "images" / f"{image_id}.jpg", i, rng)
             lines.append(f"{image_id} {variants[(i + 1) % 3]}")
         (folder / f"images_variant_{part}.txt").write_text("\n".join(lines) + "\n")
-    task = coop.build_coop("fgvc_aircraft", str(tmp_path))
+    task = coop.build("fgvc_aircraft", str(tmp_path))
     assert task.classnames == variants and task.templates == ["a photo of a {}, a type of aircraft."]
     assert task.train.samples[0] == (str(folder / "images" / "0001.jpg"), 1)  # 'Boeing 717' is line 1
     assert [y for _, y in task.train.samples] == [1, 2, 0] and [y for _, y in task.test.dataset.samples] == [1, 2]
 
     (folder / "images_variant_test.txt").write_text("1001 Boeing 999\n")
     with pytest.raises(ValueError, match="line 1: variant 'Boeing 999' is not in variants.txt"):
-        coop.build_coop("fgvc_aircraft", str(tmp_path))
+        coop.build("fgvc_aircraft", str(tmp_path))
 
 
 def test_recipes_for_base_to_novel_and_few_shot():
-    cfg = train.parse_args(["--data", "eurosat", "--data-root", "x", "--split", "base", "--batch-size", "8"])
-    assert (cfg.m, cfg.delta, cfg.epsilon, cfg.epochs) == (0.9, 0.1, 0.0, 101)
-    assert cfg.batch_size == 8 and cfg.clipfit_lambda == 8  # a flag given wins over the recipe
-    assert train.parse_args(["--data", "eurosat", "--data-root", "x", "--shots", "16"]).clipfit_lambda == 2
-    assert train.parse_args(["--data", "dtd", "--data-root", "x", "--shots", "16"]).clipfit_lambda == 8
-    assert train.parse_args(["--data", "eurosat", "--data-root", "x"]).m == 0.999  # no recipe without --split
+    (cfg,) = train.parse_args(["--data", "eurosat", "--data-root", "x", "--split", "base", "--batch-size", "8"])
+    assert (cfg.m, cfg.delta, cfg.epsilon, cfg.epochs, cfg.rank) == (0.9, 0.1, 0.0, 101, 4)
+    assert cfg.batch_size == 8  # a flag given wins over the recipe
+    clipfit = ["--method", "clipfit", "--shots", "16"]
+    assert train.parse_args(["--data", "eurosat", "--data-root", "x", *clipfit])[0].clipfit_lambda == 2
+    assert train.parse_args(["--data", "dtd", "--data-root", "x", *clipfit])[0].clipfit_lambda == 8
+    assert train.parse_args(["--data", "eurosat", "--data-root", "x"])[0].m == 0.999  # no recipe without --split
 
 
 def test_bad_split_flags(capsys):
-    for argv, message in ((["--split", "new"], "--split 'new'"),
-                          (["--split", "base", "--method", "linear-probe"], "linear-probe"),
-                          (["--ood", "a=b"], "--ood")):
+    for argv, message in (
+        (["--split", "new"], "--split new"),
+        (["--split", "base", "--method", "linear-probe"], "linear-probe"),
+        (["--ood", "a=b"], "--ood"),
+    ):
         with pytest.raises(SystemExit):
             train.parse_args(["--data", "dtd", "--data-root", "x", *argv])
         assert message in capsys.readouterr().err
@@ -164,18 +168,59 @@ def test_base_to_novel_end_to_end(tmp_path):
     torch.manual_seed(0)
     save_clip(CLIP(PRESETS["tiny"]), tmp_path / "tiny.safetensors")
     out = tmp_path / "runs"
-    train.main(["--data", "dtd", "--data-root", str(root), "--model", str(tmp_path / "tiny.safetensors"),
-                "--split", "base", "--shots", "2", "--rank", "4", "--method", "zero-shot,r-adapter", "--epochs", "1",
-                "--batch-size", "3", "--warmup", "1", "--workers", "0", "--run-dir", str(out)])
+    train.main(
+        [
+            "--data",
+            "dtd",
+            "--data-root",
+            str(root),
+            "--model",
+            str(tmp_path / "tiny.safetensors"),
+            "--split",
+            "base",
+            "--shots",
+            "2",
+            "--rank",
+            "4",
+            "--method",
+            "zero-shot,r-adapter",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "3",
+            "--warmup",
+            "1",
+            "--workers",
+            "0",
+            "--run-dir",
+            str(out),
+        ]
+    )
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["zero-shot", "R-Adapter (α=0.5)"]
-    assert list(rows[0]) == ["method", "trainable", "base", "new", "hm", "skipped"]
+    assert list(rows[0]) == ["method", "trainable", "base", "new", "hm", "base_se", "new_se", "skipped"]
     for r in rows:
         base, new = float(r["base"]), float(r["new"])
-        assert math.isclose(float(r["hm"]), coop.harmonic_mean(base, new))
+        assert math.isclose(float(r["hm"]), evaluate.harmonic_mean(base, new))
     assert rows[0]["trainable"] == "0" and int(rows[1]["trainable"]) > 0
     config = json.loads((out / "r-adapter" / "config.json").read_text())
     assert (config["split"], config["rank"], config["m"], config["shots"]) == ("base", 4, 0.9, 2)
     log = [json.loads(line) for line in (out / "r-adapter" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2  # 2 shots x 3 base classes = 6 images, batches of 3
+
+
+def test_evaluate_reads_every_data_that_train_reads(tmp_path):
+    """evaluate.py builds data through data.build_task, as train.py does: a CoOp dataset, whole or split."""
+    root = make_dtd(tmp_path / "data")
+    torch.manual_seed(0)
+    save_clip(CLIP(PRESETS["tiny"]), tmp_path / "tiny.safetensors")
+    base = ["--model", str(tmp_path / "tiny.safetensors"), "--data", "dtd", "--data-root", str(root), "--workers", "0"]
+    evaluate.main([*base, "--out", str(tmp_path / "all")])
+    with open(tmp_path / "all" / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert list(row)[:3] == ["alpha", "dtd", "ood_avg"] and 0 <= float(row["dtd"]) <= 100
+    evaluate.main([*base, "--split", "base", "--out", str(tmp_path / "split")])
+    with open(tmp_path / "split" / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert math.isclose(float(row["hm"]), evaluate.harmonic_mean(float(row["base"]), float(row["new"])))

@@ -1,6 +1,7 @@
 """CLIPFit and the baselines: what trains (names and counts, tiny and ViT-B/16), the CLIPFit
 regulariser, LoRA merging, the per-method recipes, and a short run of every method through
 train.main on a shrunken toy world (the whole file takes a few seconds)."""
+
 import csv
 import re
 from types import SimpleNamespace
@@ -10,10 +11,12 @@ import torch
 
 import baselines
 import clipfit
-import data
 import evaluate
+import recipes
 import train
-from clip_model import CLIP, PRESETS, load_clip, save_clip, tokenize
+from clip_model import CLIP, PRESETS, tokenize
+from clip_weights import load_clip, save_clip
+from data import toy
 
 TINY = PRESETS["tiny"]
 N_TINY = sum(p.numel() for p in CLIP(TINY).parameters())
@@ -38,8 +41,11 @@ def fresh_tiny():
 
 
 def fake_task(n_classes=3, n_train=30):
-    return SimpleNamespace(classnames=[f"class{i}" for i in range(n_classes)],
-                           templates=["a photo of a {}.", "a sketch of a {}."], train=range(n_train))
+    return SimpleNamespace(
+        classnames=[f"class{i}" for i in range(n_classes)],
+        templates=["a photo of a {}.", "a sketch of a {}."],
+        train=range(n_train),
+    )
 
 
 def trainable(model):
@@ -51,47 +57,66 @@ def n_trainable(model):
 
 
 def setup(method, model, **overrides):
-    cfg = train.method_config(train.TrainConfig(**overrides), method)
+    """setup_method with the method's recipe (recipes.py) under TrainConfig's defaults."""
+    cfg = train.TrainConfig(**{**recipes.recipe("imagenet", method=method), **overrides, "method": method})
     return train.setup_method(model, cfg, fake_task())
+
+
+def batch(n=8, classes=3, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(n, 3, 32, 32), torch.randint(classes, (n,))
 
 
 # ----------------------------------------------------------- what trains
 def clipfit_names(cfg):
     text = {f"text.blocks.{i}.mlp.fc2.bias" for i in range(cfg.text_layers)}
-    norms = ["visual.norm_pre", "visual.norm"] + [f"visual.blocks.{i}.norm{k}"
-                                                  for i in range(cfg.vision_layers) for k in (1, 2)]
+    norms = ["visual.norm_pre", "visual.norm"] + [
+        f"visual.blocks.{i}.norm{k}" for i in range(cfg.vision_layers) for k in (1, 2)
+    ]
     return text | {f"{n}.{w}" for n in norms for w in ("weight", "bias")}
 
 
 def lora_names(cfg, towers=("visual", "text")):
     layers = {"visual": cfg.vision_layers, "text": cfg.text_layers}
-    return {f"{t}.blocks.{i}.attn.{m}.lora_{ab}" for t in towers for i in range(layers[t])
-            for m in ("qkv", "proj") for ab in "AB"}
+    return {
+        f"{t}.blocks.{i}.attn.{m}.lora_{ab}"
+        for t in towers
+        for i in range(layers[t])
+        for m in ("qkv", "proj")
+        for ab in "AB"
+    }
 
 
 def test_clipfit_trains_text_ffn_biases_and_image_layernorms():
     model = fresh_tiny()
-    state = setup("clipfit", model)
+    method = setup("clipfit", model)
     assert trainable(model) == clipfit_names(TINY)
     want = TINY.text_layers * TINY.text_width + (1 + 2 * TINY.vision_layers + 1) * 2 * TINY.vision_width
     assert n_trainable(model) == want == clipfit.expected_count(TINY)
-    assert state.prompts.shape == (3, TINY.context_length) and state.reg_weight == 8
-    assert torch.equal(state.prompts[0], tokenize(["a photo of a class0."], TINY.context_length)[0])
+    # at step 0 the distillation term is 0: the loss is the CE over its one template ('a photo of a {}.')
+    images, labels = batch()
+    prompts = tokenize([f"a photo of a class{i}." for i in range(3)], TINY.context_length)
+    f, g, _ = model(images, prompts)
+    ce = torch.nn.functional.cross_entropy(f @ g.T * model.logit_scale.exp(), labels)  # tau = 1 / s
+    torch.testing.assert_close(method.loss(model, images, labels, None), ce)
 
 
-@pytest.mark.parametrize("method, names, count", [
-    ("prolip", {"visual.head.weight"}, TINY.embed_dim * TINY.vision_width),
-    ("linear-probe", {"linear_probe.weight"}, 3 * TINY.embed_dim),
-    ("lora", lora_names(TINY), lora_count(TINY, 2)),
-    ("zero-shot", set(), 0),
-])
+@pytest.mark.parametrize(
+    "method, names, count",
+    [
+        ("prolip", {"visual.head.weight"}, TINY.embed_dim * TINY.vision_width),
+        ("linear-probe", {"linear_probe.weight"}, 3 * TINY.embed_dim),
+        ("lora", lora_names(TINY), lora_count(TINY, 2)),
+        ("zero-shot", set(), 0),
+    ],
+)
 def test_baselines_train_exactly_their_parameters(method, names, count):
     model = fresh_tiny()
     setup(method, model, rank=2)
     assert trainable(model) == names and n_trainable(model) == count
 
 
-@pytest.mark.parametrize("method", train.FULL_FT)
+@pytest.mark.parametrize("method", ["full-ft", "wise-ft", "flyp"])
 def test_full_finetuning_methods_train_everything_but_the_scale(method):
     model = fresh_tiny()
     setup(method, model)
@@ -120,37 +145,38 @@ def test_vit_b16_trainable_counts():
 # ------------------------------------------------------------ the losses
 def test_clipfit_regularizer_is_zero_at_start_and_grows_after_a_step():
     model = fresh_tiny()
-    state = setup("clipfit", model)
-    g = model.encode_text(state.prompts, normalize=True)
-    assert clipfit.regularizer(g, state.anchor).abs().item() < 1e-6
+    prompts = tokenize([f"a photo of a class{i}." for i in range(3)], TINY.context_length)
+    anchor = clipfit.class_embeddings(model, prompts)
+    clipfit.setup(model)
+    assert clipfit.regularizer(model.encode_text(prompts, normalize=True), anchor).abs().item() < 1e-6
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    torch.manual_seed(1)
-    images, labels = torch.randn(8, 3, 32, 32), torch.randint(3, (8,))
-    f, g, _ = model(images, state.prompts)
-    clipfit.loss(f, g, state.anchor, labels, tau=0.01, lam=8.0).backward()
+    images, labels = batch()
+    f, g, _ = model(images, prompts)
+    clipfit.loss(f, g, anchor, labels, tau=0.01, lam=8.0).backward()
     optimizer.step()
-    reg = clipfit.regularizer(model.encode_text(state.prompts, normalize=True), state.anchor)
+    reg = clipfit.regularizer(model.encode_text(prompts, normalize=True), anchor)
     assert 0 < reg.item() <= 2
 
 
 def test_prolip_starts_at_zero_shot_and_weights_its_anchor_by_one_over_n():
+    assert baselines.prolip_weight(4, 30, 3) == 1 / 4 and baselines.prolip_weight(None, 30, 3) == 1 / 10
     model = fresh_tiny()
-    state = setup("prolip", model, shots=4)
-    assert state.reg_weight == 1 / 4 and torch.equal(state.anchor, model.visual.head.weight)
-    assert setup("prolip", fresh_tiny()).reg_weight == 1 / 10  # 30 images, 3 classes: N = 10
-    f = model.encode_image(torch.randn(4, 3, 32, 32), normalize=True)
-    labels = torch.tensor([0, 1, 2, 0])
-    loss = baselines.prolip_loss(f, state.classifier, labels, 0.01, state.head, state.anchor, 1.0)
-    ce = torch.nn.functional.cross_entropy(f @ state.classifier.T / 0.01, labels)
-    torch.testing.assert_close(loss, ce)
+    task = fake_task()
+    classifier = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    method = setup("prolip", model, shots=4)
+    assert trainable(model) == {"visual.head.weight"}
+    images, labels = batch()
+    f = model.encode_image(images, normalize=True)
+    ce = torch.nn.functional.cross_entropy(f @ classifier.T * model.logit_scale.exp(), labels)  # W = W0 at step 0
+    torch.testing.assert_close(method.loss(model, images, labels, None), ce)
 
 
 def test_linear_probe_starts_at_the_zero_shot_classifier():
     model = fresh_tiny()
-    state = setup("linear-probe", model)
+    method = setup("linear-probe", model)
     task = fake_task()
     zs = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
-    assert torch.equal(state.head, zs) and state.head is model.linear_probe.weight
+    assert torch.equal(method.classifier, zs) and method.classifier is model.linear_probe.weight
 
 
 def test_lora_merge_equals_unmerged_and_restores():
@@ -174,23 +200,27 @@ def test_lora_merge_equals_unmerged_and_restores():
 
 # ----------------------------------------------------- recipes and schedule
 def test_method_recipes_fill_flags_not_given(tiny_path):
-    base = ["--model", str(tiny_path), "--data", "toy"]
-    cfg = train.parse_args(base + ["--method", "clipfit,r-adapter,lora"])
-    fit = train.method_config(cfg, "clipfit")
-    assert (fit.optimizer, fit.lr, fit.batch_size, fit.warmup_epochs, fit.warmup_lr, fit.loss, fit.flip) == \
-        ("sgd", 0.002, 32, 1, 1e-5, "ce", True)
-    assert fit.clipfit_lambda == 8 and fit.epochs == train.TOY_RECIPE["epochs"]
-    ra = train.method_config(cfg, "r-adapter")
-    assert (ra.optimizer, ra.lr, ra.batch_size, ra.loss, ra.rank) == ("adamw", 5e-4, 128, "mpm-nce", None)
-    assert train.method_config(cfg, "lora").rank == 8
-    assert train.method_config(cfg, "flyp").loss == "infonce"
-    cfg = train.parse_args(base + ["--method", "clipfit", "--lr", "0.01", "--batch-size", "64", "--rank", "2"])
-    fit = train.method_config(cfg, "clipfit")
+    base = ["--model", str(tiny_path), "--data", "imagenet", "--data-root", "x"]
+    fit, ra, lora, flyp = train.parse_args(base + ["--method", "clipfit,r-adapter,lora,flyp"])
+    assert (fit.optimizer, fit.lr, fit.batch_size, fit.warmup_epochs, fit.warmup_lr, fit.loss, fit.flip) == (
+        "sgd",
+        0.002,
+        32,
+        1,
+        1e-5,
+        "ce",
+        True,
+    )
+    assert fit.clipfit_lambda == 8 and fit.epochs == 10
+    assert (ra.optimizer, ra.lr, ra.batch_size, ra.loss, ra.rank) == ("adamw", 5e-4, 512, "mpm-nce", None)
+    assert lora.rank == 8 and flyp.loss == "infonce"
+    fit, lora = train.parse_args(
+        base + ["--method", "clipfit,lora", "--lr", "0.01", "--batch-size", "64", "--rank", "2"]
+    )
     assert (fit.lr, fit.batch_size, fit.optimizer) == (0.01, 64, "sgd")  # given flags win
-    assert train.method_config(cfg, "lora").rank == 2
-    # a TrainConfig built in code: the recipe fills the fields still at their defaults
-    assert train.method_config(train.TrainConfig(rank=2), "lora").rank == 2
-    assert train.method_config(train.TrainConfig(), "clipfit").lr == 0.002
+    assert lora.rank == 2
+    (toy,) = train.parse_args(["--method", "clipfit"])  # the toy budget is the same for every method
+    assert (toy.batch_size, toy.epochs, toy.optimizer) == (128, 2, "sgd")
     for bad in (["--method", "clipfit", "--loss", "infonce"], ["--explicit", "lr"], ["--method", "clipfit2"]):
         with pytest.raises(SystemExit):
             train.parse_args(base + bad)
@@ -205,28 +235,63 @@ def test_constant_warmup_then_cosine():
 
 # ------------------------------------------------- every method, end to end
 def test_every_method_trains_and_evaluates_through_main(tiny_path, tmp_path, monkeypatch):
-    monkeypatch.setitem(data.TOY_SIZES, "train_per_class", 4)  # 48 training images, 2 steps of 24
-    monkeypatch.setitem(data.TOY_SIZES, "test_per_class", 2)
+    monkeypatch.setitem(toy.SIZES, "train_per_class", 4)  # 48 training images, 2 steps of 24
+    monkeypatch.setitem(toy.SIZES, "test_per_class", 2)
     methods = ["zero-shot", "clipfit", "linear-probe", "flyp", "prolip", "lora", "wise-ft"]
     run_dir = tmp_path / "runs"
-    train.main(["--model", str(tiny_path), "--data", "toy", "--method", ",".join(methods), "--max-steps", "2",
-                "--batch-size", "24", "--warmup-epochs", "0", "--workers", "0", "--run-dir", str(run_dir)])
+    train.main(
+        [
+            "--model",
+            str(tiny_path),
+            "--data",
+            "toy",
+            "--method",
+            ",".join(methods),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "24",
+            "--warmup-epochs",
+            "0",
+            "--workers",
+            "0",
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
     with open(run_dir / "results.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"zero-shot", "clipfit", "linear-probe", "flyp", "prolip", "lora (r=8)",
-                         "WiSE-FT (α=1)", "WiSE-FT (α=0.5)"}
+    assert set(rows) == {
+        "zero-shot",
+        "clipfit",
+        "linear-probe",
+        "flyp",
+        "prolip",
+        "lora (r=8)",
+        "WiSE-FT (α=1)",
+        "WiSE-FT (α=0.5)",
+    }
     full = N_TINY - 1  # all but the logit scale
     assert {k: int(r["trainable"]) for k, r in rows.items()} == {
-        "zero-shot": 0, "clipfit": clipfit.expected_count(TINY), "linear-probe": 12 * TINY.embed_dim,
-        "prolip": TINY.embed_dim * TINY.vision_width, "lora (r=8)": lora_count(TINY, 8),
-        "flyp": full, "WiSE-FT (α=1)": full, "WiSE-FT (α=0.5)": full}
+        "zero-shot": 0,
+        "clipfit": clipfit.expected_count(TINY),
+        "linear-probe": 12 * TINY.embed_dim,
+        "prolip": TINY.embed_dim * TINY.vision_width,
+        "lora (r=8)": lora_count(TINY, 8),
+        "flyp": full,
+        "WiSE-FT (α=1)": full,
+        "WiSE-FT (α=0.5)": full,
+    }
     assert all(0 <= float(r["ood_avg"]) <= 100 for r in rows.values())
     assert (run_dir / "alpha_sweep.png").exists()  # wise-ft always sweeps
     assert (run_dir / "linear-probe" / "linear_probe.safetensors").exists()
 
     base = dict(load_clip(tiny_path).named_parameters())
-    for method, may_change in [("clipfit", clipfit_names(TINY)), ("prolip", {"visual.head.weight"}),
-                               ("lora", {n for n in base if re.search(r"attn\.(qkv|proj)\.weight$", n)})]:
+    for method, may_change in [
+        ("clipfit", clipfit_names(TINY)),
+        ("prolip", {"visual.head.weight"}),
+        ("lora", {n for n in base if re.search(r"attn\.(qkv|proj)\.weight$", n)}),
+    ]:
         tuned = dict(load_clip(run_dir / method / "merged.safetensors").named_parameters())
         changed = {n for n in base if not torch.equal(base[n], tuned[n])}
         assert changed and changed <= may_change, method

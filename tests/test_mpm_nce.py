@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpm_nce import gather_features, infonce_loss, mpm_nce_loss, soft_targets
 
@@ -14,8 +15,7 @@ FAST = settings(max_examples=30, deadline=None)
 
 def make_batch(seed, B, D=6, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, D, generator=gen, dtype=dtype),
-            torch.randn(B, D, generator=gen, dtype=dtype))
+    return (torch.randn(B, D, generator=gen, dtype=dtype), torch.randn(B, D, generator=gen, dtype=dtype))
 
 
 labels_st = st.lists(st.integers(0, 3), min_size=1, max_size=8)
@@ -57,8 +57,13 @@ def clip_loss(image, text, tau):
 
 
 @FAST
-@given(labels=labels_st, seed=st.integers(0, 2**16), tau=st.floats(0.01, 1.0),
-       delta=st.floats(-0.2, 0.5), epsilon=st.floats(0.0, 0.9))
+@given(
+    labels=labels_st,
+    seed=st.integers(0, 2**16),
+    tau=st.floats(0.01, 1.0),
+    delta=st.floats(-0.2, 0.5),
+    epsilon=st.floats(0.0, 0.9),
+)
 def test_matches_loop_reference(labels, seed, tau, delta, epsilon):
     image, text = make_batch(seed, len(labels), dtype=torch.float64)
     got = mpm_nce_loss(image, text, torch.tensor(labels), tau=tau, delta=delta, epsilon=epsilon)

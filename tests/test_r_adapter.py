@@ -1,32 +1,52 @@
 """r_adapter.py: merge exactness, zero init, adapter dropping, EMA, guards, checkpoints, counts."""
+
 import copy
 
 import open_clip
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import load_file
-from torch import nn
 
 import r_adapter as ra
-from clip_model import CLIP, PRESETS, CLIPConfig, load_clip
+from clip_model import CLIP, PRESETS, CLIPConfig
+from clip_weights import load_clip
 
 FAST = settings(max_examples=12, deadline=None)
 
 
 def tiny(vision_width=64, vision_layers=1, text_width=64, text_layers=1, image_size=16, context_length=8):
-    return CLIPConfig(embed_dim=32, image_size=image_size, patch_size=8, vision_width=vision_width,
-                      vision_layers=vision_layers, context_length=context_length, vocab_size=1000,
-                      text_width=text_width, text_layers=text_layers)
+    return CLIPConfig(
+        embed_dim=32,
+        image_size=image_size,
+        patch_size=8,
+        vision_width=vision_width,
+        vision_layers=vision_layers,
+        context_length=context_length,
+        vocab_size=1000,
+        text_width=text_width,
+        text_layers=text_layers,
+    )
 
 
-configs = st.builds(tiny, vision_width=st.sampled_from([64, 128]), vision_layers=st.integers(1, 3),
-                    text_width=st.sampled_from([64, 128]), text_layers=st.integers(1, 2),
-                    image_size=st.sampled_from([16, 32]), context_length=st.sampled_from([8, 16]))
-ranks = st.one_of(st.none(), st.integers(1, 8),
-                  st.fixed_dictionaries({"visual": st.one_of(st.none(), st.integers(1, 8)),
-                                         "text": st.one_of(st.none(), st.integers(1, 8))}))
+configs = st.builds(
+    tiny,
+    vision_width=st.sampled_from([64, 128]),
+    vision_layers=st.integers(1, 3),
+    text_width=st.sampled_from([64, 128]),
+    text_layers=st.integers(1, 2),
+    image_size=st.sampled_from([16, 32]),
+    context_length=st.sampled_from([8, 16]),
+)
+ranks = st.one_of(
+    st.none(),
+    st.integers(1, 8),
+    st.fixed_dictionaries(
+        {"visual": st.one_of(st.none(), st.integers(1, 8)), "text": st.one_of(st.none(), st.integers(1, 8))}
+    ),
+)
 
 
 def random_clip(cfg, seed=0):
@@ -43,8 +63,11 @@ def randomize_adapters(model, seed=0, std=0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in ra.adapter_parameters(model):
-            p.copy_(torch.rand(p.shape, generator=g) * 0.9 + 0.1 if name.endswith(".s") else
-                    torch.randn(p.shape, generator=g) * std)
+            p.copy_(
+                torch.rand(p.shape, generator=g) * 0.9 + 0.1
+                if name.endswith(".s")
+                else torch.randn(p.shape, generator=g) * std
+            )
     return model
 
 
@@ -89,8 +112,14 @@ def scaled_copy(model, alpha):
 
 # ------------------------------------------------------------------ merging
 @FAST
-@given(cfg=configs, rank=ranks, alpha=st.floats(0, 1), n=st.integers(1, 3), seed=st.integers(0, 99),
-       learn_scale=st.booleans())
+@given(
+    cfg=configs,
+    rank=ranks,
+    alpha=st.floats(0, 1),
+    n=st.integers(1, 3),
+    seed=st.integers(0, 99),
+    learn_scale=st.booleans(),
+)
 def test_merge_equals_unmerged_at_alpha_and_unmerge_is_exact(cfg, rank, alpha, n, seed, learn_scale):
     base, model = adapted(cfg, rank, seed, learn_scale)
     images, tokens = batch(cfg, n, seed)
@@ -137,8 +166,13 @@ def test_alpha_0_is_the_original_clip_exactly(cfg, rank, seed):
 
 
 @FAST
-@given(cfg=configs, rank=ranks, seed=st.integers(0, 99), learn_scale=st.booleans(),
-       drop_mode=st.sampled_from(ra.DROP_MODES))
+@given(
+    cfg=configs,
+    rank=ranks,
+    seed=st.integers(0, 99),
+    learn_scale=st.booleans(),
+    drop_mode=st.sampled_from(ra.DROP_MODES),
+)
 def test_fresh_adapters_are_zero_shot_clip_exactly(cfg, rank, seed, learn_scale, drop_mode):
     base = random_clip(cfg, seed)
     model = ra.add_adapters(copy.deepcopy(base), rank, drop_mode=drop_mode, learn_scale=learn_scale)
@@ -177,7 +211,7 @@ def test_vit_b16_trainable_count():
     for learn_scale, expected in [(True, 20_447_232 + 48), (False, 20_447_232)]:
         with torch.device("meta"):
             model = ra.add_adapters(CLIP(PRESETS["ViT-B-16"]), learn_scale=learn_scale)
-        assert 12 * 2 * 768 ** 2 + 12 * 2 * 512 ** 2 == 20_447_232
+        assert 12 * 2 * 768**2 + 12 * 2 * 512**2 == 20_447_232
         assert ra.count_trainable(model) == expected
         assert "W_adp 20,447,232" in ra.summary(model)
     with torch.device("meta"):
@@ -205,7 +239,7 @@ def test_dropping_is_unbiased_and_off_in_eval(p, mode, seed):
     a.train()
     draws = 3000
     mean = sum(a(y) for _ in range(draws)) / draws
-    sigma = (p / (1 - p)) ** 0.5 / draws ** 0.5  # std of the mean gain
+    sigma = (p / (1 - p)) ** 0.5 / draws**0.5  # std of the mean gain
     assert ((mean - y).abs() <= 6 * sigma * y.abs()).all()
     gain = a(y) / y
     assert ((gain == 0) | ((gain - 1 / (1 - p)).abs() < 1e-4)).all()
@@ -240,7 +274,7 @@ def test_ema_closed_form(m, k, rank):
     for _ in range(k):
         ema.update(model)
     for n, w in ema.shadow.items():
-        expected = m ** k * W0[n] + (1 - m ** k) * W[n]
+        expected = m**k * W0[n] + (1 - m**k) * W[n]
         assert torch.allclose(w, expected, atol=1e-6, rtol=1e-5), n
         if m == 0 and k > 0:
             assert torch.equal(w, W[n])
@@ -344,8 +378,10 @@ def test_save_load_adapters_and_ema_round_trip(tmp_path):
     with ema.applied(model):
         assert_equal(features(from_ema, images, tokens), features(model, images, tokens))
     ra.save_adapters(model, tmp_path / "live.safetensors")  # no EMA saved: the live weights
-    assert_equal(features(ra.load_adapters(copy.deepcopy(base), tmp_path / "live.safetensors"), images, tokens),
-                 features(model, images, tokens))
+    assert_equal(
+        features(ra.load_adapters(copy.deepcopy(base), tmp_path / "live.safetensors"), images, tokens),
+        features(model, images, tokens),
+    )
     with pytest.raises(ValueError, match="no EMA"):
         ra.load_adapters(copy.deepcopy(base), tmp_path / "live.safetensors", use_ema=True)
 
@@ -360,11 +396,18 @@ def test_save_load_adapters_and_ema_round_trip(tmp_path):
 def open_clip_model(cfg):
     return open_clip.model.CLIP(
         cfg.embed_dim,
-        CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, patch_size=cfg.patch_size,
-                      image_size=cfg.image_size),
-        CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
-                    heads=cfg.text_width // 64, layers=cfg.text_layers),
-        quick_gelu=cfg.quick_gelu).eval()
+        CLIPVisionCfg(
+            layers=cfg.vision_layers, width=cfg.vision_width, patch_size=cfg.patch_size, image_size=cfg.image_size
+        ),
+        CLIPTextCfg(
+            context_length=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            width=cfg.text_width,
+            heads=cfg.text_width // 64,
+            layers=cfg.text_layers,
+        ),
+        quick_gelu=cfg.quick_gelu,
+    ).eval()
 
 
 def test_export_merged_loads_in_clip_model_and_open_clip(tmp_path):

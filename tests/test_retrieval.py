@@ -1,5 +1,6 @@
 """retrieval.py: recall@k by hand, the Karpathy readers on a tiny tree, train.py --data coco end to end,
 and evaluate.py's retrieval alpha sweep."""
+
 import csv
 import json
 from pathlib import Path
@@ -11,9 +12,10 @@ from PIL import Image
 
 import evaluate
 import r_adapter
-import retrieval
 import train
-from clip_model import CLIP, PRESETS, load_clip, save_clip, tokenize
+from clip_model import CLIP, PRESETS, tokenize
+from clip_weights import load_clip, save_clip
+from data import DataError, retrieval
 
 COCO_SPLITS = {"train": 3, "restval": 2, "val": 1, "test": 3}  # images per split
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "grey", "pink", "brown"]
@@ -35,8 +37,12 @@ def _karpathy_tree(root, name, splits, rng):
             filename = f"{name}_{i:06d}.jpg"
             _jpeg(root / folder / filename, 25 * i, rng)
             n_captions = 6 if split == "test" else 5  # (some real COCO test images have 6 or 7)
-            entry = {"filename": filename, "split": split, "imgid": i,
-                     "sentences": [{"raw": f"a {COLOURS[i]} square, view {k}", "imgid": i} for k in range(n_captions)]}
+            entry = {
+                "filename": filename,
+                "split": split,
+                "imgid": i,
+                "sentences": [{"raw": f"a {COLOURS[i]} square, view {k}", "imgid": i} for k in range(n_captions)],
+            }
             if name == "coco":
                 entry |= {"filepath": folder, "cocoid": 1000 + i}
             images.append(entry)
@@ -66,21 +72,38 @@ def _metrics(row):
 
 def test_recall_at_k_by_hand():
     # sims[i, t], image i vs caption t; captions 2i and 2i+1 describe image i.
-    sims = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.3, 0.35],   # own caption ranks 1st
-                         [0.7, 0.6, 0.1, 0.25, 0.5, 0.3],   # best own caption (t3) ranks 5th
-                         [0.1, 0.2, 0.3, 0.9, 0.55, 0.4]])  # best own caption (t4) ranks 2nd
+    sims = torch.tensor(
+        [
+            [0.9, 0.1, 0.8, 0.2, 0.3, 0.35],  # own caption ranks 1st
+            [0.7, 0.6, 0.1, 0.25, 0.5, 0.3],  # best own caption (t3) ranks 5th
+            [0.1, 0.2, 0.3, 0.9, 0.55, 0.4],
+        ]
+    )  # best own caption (t4) ranks 2nd
     text_to_image = torch.tensor([0, 0, 1, 1, 2, 2])
-    r = retrieval.recall_at_k(torch.eye(3), sims.T, text_to_image, ks=(1, 2, 5))
+    r = evaluate.recall_at_k(torch.eye(3), sims.T, text_to_image, ks=(1, 2, 5))
     # caption -> image ranks of the right image, per column: 1, 3, 3, 2, 1, 1
-    expected = {"i2t_R@1": 100 / 3, "i2t_R@2": 200 / 3, "i2t_R@5": 100.0,
-                "t2i_R@1": 50.0, "t2i_R@2": 400 / 6, "t2i_R@5": 100.0}
+    expected = {
+        "i2t_R@1": 100 / 3,
+        "i2t_R@2": 200 / 3,
+        "i2t_R@5": 100.0,
+        "t2i_R@1": 50.0,
+        "t2i_R@2": 400 / 6,
+        "t2i_R@5": 100.0,
+    }
     assert r == pytest.approx({**expected, "rsum": sum(expected.values())})
-    assert list(retrieval.recall_at_k(torch.eye(3), sims.T, text_to_image)) == [
-        "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
+    assert list(evaluate.recall_at_k(torch.eye(3), sims.T, text_to_image)) == [
+        "i2t_R@1",
+        "i2t_R@5",
+        "i2t_R@10",
+        "t2i_R@1",
+        "t2i_R@5",
+        "t2i_R@10",
+        "rsum",
+    ]
 
 
 def test_karpathy_reader(tree):
-    data = retrieval.build_retrieval("coco", str(tree), context_length=20)
+    data = retrieval.build("coco", str(tree), context_length=20)
     assert len(data.train) == 25 and data.row_tokens.shape == (25, 20)  # (train + restval) x 5 captions
     assert data.row_image_id.tolist() == [i for i in range(5) for _ in range(5)]  # one image id per 5 captions
     assert torch.equal(data.row_tokens[7], tokenize("a green square, view 2", 20)[0])
@@ -94,27 +117,25 @@ def test_karpathy_reader(tree):
     assert (flickr.name, len(flickr.images), len(flickr.tokens)) == ("flickr30k", 2, 10)
     assert Path(flickr.images.samples[1][0]) == tree / "flickr30k" / "flickr30k-images" / "flickr30k_000003.jpg"
 
-    own = retrieval.build_retrieval("flickr30k", str(tree / "flickr30k"), context_length=20)
+    own = retrieval.build("flickr30k", str(tree / "flickr30k"), context_length=20)
     assert len(own.train) == 5 and [t.name for t in own.tests] == ["flickr30k"]
 
 
 def test_bad_trees_are_clear_errors(tree, tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset_coco.json"):
-        retrieval.build_retrieval("coco", str(tmp_path))
+    with pytest.raises(DataError, match="dataset_coco.json"):
+        retrieval.build("coco", str(tmp_path))
     (tmp_path / "dataset_coco.json").write_text('{"images": [')
     with pytest.raises(ValueError, match="dataset_coco.json: not a Karpathy split file"):
-        retrieval.build_retrieval("coco", str(tmp_path))
+        retrieval.build("coco", str(tmp_path))
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "test"}]}))
     with pytest.raises(ValueError, match="dataset_coco.json: not a Karpathy split file.*filepath"):
-        retrieval.build_retrieval("coco", str(tmp_path))
+        retrieval.build("coco", str(tmp_path))
     entry = {"filepath": "val2014", "filename": "a.jpg", "split": "test", "sentences": [{"raw": "a cat"}]}
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [entry]}))
-    with pytest.raises(FileNotFoundError, match="1 listed images are missing.*val2014/a.jpg"):
-        retrieval.build_retrieval("coco", str(tmp_path))
+    with pytest.raises(DataError, match="1 listed images are missing.*val2014/a.jpg"):
+        retrieval.build("coco", str(tmp_path))
     with pytest.raises(ValueError, match="--ood imagenet-r"):
-        retrieval.build_retrieval("coco", str(tree), ood={"imagenet-r": str(tmp_path)})
-    with pytest.raises(ValueError, match="--data-root"):
-        retrieval.build_retrieval("coco", None)
+        retrieval.build("coco", str(tree), ood={"imagenet-r": str(tmp_path)})
 
 
 def test_train_coco_end_to_end(tree, tmp_path, monkeypatch):
@@ -125,9 +146,29 @@ def test_train_coco_end_to_end(tree, tmp_path, monkeypatch):
         return real(f, g, y, **kwargs)
 
     monkeypatch.setattr(train, "mpm_nce_loss", recording)
-    train.main(["--data", "coco", "--data-root", str(tree), "--model", str(tree / "tiny.safetensors"),
-                "--method", "zero-shot,full-ft,r-adapter", "--epochs", "1", "--batch-size", "8", "--warmup", "1",
-                "--workers", "0", "--run-dir", str(tmp_path), "--sweep"])
+    train.main(
+        [
+            "--data",
+            "coco",
+            "--data-root",
+            str(tree),
+            "--model",
+            str(tree / "tiny.safetensors"),
+            "--method",
+            "zero-shot,full-ft,r-adapter",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--warmup",
+            "1",
+            "--workers",
+            "0",
+            "--run-dir",
+            str(tmp_path),
+            "--sweep",
+        ]
+    )
     # MPM-NCE labels are image ids: 8 captions of 5 images always share some
     assert labels and all(set(y) <= set(range(5)) and len(set(y)) < len(y) for y in labels)
     config = json.loads((tmp_path / "r-adapter" / "config.json").read_text())
@@ -143,7 +184,8 @@ def test_train_coco_end_to_end(tree, tmp_path, monkeypatch):
     sweep = _csv(tmp_path / "alpha_sweep.csv")
     assert list(sweep[0]) == ["method", "alpha", "test", *METRICS]
     assert [(r["method"], float(r["alpha"]), r["test"]) for r in sweep] == [
-        (m, a / 10, t) for m in ("WiSE-FT", "R-Adapter") for a in range(11) for t in ("coco", "flickr30k")]
+        (m, a / 10, t) for m in ("WiSE-FT", "R-Adapter") for a in range(11) for t in ("coco", "flickr30k")
+    ]
     table = {(r["method"], r["test"]): _metrics(r) for r in rows}
     at = {(r["method"], float(r["alpha"]), r["test"]): _metrics(r) for r in sweep}
     for t in ("coco", "flickr30k"):  # the sweep's ends and alpha 0.8 are the table's rows
@@ -166,8 +208,18 @@ def test_evaluate_retrieval_sweep(tree, tmp_path):
     common = ["--model", str(tree / "tiny.safetensors"), "--workers", "0"]
     coco = ["--data", "coco", "--data-root", str(tree)]
     evaluate.main([*common, *coco, "--out", str(tmp_path / "zero-shot")])
-    evaluate.main([*common, *coco, "--adapters", str(tmp_path / "adapters.safetensors"), "--alpha", "0,0.5,1",
-                   "--out", str(tmp_path / "sweep")])
+    evaluate.main(
+        [
+            *common,
+            *coco,
+            "--adapters",
+            str(tmp_path / "adapters.safetensors"),
+            "--alpha",
+            "0,0.5,1",
+            "--out",
+            str(tmp_path / "sweep"),
+        ]
+    )
 
     zero_shot, sweep = _csv(tmp_path / "zero-shot" / "results.csv"), _csv(tmp_path / "sweep" / "results.csv")
     assert list(sweep[0]) == ["alpha", "test", *METRICS]
@@ -180,9 +232,21 @@ def test_evaluate_retrieval_sweep(tree, tmp_path):
     assert not (tmp_path / "zero-shot" / "alpha_sweep.png").exists()
 
     # one test set (Flickr30k alone): rsum against alpha
-    evaluate.main([*common, "--data", "flickr30k", "--data-root", str(tree / "flickr30k"),
-                   "--adapters", str(tmp_path / "adapters.safetensors"), "--alpha", "0,1",
-                   "--out", str(tmp_path / "f")])
+    evaluate.main(
+        [
+            *common,
+            "--data",
+            "flickr30k",
+            "--data-root",
+            str(tree / "flickr30k"),
+            "--adapters",
+            str(tmp_path / "adapters.safetensors"),
+            "--alpha",
+            "0,1",
+            "--out",
+            str(tmp_path / "f"),
+        ]
+    )
     assert [r["test"] for r in _csv(tmp_path / "f" / "results.csv")] == ["flickr30k", "flickr30k"]
     assert (tmp_path / "f" / "alpha_sweep.png").stat().st_size > 1000
 

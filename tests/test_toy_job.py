@@ -1,59 +1,104 @@
-"""The default job (`python train.py`) at tiny budgets: pretrain -> cache -> three methods -> table + plot."""
+"""The default job (`python train.py`) at tiny budgets: shipped toy CLIP -> three methods -> table, plot, claims."""
+
 import csv
+import json
+import shutil
 
 import pytest
 import torch
 
 import train
-from clip_model import PRESETS, load_clip
+from clip_model import PRESETS
+from clip_weights import load_clip
+from data import DataError, toy
 
 
-def test_default_job_smoke(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(train, "TOY_PRETRAIN", {**train.TOY_PRETRAIN, "pairs": 256, "steps": 3, "batch_size": 32})
+@pytest.fixture
+def small_toy(monkeypatch):
+    monkeypatch.setitem(toy.SIZES, "train_per_class", 4)  # 48 training images
+    monkeypatch.setitem(toy.SIZES, "test_per_class", 3)
+
+
+def test_default_job_smoke(tmp_path, small_toy):
     out = tmp_path / "runs"
-    train.main(["--max-steps", "2", "--batch-size", "32", "--run-dir", str(out)])
-
-    cached = train.toy_clip_path()
-    assert cached.parent == tmp_path / "cache" and cached.exists()
-    model = load_clip(cached)  # the cached toy CLIP is a plain CLIP checkpoint
-    assert model.config == PRESETS["toy"]  # the conv-stem preset, read back from the file
+    train.main(["--max-steps", "2", "--batch-size", "16", "--run-dir", str(out)])
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["zero-shot", "full-ft", "WiSE-FT (α=0.5)", "R-Adapter (α=0.5)"]
-    assert list(rows[0])[2:] == ["toy-photo", "toy-v2", "toy-sketch", "toy-r", "toy-a", "toy-c", "ood_avg", "skipped"]
+    splits = ["toy-photo", "toy-v2", "toy-sketch", "toy-r", "toy-a", "toy-c", "ood_avg"]
+    assert list(rows[0])[2:] == [*splits, *(f"{s}_se" for s in splits), "skipped"]
+    for row in rows:  # 36 images per split: se = sqrt(p (1 - p) / 36)
+        p = float(row["toy-photo"]) / 100
+        assert float(row["toy-photo_se"]) == pytest.approx(100 * (p * (1 - p) / 36) ** 0.5, abs=1e-6)
     with open(out / "alpha_sweep.csv") as f:
         sweep = list(csv.DictReader(f))
     assert {r["method"] for r in sweep} == {"R-Adapter", "WiSE-FT"} and len(sweep) == 22
-    # alpha = 0 is the zero-shot model for both ensembles
-    for name in ("R-Adapter", "WiSE-FT"):
+    for name in ("R-Adapter", "WiSE-FT"):  # alpha = 0 is the zero-shot model for both ensembles
         at0 = next(r for r in sweep if r["method"] == name and float(r["alpha"]) == 0)
         assert at0["toy-photo"] == rows[0]["toy-photo"] and at0["ood_avg"] == rows[0]["ood_avg"]
     assert (out / "alpha_sweep.png").stat().st_size > 1000
 
-    # a second run reuses the cached toy CLIP
-    stamp = cached.stat().st_mtime_ns
-    train.main(["--method", "zero-shot", "--run-dir", str(tmp_path / "again")])
-    assert cached.stat().st_mtime_ns == stamp
-    assert torch.equal(load_clip(cached).logit_scale, model.logit_scale)
+    claims = json.loads((out / "claims.json").read_text())
+    assert len(claims) == 6
+    for c in claims:
+        assert set(c) == {"claim", "delta", "se", "verdict"}
+        assert c["verdict"] in ("holds", "fails", "within noise")
+        assert (c["verdict"] == "within noise") == (abs(c["delta"]) < 2 * c["se"])
+    by = {r["method"]: r for r in rows}
+    first = float(by["full-ft"]["toy-photo"]) - float(by["zero-shot"]["toy-photo"])
+    assert claims[0]["delta"] == pytest.approx(first, abs=0.01)
+
+
+def test_shipped_toy_clip_is_checked_like_a_download(tmp_path):
+    model = toy.load_toy_clip()  # the digest in toy.py matches the file in assets/
+    assert model.config == PRESETS["toy"]
+    assert toy.TOY_CLIP.stat().st_size <= 10 * 2**20
+
+    damaged = tmp_path / "toy-clip.safetensors"
+    shutil.copy(toy.TOY_CLIP, damaged)
+    blob = bytearray(damaged.read_bytes())
+    blob[-1] ^= 1  # one bit of one weight
+    damaged.write_bytes(bytes(blob))
+    assert load_clip(damaged).config == PRESETS["toy"]  # still a loadable CLIP ...
+    with pytest.raises(ValueError, match=f"{damaged}: SHA-256 .* expected"):  # ... but not the published one
+        toy.load_toy_clip(path=damaged)
+    with pytest.raises(DataError, match="toy CLIP is missing"):
+        toy.load_toy_clip(path=tmp_path / "absent.safetensors")
+
+
+def test_toy_pretraining_is_deterministic():
+    recipe = {**toy.TOY_PRETRAIN, "pairs": 64, "steps": 3, "batch_size": 16, "warmup": 1}
+    a, b = (toy.pretrain(recipe, eval_every=0).state_dict() for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = toy.pretrain({**recipe, "seed": 1}, eval_every=0).state_dict()
+    assert not torch.equal(a["text.proj.weight"], c["text.proj.weight"])
 
 
 @pytest.mark.slow
-def test_every_method_on_the_toy_world(tmp_path, monkeypatch):
-    """Issue #6's comparison at smoke budgets: every method trains on the toy world and lands in one
-    table with every split (the full run is the README's `--method` list command)."""
-    monkeypatch.setattr(train, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(train, "TOY_PRETRAIN", {**train.TOY_PRETRAIN, "pairs": 256, "steps": 3, "batch_size": 32})
+def test_every_method_on_the_toy_world(tmp_path, small_toy):
+    """Every method trains on the toy world and lands in one table with every split (the full run
+    is the README's `--method` list command)."""
     out = tmp_path / "runs"
-    train.main(["--method", ",".join(train.METHODS), "--max-steps", "2", "--batch-size", "32",
-                "--run-dir", str(out)])
+    train.main(["--method", ",".join(train.METHODS), "--max-steps", "2", "--batch-size", "16", "--run-dir", str(out)])
     with open(out / "results.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"R-Adapter (α=0.5)", "clipfit", "full-ft", "WiSE-FT (α=1)", "WiSE-FT (α=0.5)", "flyp",
-                         "linear-probe", "prolip", "lora (r=8)", "zero-shot"}
+    assert set(rows) == {
+        "R-Adapter (α=0.5)",
+        "clipfit",
+        "full-ft",
+        "WiSE-FT (α=1)",
+        "WiSE-FT (α=0.5)",
+        "flyp",
+        "linear-probe",
+        "prolip",
+        "lora (r=8)",
+        "zero-shot",
+    }
     for name, row in rows.items():
         accs = [float(row[k]) for k in ("toy-photo", "toy-v2", "toy-sketch", "toy-r", "toy-a", "toy-c")]
         assert all(0 <= a <= 100 for a in accs), name
         assert float(row["ood_avg"]) == pytest.approx(sum(accs[1:]) / 5, abs=0.01), name
-    assert int(rows["zero-shot"]["trainable"]) == 0 < int(rows["clipfit"]["trainable"]) < int(rows["full-ft"]["trainable"])
+    assert (
+        int(rows["zero-shot"]["trainable"]) == 0 < int(rows["clipfit"]["trainable"]) < int(rows["full-ft"]["trainable"])
+    )

@@ -1,5 +1,6 @@
 """Tests of the procedural toy world (toy_world.py): determinism, balance, captions,
 disjoint splits, value ranges and that the styles really differ.  CPU, a few seconds."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import toy_world as tw
+from data import toy_world as tw
 
 N = 3  # samples per class for most splits: 36 images
 
@@ -38,12 +39,12 @@ def test_render_shape_dtype_and_attrs(style):
     assert img.shape == (48, 48, 3)
 
 
-def test_render_stays_float32(monkeypatch):
+def test_render_stays_float32():
     # float64 promotion would silently slow generation down ~2x
-    monkeypatch.setattr(tw, "_DEBUG_DTYPE", True)
     for style in tw.STYLES + ("web_photo", "web_corrupt"):
         for i in range(40):
-            tw.render(style, i % len(tw.CLASSNAMES), np.random.default_rng(i))
+            img, attrs = tw.render_float(style, i % len(tw.CLASSNAMES), np.random.default_rng(i))
+            assert img.dtype == np.float32, (style, attrs)
 
 
 def test_render_rejects_bad_input():
@@ -194,8 +195,8 @@ def _stats(style):
 def test_styles_differ_statistically():
     photo_mean, photo_sat = _stats("photo")
     sketch_mean, sketch_sat = _stats("sketch")
-    assert sketch_mean > photo_mean + 0.25          # white paper
-    assert sketch_sat < 0.5 * photo_sat             # grayscale-ish
+    assert sketch_mean > photo_mean + 0.25  # white paper
+    assert sketch_sat < 0.5 * photo_sat  # grayscale-ish
     # renditions include dark neon signs and inverted photos: darker on average
     # than sketches, and every rendition variant occurs
     rend = tw.ToySplit("rendition", 8, split="test")
@@ -203,13 +204,17 @@ def test_styles_differ_statistically():
     assert (rend.images.float() / 255).mean().item() < sketch_mean - 0.2
     # v2 objects are smaller than photo objects (a resampled attribute distribution)
     size_rank = {"small": 0, "medium": 1, "large": 2}
+
     def mean_size(style):
         return np.mean([size_rank[a["size"]] for a in tw.ToySplit(style, 30, split="test").attrs])
+
     # expected 0.95 vs 1.25; standard error of the difference ~0.05 with 360 images each
     assert mean_size("v2") < mean_size("photo") - 0.12
+
     # adversarial images are more cluttered than photo ones
     def clutter(style):
         return np.mean([a["clutter"] for a in tw.ToySplit(style, 8, split="test").attrs])
+
     assert clutter("adversarial") > clutter("photo") + 1.5
 
 
@@ -221,10 +226,12 @@ def test_photo_is_learnable_from_pixels():
     xtr = tr.images.float().flatten(1) / 255
     xte = te.images.float().flatten(1) / 255
     ytr, yte = torch.tensor(tr.labels), torch.tensor(te.labels)
+
     # grayscale foreground-ish features: distance of every pixel from the image median
     def feat(x):
         x = x.view(len(x), 3, -1).mean(1)
         return (x - x.median(1, keepdim=True).values).abs()
+
     cent = torch.stack([feat(xtr)[ytr == c].mean(0) for c in range(C)])
     acc = (torch.cdist(feat(xte), cent).argmin(1) == yte).float().mean().item()
     # chance is 1/12 = 0.083; with 240 test images 0.14 is > 3 standard errors above it

@@ -1,4 +1,5 @@
 """train.py and evaluate.py end to end on a tiny ImageNet-layout tree, tiny CLIP, CPU."""
+
 import csv
 import json
 import math
@@ -15,10 +16,12 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+import data
 import evaluate
 import train
-from clip_model import CLIP, PRESETS, save_clip
-from data import IMAGENET_R_INDICES, IMAGENET_WNIDS
+from clip_model import CLIP, PRESETS
+from clip_weights import save_clip
+from data.imagenet import IMAGENET_R_INDICES, IMAGENET_WNIDS
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = [IMAGENET_WNIDS[i] for i in IMAGENET_R_INDICES[:4]]  # real wnids, also in ImageNet-R
@@ -49,8 +52,23 @@ def tree(tmp_path_factory):
 
 
 def args(tree, run_dir, *extra):
-    return ["--data", "imagenet", "--data-root", str(tree), "--model", str(tree / "tiny.safetensors"),
-            "--batch-size", "8", "--workers", "0", "--warmup", "2", "--run-dir", str(run_dir), *extra]
+    return [
+        "--data",
+        "imagenet",
+        "--data-root",
+        str(tree),
+        "--model",
+        str(tree / "tiny.safetensors"),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--warmup",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def test_r_adapter_end_to_end(tree, tmp_path):
@@ -61,7 +79,19 @@ def test_r_adapter_end_to_end(tree, tmp_path):
     assert all(e["skipped_images"] == 0 and e["samples_per_s"] > 0 for e in epochs)
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["method", "trainable", "imagenet", "imagenet-v2", "imagenet-r", "ood_avg", "skipped"]
+    assert list(rows[0]) == [
+        "method",
+        "trainable",
+        "imagenet",
+        "imagenet-v2",
+        "imagenet-r",
+        "ood_avg",
+        "imagenet_se",
+        "imagenet-v2_se",
+        "imagenet-r_se",
+        "ood_avg_se",
+        "skipped",
+    ]
     ood = [float(rows[0][k]) for k in ("imagenet-v2", "imagenet-r")]
     assert math.isclose(float(rows[0]["ood_avg"]), sum(ood) / 2)
     assert json.loads((run_dir / "config.json").read_text())["method"] == "r-adapter"
@@ -70,9 +100,24 @@ def test_r_adapter_end_to_end(tree, tmp_path):
 
     # evaluate.py: the alpha sweep on the saved adapters, without retraining
     out = tmp_path / "eval"
-    evaluate.main(["--model", str(tree / "tiny.safetensors"), "--adapters", str(run_dir / "adapters.safetensors"),
-                   "--data", "imagenet", "--data-root", str(tree), "--alpha", "0,0.5,1", "--workers", "0",
-                   "--out", str(out)])
+    evaluate.main(
+        [
+            "--model",
+            str(tree / "tiny.safetensors"),
+            "--adapters",
+            str(run_dir / "adapters.safetensors"),
+            "--data",
+            "imagenet",
+            "--data-root",
+            str(tree),
+            "--alpha",
+            "0,0.5,1",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     with open(out / "results.csv") as f:
         sweep = list(csv.DictReader(f))
     assert [float(r["alpha"]) for r in sweep] == [0, 0.5, 1]
@@ -80,8 +125,20 @@ def test_r_adapter_end_to_end(tree, tmp_path):
     assert sweep[1]["imagenet"] == rows[0]["imagenet"]  # alpha 0.5 = the merged model train.py evaluated
 
     # the merged export is a plain CLIP: evaluating it zero-shot gives the same numbers
-    evaluate.main(["--model", str(run_dir / "merged.safetensors"), "--data", "imagenet", "--data-root", str(tree),
-                   "--workers", "0", "--out", str(tmp_path / "merged")])
+    evaluate.main(
+        [
+            "--model",
+            str(run_dir / "merged.safetensors"),
+            "--data",
+            "imagenet",
+            "--data-root",
+            str(tree),
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "merged"),
+        ]
+    )
     with open(tmp_path / "merged" / "results.csv") as f:
         assert next(csv.DictReader(f))["imagenet"] == rows[0]["imagenet"]
 
@@ -92,8 +149,11 @@ def _final_adapters(run_dir):
 
 
 def _train_cmd(tree, run_dir, *extra):
-    return [sys.executable, str(ROOT / "train.py"), *args(tree, run_dir, "--epochs", "3", "--save-every", "1",
-                                                        "--method", "r-adapter", *extra)]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *args(tree, run_dir, "--epochs", "3", "--save-every", "1", "--method", "r-adapter", *extra),
+    ]
 
 
 def test_resume_after_sigkill_reaches_the_same_weights(tree, tmp_path):
@@ -119,12 +179,12 @@ def test_resume_after_sigkill_reaches_the_same_weights(tree, tmp_path):
 
 
 def test_step_sampler_shards_and_resumes_exactly():
-    full = list(train.StepSampler(40, 8, seed=3))
+    full = list(data.StepSampler(40, 8, seed=3))
     assert sorted(i for _, i in full) == list(range(40))
-    ranks = [train.StepSampler(40, 8, seed=3, rank=r, world=2) for r in range(2)]
-    per_step = [[list(s)[k * 4:(k + 1) * 4] for s in ranks] for k in range(5)]
+    ranks = [data.StepSampler(40, 8, seed=3, rank=r, world=2) for r in range(2)]
+    per_step = [[list(s)[k * 4 : (k + 1) * 4] for s in ranks] for k in range(5)]
     assert [x for step in per_step for shard in step for x in shard] == full  # shards = the global batch
-    resumed = train.StepSampler(40, 8, seed=3)
+    resumed = data.StepSampler(40, 8, seed=3)
     resumed.set_epoch(0, start_step=2)
     assert list(resumed) == full[16:]
     resumed.set_epoch(1)
@@ -145,8 +205,8 @@ def test_bad_inputs_are_clear_errors(tree, tmp_path, monkeypatch, capsys):
     assert "needs --data-root" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.main(args(tree, tmp_path / "x", "--method", "magic"))
-    assert "--method 'magic'" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="val"):
+    assert "--method magic: expected one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="val: evaluation folder not found"):
         train.main([*args(tree, tmp_path / "y"), "--data-root", str(tmp_path)])  # no val/: wrong layout
 
     # a checkpoint from another architecture
@@ -155,7 +215,7 @@ def test_bad_inputs_are_clear_errors(tree, tmp_path, monkeypatch, capsys):
     other = tmp_path / "other.safetensors"
     torch.manual_seed(1)
     save_clip(CLIP(PRESETS["tiny"].__class__(**{**PRESETS["tiny"].__dict__, "text_layers": 3})), other)
-    with pytest.raises(ValueError, match="checkpoint is for CLIP"):
+    with pytest.raises(SystemExit, match="written by a run with --model .*tiny.safetensors, this one has .*other"):
         train.main([*args(tree, run_dir, "--epochs", "2", "--resume", "latest"), "--model", str(other)])
 
     # a non-finite loss stops with the step number and keeps the last good checkpoint

@@ -1,9 +1,7 @@
-"""Datasets: ImageNet and its five distribution shifts, plus any ImageFolder task.
+"""ImageNet and its five distribution shifts (R-Adapter Sec. 4.1, the WiSE-FT protocol), and any
+ImageFolder tree.
 
-R-Adapter (ECCV 2024, Sec. 4.1) follows the WiSE-FT protocol: fine-tune CLIP on ImageNet
-(the in-distribution, ID, set) and report top-1 accuracy on the ImageNet val set and on five
-out-of-distribution (OOD) sets. Each OOD set has its own label space; `EvalSet.project_logits`
-maps the fine-tuned model's [N, C_task] logits onto it:
+Each OOD set has its own label space; EvalSet.project_logits maps the task's [N, 1000] logits onto it:
 
     set              classes  labels                               logits scored
     imagenet (val)   1000     sorted-wnid index                    all 1000
@@ -14,157 +12,57 @@ maps the fine-tuned model's [N, C_task] logits onto it:
     objectnet        113      index into its 113 sorted folders    max over each class's mapped
                                                                    ImageNet columns (class_groups)
 
-Directory layout for build_task('imagenet', root). OOD sets are looked for under root by
-the folder name their archive unpacks to; `ood={name: path}` points one elsewhere:
+--data imagenet --data-root ROOT. Each shift is looked for under ROOT by the folder its archive
+unpacks to (--ood NAME=DIR points one elsewhere); an absent one is skipped with one printed line:
 
-    root/train/<wnid>/*.JPEG                     ImageNet train, ImageFolder layout (optional)
-    root/val/<wnid>/*.JPEG                       ImageNet val, ImageFolder layout
-    root/imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg
-    root/sketch/<wnid>/*                         ImageNet-Sketch
-    root/imagenet-r/<wnid>/*                     ImageNet-R, 200 wnids
-    root/imagenet-a/<wnid>/*                     ImageNet-A, 200 wnids
-    root/objectnet-1.0/images/<folder>/*.png     ObjectNet (313 folders; 113 are evaluated)
-    root/objectnet-1.0/mappings/                 shipped with ObjectNet:
-                                                 folder_to_objectnet_label.json,
-                                                 objectnet_to_imagenet_1k.json,
-                                                 pytorch_to_imagenet_2012_id.json,
-                                                 imagenet_to_label_2012_v2
+    ROOT/train/<wnid>/*.JPEG                     ImageNet train (optional: zero-shot needs val only)
+    ROOT/val/<wnid>/*.JPEG                       ImageNet val
+    ROOT/imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg
+    ROOT/sketch/<wnid>/*                         ImageNet-Sketch
+    ROOT/imagenet-r/<wnid>/*                     ImageNet-R, 200 wnids
+    ROOT/imagenet-a/<wnid>/*                     ImageNet-A, 200 wnids
+    ROOT/objectnet-1.0/images/<folder>/*.png     ObjectNet (313 folders; 113 are scored, after a 2 px
+    ROOT/objectnet-1.0/mappings/                 border crop) and the mapping files it ships with
 
-Task classes are the sorted wnids (torchvision ImageFolder order), named with open_clip's
-IMAGENET_CLASSNAMES and prompted with its 80 OpenAI templates. With the full 1000 classes every
-OOD set is checked against what it must contain (1000 / 200 / 113 classes, the known R and A
-wnids). Test hook: if train/ (or, without train/, val/) holds fewer than 1000 wnids, those wnids
-are the task classes, the count checks are dropped, OOD wnid folders need only be task classes,
-ImageNet-V2 folder k means task class k, and ObjectNet keeps the mapped classes present in the task.
+Classes are the sorted wnids, named with open_clip's IMAGENET_CLASSNAMES and prompted with its 80
+OpenAI templates. With all 1000 classes every shift is checked for the classes it must hold. With
+fewer wnids (small test trees) those are the task classes and each shift keeps what maps onto them.
 
-Directory layout for build_task('folder', root), any ImageFolder dataset:
-
-    root/train/<class>/*                         optional
-    root/val/<class>/*   (or root/test/<class>/*)
-    ood={'sketch': DIR, ...}                     extra eval sets: DIR/<class>/*, same classes
-
-Class names are the folder names with '_' read as a space, or come from `classnames` (a JSON
-file {folder: name} or a list); prompts are FOLDER_TEMPLATES.
-
-An OOD set that is absent is skipped with one printed line; one that is present but malformed
-(wrong classes, empty class folder, unknown wnid, bad mapping file) raises ValueError naming the
-folder or file. Images that fail to decode (including truncated files) come back as None with a
-warning, or raise with strict=True; `collate_skip` drops them when batching.
-
-build_task('toy', None): the procedurally generated world of toy_world.py (no files): ID =
-its 'photo' style, OOD = toy-v2, toy-sketch, toy-r, toy-a, toy-c (the roles of ImageNet-V2,
--Sketch, -R, -A and ImageNet-C). Sizes in TOY_SIZES.
-
-Public: build_task, TaskData, EvalSet, ImageList, collate_skip, crop_border, FOLDER_TEMPLATES,
-OOD_DIRS, IMAGENET_WNIDS, IMAGENET_R_INDICES, IMAGENET_A_INDICES.
+--data folder --data-root ROOT: ROOT/train/<class>/* (optional), ROOT/val/<class>/* (or test/), and
+--ood NAME=DIR sets with the same class folders. Names are the folders with '_' read as a space, or
+--classnames FILE (JSON {folder: name}); prompts are FOLDER_TEMPLATES.
 """
+
 import json
 import os
 import random
-import warnings
-from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-from torchvision.transforms import Compose, Normalize
+from torchvision.transforms import Compose
 
-from clip_model import CLIP_MEAN, CLIP_STD
+from data import DataError, EvalSet, ImageList, TaskData
 
 # where each OOD set unpacks under the ImageNet root (WiSE-FT's datasets.md)
 OOD_DIRS = {
-    'imagenet-v2': 'imagenetv2-matched-frequency-format-val',
-    'imagenet-r': 'imagenet-r',
-    'imagenet-a': 'imagenet-a',
-    'imagenet-sketch': 'sketch',
-    'objectnet': 'objectnet-1.0',
+    "imagenet-v2": "imagenetv2-matched-frequency-format-val",
+    "imagenet-r": "imagenet-r",
+    "imagenet-a": "imagenet-a",
+    "imagenet-sketch": "sketch",
+    "objectnet": "objectnet-1.0",
 }
 
 # prompts for a generic folder task: neutral wording, nothing domain-specific
 FOLDER_TEMPLATES = [
-    'a photo of a {}.',
-    'a photo of the {}.',
-    'a bad photo of a {}.',
-    'a good photo of a {}.',
-    'a close-up photo of a {}.',
-    'a cropped photo of a {}.',
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a bad photo of a {}.",
+    "a good photo of a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of a {}.",
 ]
-
-
-@dataclass
-class EvalSet:
-    name: str                                      # 'imagenet', 'imagenet-v2', ..., or a user name
-    dataset: Dataset                               # (image, label), label in THIS set's classes
-    class_index: Optional[torch.Tensor] = None     # [C_set] long: task class of each set class
-    class_groups: Optional[list[list[int]]] = None  # set class c = max over task classes groups[c]
-
-    def __post_init__(self):
-        if self.class_index is not None and self.class_groups is not None:
-            raise ValueError(f'{self.name}: give class_index or class_groups, not both')
-
-    def project_logits(self, logits):
-        """[N, C_task] -> [N, C_set]; identity when the set uses the task's classes."""
-        if self.class_index is not None:
-            return logits[:, self.class_index.to(logits.device)]
-        if self.class_groups is not None:
-            return torch.stack([logits[:, g].amax(dim=1) for g in self.class_groups], dim=1)
-        return logits
-
-
-@dataclass
-class TaskData:
-    classnames: list[str]      # task class names, index = label
-    templates: list[str]       # prompt format strings with one '{}'
-    train: Optional[Dataset]   # (image, label); None when there is no train folder
-    test: EvalSet              # the ID evaluation set
-    ood: list[EvalSet]         # the OOD sets that were found
-
-
-class ImageList(Dataset):
-    """(path, label) pairs -> (transform(RGB PIL image), label).
-
-    A file PIL cannot decode (corrupt, truncated) yields None and one warning per file (per
-    DataLoader worker), or raises OSError naming the file when strict. Batch with collate_skip.
-    """
-
-    def __init__(self, samples: list[tuple[str, int]], transform: Optional[Callable] = None,
-                 strict: bool = False):
-        self.samples = samples
-        self.transform = transform
-        self.strict = strict
-        self._warned: set[str] = set()
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as f:
-                image = f.convert('RGB')  # decodes now; a truncated file raises OSError here
-        except (OSError, SyntaxError) as e:  # PIL's "cannot decode this file" errors
-            if self.strict:
-                raise OSError(f'cannot read image {path}: {e}') from e
-            if path not in self._warned:
-                self._warned.add(path)
-                warnings.warn(f'skipping unreadable image {path}: {e}')
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
-
-
-def collate_skip(batch):
-    """DataLoader collate_fn: drop None items -> (images [B, 3, H, W], labels [B], n_bad)."""
-    good = [item for item in batch if item is not None]
-    n_bad = len(batch) - len(good)
-    if not good:
-        return torch.empty(0, 3, 0, 0), torch.empty(0, dtype=torch.long), n_bad
-    images, labels = default_collate(good)
-    return images, labels, n_bad
 
 
 def crop_border(image: Image.Image, px: int = 2) -> Image.Image:
@@ -173,11 +71,19 @@ def crop_border(image: Image.Image, px: int = 2) -> Image.Image:
     return image.crop((px, px, w - px, h - px))
 
 
-def build_task(name: str, root: Optional[str], train_transform: Optional[Callable] = None,
-               eval_transform: Optional[Callable] = None, *, shots: Optional[int] = None,
-               seed: int = 0, ood: Optional[dict[str, str]] = None, strict: bool = False,
-               classnames=None) -> TaskData:
-    """Build the train set, ID test set and OOD sets of task `name` ('imagenet' or 'folder').
+def build(
+    name,
+    root,
+    train_transform=None,
+    eval_transform=None,
+    *,
+    shots=None,
+    seed=0,
+    ood=None,
+    strict=False,
+    classnames=None,
+):
+    """The train set, ID test set and OOD sets of --data imagenet or folder under root.
 
     shots: keep K training images per class (seeded; independent of directory listing order).
     ood: {set name: directory}. For 'imagenet' it overrides the default locations of the five
@@ -185,40 +91,32 @@ def build_task(name: str, root: Optional[str], train_transform: Optional[Callabl
         extra eval sets.
     classnames: a list, or a JSON file {folder: name}, overriding the class names.
     """
-    if name == 'toy':
-        return _toy_task(shots, seed)
-    if name not in ('imagenet', 'folder'):
-        raise ValueError(f"unknown task {name!r}: expected 'imagenet', 'folder' or 'toy'")
-    if root is None:
-        raise ValueError(f"task {name!r} needs a root directory (--data-root)")
-    if shots is not None and shots < 1:
-        raise ValueError(f'shots must be a positive integer, got {shots}')
-    train_dir, eval_dir = os.path.join(root, 'train'), os.path.join(root, 'val')
-    if name == 'folder' and not os.path.isdir(eval_dir):
-        eval_dir = os.path.join(root, 'test')
+    train_dir, eval_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    if name == "folder" and not os.path.isdir(eval_dir):
+        eval_dir = os.path.join(root, "test")
     if not os.path.isdir(eval_dir):
-        raise FileNotFoundError(f'{eval_dir}: evaluation folder not found')
+        raise DataError(f"{eval_dir}: evaluation folder not found")
     has_train = os.path.isdir(train_dir)
     if shots is not None and not has_train:
-        raise ValueError(f'{train_dir}: shots={shots} needs a train folder')
+        raise DataError(f"{train_dir}: shots={shots} needs a train folder")
     classes = _class_folders(train_dir if has_train else eval_dir)  # task classes, index = label
     if has_train:
         _check_same_classes(eval_dir, classes, train_dir)
 
-    if name == 'imagenet':
+    if name == "imagenet":
         unknown = [c for c in classes if c not in _WNID_INDEX]
         if unknown:
-            raise ValueError(f'{os.path.join(train_dir if has_train else eval_dir, unknown[0])}: '
-                             'not an ImageNet-1k wnid')
+            raise DataError(
+                f"{os.path.join(train_dir if has_train else eval_dir, unknown[0])}: not an ImageNet-1k wnid"
+            )
         default_names = [IMAGENET_CLASSNAMES[_WNID_INDEX[w]] for w in classes]
-        templates = [t('{}') for t in OPENAI_IMAGENET_TEMPLATES]
-        test = EvalSet('imagenet', _folder_set(eval_dir, classes, eval_transform, strict))
+        templates = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+        test = EvalSet("imagenet", _folder_set(eval_dir, classes, eval_transform, strict))
         ood_sets = _imagenet_ood(root, classes, ood or {}, eval_transform, strict)
     else:
-        default_names = [c.replace('_', ' ') for c in classes]
+        default_names = [c.replace("_", " ") for c in classes]
         templates = list(FOLDER_TEMPLATES)
-        test = EvalSet(os.path.basename(os.path.normpath(root)),
-                       _folder_set(eval_dir, classes, eval_transform, strict))
+        test = EvalSet(os.path.basename(os.path.normpath(root)), _folder_set(eval_dir, classes, eval_transform, strict))
         ood_sets = []
         for set_name, path in (ood or {}).items():
             if _present(set_name, path):
@@ -230,57 +128,35 @@ def build_task(name: str, root: Optional[str], train_transform: Optional[Callabl
     if has_train:
         samples = _scan(train_dir, {c: i for i, c in enumerate(classes)})
         if shots is not None:
-            samples = _few_shot(samples, train_dir, classes, shots, seed)
+            samples = few_shot(samples, train_dir, classes, shots, seed)
         train = ImageList(samples, train_transform, strict)
     else:
-        print(f'data: no train folder at {train_dir}; train=None')
+        print(f"data: no train folder at {train_dir}; train=None")
     return TaskData(_names(classes, classnames, default_names), templates, train, test, ood_sets)
 
 
-# ---------------------------------------------------------------------------- the toy world
-
-# The toy world's sizes: ID train/test on the 'photo' style, one OOD set per shifted style,
-# named after the ImageNet set it plays (toy_world.py explains the roles).
-TOY_SIZES = dict(train_per_class=200, test_per_class=50)
-TOY_OOD = {'v2': 'toy-v2', 'sketch': 'toy-sketch', 'rendition': 'toy-r', 'adversarial': 'toy-a',
-           'corrupt': 'toy-c'}
-
-
-def _toy_task(shots, seed):
-    """build_task('toy'): generated in memory, deterministic; images are 32 px, already tensors."""
-    import toy_world
-    normalize = Normalize(CLIP_MEAN, CLIP_STD)
-    per_class = shots or TOY_SIZES['train_per_class']
-    train = toy_world.ToySplit('photo', per_class, seed=seed, split='train', transform=normalize)
-    test = EvalSet('toy-photo', toy_world.ToySplit('photo', TOY_SIZES['test_per_class'], seed=seed,
-                                                   split='test', transform=normalize))
-    ood = [EvalSet(name, toy_world.ToySplit(style, TOY_SIZES['test_per_class'], seed=seed, split='test',
-                                            transform=normalize)) for style, name in TOY_OOD.items()]
-    return TaskData(list(toy_world.CLASSNAMES), list(toy_world.TEMPLATES), train, test, ood)
-
-
 # ---------------------------------------------------------------------------- ImageNet shifts
+
 
 def _imagenet_ood(root, classes, ood, transform, strict):
     task = {w: i for i, w in enumerate(classes)}  # wnid -> task label
     full = len(classes) == 1000
     expected = {  # wnid folders each set must have when the task is full ImageNet
-        'imagenet-sketch': set(IMAGENET_WNIDS),
-        'imagenet-r': {IMAGENET_WNIDS[i] for i in IMAGENET_R_INDICES},
-        'imagenet-a': {IMAGENET_WNIDS[i] for i in IMAGENET_A_INDICES},
+        "imagenet-sketch": set(IMAGENET_WNIDS),
+        "imagenet-r": {IMAGENET_WNIDS[i] for i in IMAGENET_R_INDICES},
+        "imagenet-a": {IMAGENET_WNIDS[i] for i in IMAGENET_A_INDICES},
     }
     paths = {n: os.path.join(root, d) for n, d in OOD_DIRS.items()} | ood
     sets = []
     for name, path in paths.items():
         if not _present(name, path):
             continue
-        if name == 'imagenet-v2':
+        if name == "imagenet-v2":
             sets.append(_imagenet_v2(path, len(classes), full, transform, strict))
-        elif name == 'objectnet':
+        elif name == "objectnet":
             sets.append(_objectnet(path, task, full, transform, strict))
         else:
-            sets.append(_wnid_set(name, path, task, expected.get(name) if full else None,
-                                  transform, strict))
+            sets.append(_wnid_set(name, path, task, expected.get(name) if full else None, transform, strict))
     return sets
 
 
@@ -290,11 +166,13 @@ def _wnid_set(name, path, task, expected, transform, strict):
     wnids = _class_folders(path)
     outside = [w for w in wnids if w not in task]
     if outside:
-        raise ValueError(f'{os.path.join(path, outside[0])}: {name} folder is not one of the '
-                         f"task's {len(task)} ImageNet wnids")
+        raise DataError(
+            f"{os.path.join(path, outside[0])}: {name} folder is not one of the task's {len(task)} ImageNet wnids"
+        )
     if expected is not None and set(wnids) != expected:
-        raise ValueError(f'{path}: {name} expected its {len(expected)} wnid folders, found '
-                         f'{len(wnids)} ({_diff(wnids, expected)})')
+        raise DataError(
+            f"{path}: {name} expected its {len(expected)} wnid folders, found {len(wnids)} ({_diff(wnids, expected)})"
+        )
     dataset = _folder_set(path, wnids, transform, strict)
     if len(wnids) == len(task):
         return EvalSet(name, dataset)
@@ -307,13 +185,10 @@ def _imagenet_v2(path, n_classes, full, transform, strict):
     folders = _class_folders(path)
     bad = [f for f in folders if not (f.isdigit() and f == str(int(f)) and int(f) < n_classes)]
     if bad:
-        raise ValueError(f'{os.path.join(path, bad[0])}: imagenet-v2 folders must be class '
-                         f'indices 0..{n_classes - 1}')
+        raise DataError(f"{os.path.join(path, bad[0])}: imagenet-v2 folders must be class indices 0..{n_classes - 1}")
     if full and len(folders) != 1000:
-        raise ValueError(f'{path}: imagenet-v2 expected 1000 class folders 0..999, found '
-                         f'{len(folders)}')
-    return EvalSet('imagenet-v2', ImageList(_scan(path, {f: int(f) for f in folders}),
-                                            transform, strict))
+        raise DataError(f"{path}: imagenet-v2 expected 1000 class folders 0..999, found {len(folders)}")
+    return EvalSet("imagenet-v2", ImageList(_scan(path, {f: int(f) for f in folders}), transform, strict))
 
 
 def _objectnet(path, task, full, transform, strict):
@@ -325,109 +200,115 @@ def _objectnet(path, task, full, transform, strict):
     imagenet_to_label_2012_v2       1000 lines, the WordNet name of each ILSVRC-2012 class id
     pytorch_to_imagenet_2012_id.json {'0': 355, ...}: sorted-wnid index -> line of the file above
     """
-    mappings, images = os.path.join(path, 'mappings'), os.path.join(path, 'images')
+    mappings, images = os.path.join(path, "mappings"), os.path.join(path, "images")
     if not os.path.isdir(images):
-        raise ValueError(f'{images}: objectnet images folder not found')
-    folder_to_label = _read_mapping(mappings, 'folder_to_objectnet_label.json')
-    label_to_names = _read_mapping(mappings, 'objectnet_to_imagenet_1k.json')
-    index_to_line = _read_mapping(mappings, 'pytorch_to_imagenet_2012_id.json')
-    lines = _read_mapping(mappings, 'imagenet_to_label_2012_v2')
+        raise DataError(f"{images}: objectnet images folder not found")
+    folder_to_label = _read_mapping(mappings, "folder_to_objectnet_label.json")
+    label_to_names = _read_mapping(mappings, "objectnet_to_imagenet_1k.json")
+    index_to_line = _read_mapping(mappings, "pytorch_to_imagenet_2012_id.json")
+    lines = _read_mapping(mappings, "imagenet_to_label_2012_v2")
     if len(index_to_line) != 1000 or len(lines) != 1000:
-        raise ValueError(f'{mappings}: expected 1000 ImageNet classes in '
-                         'pytorch_to_imagenet_2012_id.json and imagenet_to_label_2012_v2')
+        raise DataError(
+            f"{mappings}: expected 1000 ImageNet classes in "
+            "pytorch_to_imagenet_2012_id.json and imagenet_to_label_2012_v2"
+        )
     name_to_indices = {}  # WordNet name -> sorted-wnid indices ('crane' names two classes)
     for index, line in index_to_line.items():
         name_to_indices.setdefault(lines[line], []).append(int(index))
     label_to_folder = {label: folder for folder, label in folder_to_label.items()}
     if full and len(label_to_names) != 113:
-        raise ValueError(f'{mappings}/objectnet_to_imagenet_1k.json: expected the 113 ObjectNet '
-                         f'classes that overlap ImageNet, found {len(label_to_names)}')
+        raise DataError(
+            f"{mappings}/objectnet_to_imagenet_1k.json: expected the 113 ObjectNet "
+            f"classes that overlap ImageNet, found {len(label_to_names)}"
+        )
 
     groups = {}  # ObjectNet folder -> task labels of its ImageNet classes
     for label, names in label_to_names.items():
         if label not in label_to_folder:
-            raise ValueError(f'{mappings}/folder_to_objectnet_label.json: no folder for ObjectNet '
-                             f'class {label!r}')
+            raise DataError(f"{mappings}/folder_to_objectnet_label.json: no folder for ObjectNet class {label!r}")
         group = []
-        for n in names.split('; '):
+        for n in names.split("; "):
             indices = name_to_indices.get(n, [])
             if len(indices) != 1:
-                raise ValueError(f'{mappings}/objectnet_to_imagenet_1k.json: ImageNet name {n!r} '
-                                 f'matches {len(indices)} lines of imagenet_to_label_2012_v2, '
-                                 'expected 1')
+                raise DataError(
+                    f"{mappings}/objectnet_to_imagenet_1k.json: ImageNet name {n!r} "
+                    f"matches {len(indices)} lines of imagenet_to_label_2012_v2, "
+                    "expected 1"
+                )
             wnid = IMAGENET_WNIDS[indices[0]]
             if wnid in task:  # always true with the full 1000 classes
                 group.append(task[wnid])
         if group:
             groups[label_to_folder[label]] = group
     if not groups:
-        raise ValueError(f'{mappings}: no ObjectNet class maps to a task class')
+        raise DataError(f"{mappings}: no ObjectNet class maps to a task class")
     folders = sorted(groups)  # set labels follow sorted folder names, as in WiSE-FT
     crop_then_transform = Compose([crop_border] + ([transform] if transform is not None else []))
-    dataset = ImageList(_scan(images, {f: i for i, f in enumerate(folders)}), crop_then_transform,
-                        strict)
-    return EvalSet('objectnet', dataset, class_groups=[groups[f] for f in folders])
+    dataset = ImageList(_scan(images, {f: i for i, f in enumerate(folders)}), crop_then_transform, strict)
+    return EvalSet("objectnet", dataset, class_groups=[groups[f] for f in folders])
 
 
 def _read_mapping(mappings, filename):
     path = os.path.join(mappings, filename)
     if not os.path.isfile(path):
-        raise ValueError(f'{path}: ObjectNet mapping file missing (it ships in '
-                         'objectnet-1.0/mappings/)')
+        raise DataError(f"{path}: ObjectNet mapping file missing (it ships in objectnet-1.0/mappings/)")
     with open(path) as f:
-        if filename.endswith('.json'):
+        if filename.endswith(".json"):
             return json.load(f)
         return [line.strip() for line in f.read().splitlines()]
 
 
 # ---------------------------------------------------------------------------- folder helpers
 
+
 def _present(name, path):
     if os.path.isdir(path):
         return True
-    print(f'data: {name} not found at {path}; skipped')
+    print(f"data: {name} not found at {path}; skipped")
     return False
 
 
 def _class_folders(path):
     """Sorted names of the class sub-folders of path."""
-    folders = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.'))
+    folders = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     if not folders:
-        raise ValueError(f'{path}: no class folders')
+        raise DataError(f"{path}: no class folders")
     return folders
 
 
 def _check_same_classes(path, classes, reference):
     found = _class_folders(path)
     if found != classes:
-        raise ValueError(f'{path}: class folders differ from {reference} ({_diff(found, classes)})')
+        raise DataError(f"{path}: class folders differ from {reference} ({_diff(found, classes)})")
 
 
 def _diff(found, expected):
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    return f'{len(missing)} missing {missing[:5]}, {len(extra)} unexpected {extra[:5]}'
+    return f"{len(missing)} missing {missing[:5]}, {len(extra)} unexpected {extra[:5]}"
 
 
 def _images(folder):
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True)
-                   for f in fs if has_file_allowed_extension(f, IMG_EXTENSIONS))
+    files = sorted(
+        os.path.join(d, f)
+        for d, _, fs in os.walk(folder, followlinks=True)
+        for f in fs
+        if has_file_allowed_extension(f, IMG_EXTENSIONS)
+    )
     if not files:
-        raise ValueError(f'{folder}: class folder empty or missing (no {"/".join(IMG_EXTENSIONS)} '
-                         'files)')
+        raise DataError(f"{folder}: class folder empty or missing (no {'/'.join(IMG_EXTENSIONS)} files)")
     return files
 
 
 def _scan(root, labels):
     """labels: {class folder: label} -> [(path, label)] over root/<folder>/**."""
-    return [(p, label) for folder, label in labels.items()
-            for p in _images(os.path.join(root, folder))]
+    return [(p, label) for folder, label in labels.items() for p in _images(os.path.join(root, folder))]
 
 
 def _folder_set(path, classes, transform, strict):
     return ImageList(_scan(path, {c: i for i, c in enumerate(classes)}), transform, strict)
 
 
-def _few_shot(samples, train_dir, classes, shots, seed):
+def few_shot(samples, train_dir, classes, shots, seed):
     """K images per class. The draw depends only on (seed, class folder, that class's file
     paths), so it survives listing order and the addition of other classes."""
     by_label = {}
@@ -437,9 +318,8 @@ def _few_shot(samples, train_dir, classes, shots, seed):
     for label, folder in enumerate(classes):
         paths = sorted(by_label[label])
         if len(paths) < shots:
-            raise ValueError(f'{os.path.join(train_dir, folder)}: {len(paths)} images, fewer than '
-                             f'shots={shots}')
-        rng = random.Random(f'{seed}/{folder}')  # str seeds hash with sha512: stable across runs
+            raise DataError(f"{os.path.join(train_dir, folder)}: {len(paths)} images, fewer than shots={shots}")
+        rng = random.Random(f"{seed}/{folder}")  # str seeds hash with sha512: stable across runs
         subset += [(p, label) for p in sorted(rng.sample(paths, shots))]
     return subset
 
@@ -448,14 +328,17 @@ def _names(classes, classnames, default):
     if classnames is None:
         return default
     if isinstance(classnames, (str, os.PathLike)):
-        with open(classnames) as f:
-            mapping = json.load(f)  # {folder: name}
+        try:
+            with open(classnames) as f:
+                mapping = json.load(f)  # {folder: name}
+        except (OSError, ValueError) as e:
+            raise DataError(f"--classnames {classnames}: expected a JSON file {{folder: class name}} ({e})") from e
         missing = [c for c in classes if c not in mapping]
         if missing:
-            raise ValueError(f'{classnames}: no name for class folder {missing[0]!r}')
+            raise DataError(f"{classnames}: no name for class folder {missing[0]!r}")
         return [mapping[c] for c in classes]
     if len(classnames) != len(classes):
-        raise ValueError(f'classnames has {len(classnames)} entries for {len(classes)} classes')
+        raise DataError(f"classnames has {len(classnames)} entries for {len(classes)} classes")
     return list(classnames)
 
 
@@ -594,7 +477,9 @@ n12998815 n13037406 n13040303 n13044778 n13052670 n13054560 n13133613 n15075141
 # ImageNet-R's and ImageNet-A's 200 classes as indices into IMAGENET_WNIDS. Source: WiSE-FT
 # src/datasets/imagenet_{r,a}.py CLASS_SUBLIST, identical to timm's imagenet_{r,a}_indices.txt,
 # whose imagenet_{r,a}_synsets.txt are exactly these wnids.
-IMAGENET_R_INDICES = [int(i) for i in """
+IMAGENET_R_INDICES = [
+    int(i)
+    for i in """
 1 2 4 6 8 9 11 13 22 23 26 29 31 39 47 63 71 76 79 84 90 94 96 97 99 100 105 107 113
 122 125 130 132 144 145 147 148 150 151 155 160 161 162 163 171 172 178 187 195 199
 203 207 208 219 231 232 234 235 242 245 247 250 251 254 259 260 263 265 267 269 276
@@ -605,8 +490,11 @@ IMAGENET_R_INDICES = [int(i) for i in """
 724 763 768 774 776 779 780 787 805 812 815 820 824 833 847 852 866 875 883 889 895
 907 928 931 932 933 934 936 937 943 945 947 948 949 951 953 954 957 963 965 967 980
 981 983 988
-""".split()]
-IMAGENET_A_INDICES = [int(i) for i in """
+""".split()
+]
+IMAGENET_A_INDICES = [
+    int(i)
+    for i in """
 6 11 13 15 17 22 23 27 30 37 39 42 47 50 57 70 71 76 79 89 90 94 96 97 99 105 107
 108 110 113 124 125 130 132 143 144 150 151 207 234 235 254 277 283 287 291 295 298
 301 306 307 308 309 310 311 313 314 315 317 319 323 324 326 327 330 334 335 336 347
@@ -617,6 +505,7 @@ IMAGENET_A_INDICES = [int(i) for i in """
 797 802 803 804 813 815 820 823 831 833 835 839 845 847 850 859 862 870 879 880 888
 890 897 900 907 913 924 932 933 934 937 943 945 947 951 954 956 957 959 971 972 980
 981 984 986 987 988
-""".split()]
+""".split()
+]
 
 _WNID_INDEX = {w: i for i, w in enumerate(IMAGENET_WNIDS)}

@@ -1,6 +1,6 @@
 """The CoOp benchmark: 11 classification datasets, K-shot training and CoCoOp's base-to-novel split.
 
-R-Adapter (ECCV 2024; PAPER.md 2.7) and CLIPFit (EMNLP 2024; PAPER.md 3) both report the
+R-Adapter (ECCV 2024, Sec. 4) and CLIPFit (EMNLP 2024) both report the
 base-to-novel protocol of CoCoOp (Zhou et al., CVPR 2022) on the 11 datasets of CoOp (Zhou et al.,
 IJCV 2022) with 16 training images per class; CLIPFit also reports K-shot accuracy on all classes.
 
@@ -8,7 +8,7 @@ Base-to-novel. The classes, sorted by label, are cut in two: base = the first ce
 new = the others, relabelled from 0. The model trains on the base classes only (their K-shot
 subset); then the base half of the test set is scored with a classifier over the base classes only
 and the new half with one over the new classes only, and the summary is the harmonic mean
-HM = 2 * base * new / (base + new). The K-shot draw is per class (data._few_shot), so drawing it
+HM = 2 * base * new / (base + new). The K-shot draw is per class (imagenet.few_shot), so drawing it
 before the cut, as CoOp does, or after gives the same images.
 
 Layouts (CoOp's DATASETS.md): every dataset in its own folder under one root, --data-root. The
@@ -49,130 +49,131 @@ right).
     |   |-- UCF-101-midframes/<class>/*.jpg       UCF-101-midframes.zip (CoOp's middle frames)
     |   `-- split_zhou_UCF101.json
     `-- imagenet/                             --data imagenet --data-root ROOT/imagenet/images
-        |-- images/train/<wnid>/*.JPEG            ImageNet train, val: data.py's ImageNet layout
+        |-- images/train/<wnid>/*.JPEG            ImageNet train, val: imagenet.py's layout
         |-- images/val/<wnid>/*.JPEG
-        `-- classnames.txt                        not read: CLIP's names, which data.py uses too
+        `-- classnames.txt                        not read: CLIP's names, which imagenet.py uses too
 
 A split file is {"train": [[image path relative to the image folder, label, class name], ...],
 "val": [...], "test": [...]}. We read train and test (val is CoOp's model selection; we evaluate
 the last epoch). Class names are the split file's (FGVC: variants.txt) with '_' read as a space,
 as CoOp does when it fills its prompts ('Apply_Eye_Makeup' -> 'Apply Eye Makeup'). The prompt is
-CoOp's one hand-written template per dataset (DATASETS[name].template). ImageNet keeps data.py's 80
-OpenAI templates for evaluation; CLIPFit trains it with their 'a photo of a {}.'. A missing folder
-or file is a FileNotFoundError naming it and what to download; a malformed one a ValueError.
-
-Public: DATASETS, BENCHMARK, build_coop, base_new, evaluate_base_new, harmonic_mean.
+CoOp's one hand-written template per dataset (DATASETS[name].template); ImageNet keeps its 80
+OpenAI templates. A missing or malformed folder or file is a DataError naming it (and, when
+missing, what to download).
 """
+
 import json
 import math
 import os
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
-import evaluate
-from data import EvalSet, ImageList, TaskData, _few_shot
+from data import DataError, EvalSet, ImageList, TaskData
+from data.imagenet import few_shot
 
 
 class Layout(NamedTuple):
-    folder: str     # under the root
-    images: str     # image folder inside it ('' = the folder itself); split paths are relative to it
-    split: str      # CoOp's split file, or the train list (FGVC-Aircraft)
-    template: str   # CoOp's hand-written prompt
+    folder: str  # under the root
+    images: str  # image folder inside it ('' = the folder itself); split paths are relative to it
+    split: str  # CoOp's split file, or the train list (FGVC-Aircraft)
+    template: str  # CoOp's hand-written prompt
 
 
-# --data name (CoOp's config names) -> layout; ImageNet goes through data.py (see above).
+# --data name (CoOp's config names) -> layout; ImageNet goes through imagenet.py (see above).
 DATASETS = {
-    'caltech101': Layout('caltech-101', '101_ObjectCategories', 'split_zhou_Caltech101.json',
-                         'a photo of a {}.'),
-    'oxford_pets': Layout('oxford_pets', 'images', 'split_zhou_OxfordPets.json',
-                          'a photo of a {}, a type of pet.'),
-    'stanford_cars': Layout('stanford_cars', '', 'split_zhou_StanfordCars.json', 'a photo of a {}.'),
-    'oxford_flowers': Layout('oxford_flowers', 'jpg', 'split_zhou_OxfordFlowers.json',
-                             'a photo of a {}, a type of flower.'),
-    'food101': Layout('food-101', 'images', 'split_zhou_Food101.json', 'a photo of {}, a type of food.'),
-    'fgvc_aircraft': Layout('fgvc_aircraft', 'images', 'images_variant_train.txt',
-                            'a photo of a {}, a type of aircraft.'),
-    'sun397': Layout('sun397', 'SUN397', 'split_zhou_SUN397.json', 'a photo of a {}.'),
-    'dtd': Layout('dtd', 'images', 'split_zhou_DescribableTextures.json', '{} texture.'),
-    'eurosat': Layout('eurosat', '2750', 'split_zhou_EuroSAT.json', 'a centered satellite photo of {}.'),
-    'ucf101': Layout('ucf101', 'UCF-101-midframes', 'split_zhou_UCF101.json',
-                     'a photo of a person doing {}.'),
+    "caltech101": Layout("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}."),
+    "oxford_pets": Layout("oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet."),
+    "stanford_cars": Layout("stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}."),
+    "oxford_flowers": Layout(
+        "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", "a photo of a {}, a type of flower."
+    ),
+    "food101": Layout("food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
+    "fgvc_aircraft": Layout(
+        "fgvc_aircraft", "images", "images_variant_train.txt", "a photo of a {}, a type of aircraft."
+    ),
+    "sun397": Layout("sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
+    "dtd": Layout("dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
+    "eurosat": Layout("eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
+    "ucf101": Layout("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
 }
-BENCHMARK = ('imagenet', *DATASETS)  # the 11 datasets, in the papers' table order
+BENCHMARK = ("imagenet", *DATASETS)  # the 11 datasets, in the papers' table order
 
 
-def build_coop(name: str, root: str, train_transform: Optional[Callable] = None,
-               eval_transform: Optional[Callable] = None, *, shots: Optional[int] = None,
-               seed: int = 0, strict: bool = False) -> TaskData:
+def build(name, root, train_transform=None, eval_transform=None, *, shots=None, seed=0, strict=False):
     """Train (K-shot when shots is given, seeded) and test set of CoOp dataset `name` under root."""
     if name not in DATASETS:
-        raise ValueError(f"unknown CoOp dataset {name!r}: expected one of {', '.join(DATASETS)} "
-                         "(ImageNet: --data imagenet)")
+        raise DataError(
+            f"unknown CoOp dataset {name!r}: expected one of {', '.join(DATASETS)} (ImageNet: --data imagenet)"
+        )
     layout = DATASETS[name]
     folder = os.path.join(root, layout.folder)
-    hint = (f'--data {name} expects CoOp\'s layout under {root}: {layout.folder}/{layout.images or "."} '
-            f'(the images) and {layout.folder}/{layout.split} (see coop.py or README for the downloads)')
+    hint = (
+        f"--data {name} expects CoOp's layout under {root}: {layout.folder}/{layout.images or '.'} "
+        f"(the images) and {layout.folder}/{layout.split} (see data/coop.py for the downloads)"
+    )
     image_dir = os.path.join(folder, layout.images)
     if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f'{image_dir}: image folder not found; {hint}')
-    if name == 'fgvc_aircraft':
+        raise DataError(f"{image_dir}: image folder not found; {hint}")
+    if name == "fgvc_aircraft":
         splits, classnames = _read_fgvc_aircraft(folder, hint)
     else:
         splits, classnames = _read_split(os.path.join(folder, layout.split), image_dir, hint)
     missing = [p for samples in splits.values() for p, _ in samples if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f'{image_dir}: {len(missing)} listed images are missing, e.g. {missing[0]}; {hint}')
-    train = splits['train']
+        raise DataError(f"{image_dir}: {len(missing)} listed images are missing, e.g. {missing[0]}; {hint}")
+    train = splits["train"]
     if shots is not None:
-        if shots < 1:
-            raise ValueError(f'shots must be a positive integer, got {shots}')
-        train = _few_shot(train, os.path.join(folder, layout.split), classnames, shots, seed)
-    return TaskData([c.replace('_', ' ') for c in classnames], [layout.template],
-                    ImageList(train, train_transform, strict),
-                    EvalSet(name, ImageList(splits['test'], eval_transform, strict)), [])
+        train = few_shot(train, os.path.join(folder, layout.split), classnames, shots, seed)
+    return TaskData(
+        [c.replace("_", " ") for c in classnames],
+        [layout.template],
+        ImageList(train, train_transform, strict),
+        EvalSet(name, ImageList(splits["test"], eval_transform, strict)),
+        [],
+    )
 
 
 def _read_split(path, image_dir, hint):
     """CoOp's split file -> ({'train': [(image path, label)], 'test': [...]}, class names by label)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: split file not found; {hint}')
+        raise DataError(f"{path}: split file not found; {hint}")
     try:
         with open(path) as f:
             split = json.load(f)
         names, splits = {}, {}
-        for part in ('train', 'test'):
+        for part in ("train", "test"):
             splits[part] = []
             for impath, label, classname in split[part]:
                 if names.setdefault(label, classname) != classname:
-                    raise ValueError(f'label {label} is named both {names[label]!r} and {classname!r}')
+                    raise DataError(f"label {label} is named both {names[label]!r} and {classname!r}")
                 splits[part].append((os.path.join(image_dir, impath), label))
         if sorted(names) != list(range(len(names))):
-            raise ValueError(f'labels must be 0..{len(names) - 1}, found {sorted(names)[:5]}...')
+            raise DataError(f"labels must be 0..{len(names) - 1}, found {sorted(names)[:5]}...")
     except (ValueError, KeyError, TypeError) as e:  # bad JSON, missing part, wrong entry shape
-        raise ValueError(f'{path}: not a CoOp split file ({type(e).__name__}: {e})') from e
+        raise DataError(f"{path}: not a CoOp split file ({type(e).__name__}: {e})") from e
     return splits, [names[i] for i in range(len(names))]
 
 
 def _read_fgvc_aircraft(folder, hint):
     """FGVC-Aircraft's own text files -> ({'train': [(image path, label)], 'test': [...]}, variants)."""
-    variants = _lines(os.path.join(folder, 'variants.txt'), hint)
+    variants = _lines(os.path.join(folder, "variants.txt"), hint)
     labels = {v: i for i, v in enumerate(variants)}
     splits = {}
-    for part in ('train', 'test'):
-        path = os.path.join(folder, f'images_variant_{part}.txt')
+    for part in ("train", "test"):
+        path = os.path.join(folder, f"images_variant_{part}.txt")
         splits[part] = []
         for n, line in enumerate(_lines(path, hint), 1):
-            image_id, _, variant = line.partition(' ')
+            image_id, _, variant = line.partition(" ")
             if variant not in labels:
-                raise ValueError(f'{path} line {n}: variant {variant!r} is not in variants.txt')
-            splits[part].append((os.path.join(folder, 'images', image_id + '.jpg'), labels[variant]))
+                raise DataError(f"{path} line {n}: variant {variant!r} is not in variants.txt")
+            splits[part].append((os.path.join(folder, "images", image_id + ".jpg"), labels[variant]))
     return splits, variants
 
 
 def _lines(path, hint):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: not found; {hint}')
+        raise DataError(f"{path}: not found; {hint}")
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -183,36 +184,28 @@ def base_new(task: TaskData) -> tuple[TaskData, TaskData]:
     train task: the base classes (labels 0..m-1, m = ceil(n/2)) and their training images.
     eval task: all n classes; test = 'base' (base test images, scored on columns 0..m-1), ood =
     ['new'] (the other test images relabelled from 0, scored on columns m..n-1), so
-    evaluate.evaluate_task scores each half among its own classes only. OOD sets are dropped."""
+    each half is scored among its own classes only. OOD sets are dropped."""
     n = len(task.classnames)
     if n < 2:
-        raise ValueError(f'base-to-novel needs at least 2 classes, the task has {n}')
+        raise DataError(f"base-to-novel needs at least 2 classes, the task has {n}")
     if not isinstance(task.test.dataset, ImageList) or task.test.class_index is not None:
-        raise ValueError(f'base-to-novel needs a task read from image files, got test set {task.test.name!r}')
+        raise DataError(f"base-to-novel needs a task read from image files, got test set {task.test.name!r}")
     m = math.ceil(n / 2)
     base, new = range(m), range(m, n)
 
     def keep(dataset, labels):  # the samples of `labels`, relabelled from 0
-        return ImageList([(p, y - labels.start) for p, y in dataset.samples if y in labels],
-                         dataset.transform, dataset.strict)
+        return ImageList(
+            [(p, y - labels.start) for p, y in dataset.samples if y in labels], dataset.transform, dataset.strict
+        )
 
     train = None if task.train is None else keep(task.train, base)
     base_test = keep(task.test.dataset, base)
-    train_task = TaskData(task.classnames[:m], task.templates, train, EvalSet('base', base_test), [])
-    eval_task = TaskData(task.classnames, task.templates, None,
-                         EvalSet('base', base_test, class_index=torch.arange(m)),
-                         [EvalSet('new', keep(task.test.dataset, new), class_index=torch.arange(m, n))])
+    train_task = TaskData(task.classnames[:m], task.templates, train, EvalSet("base", base_test), [])
+    eval_task = TaskData(
+        task.classnames,
+        task.templates,
+        None,
+        EvalSet("base", base_test, class_index=torch.arange(m)),
+        [EvalSet("new", keep(task.test.dataset, new), class_index=torch.arange(m, n))],
+    )
     return train_task, eval_task
-
-
-def evaluate_base_new(model, task, **kwargs):
-    """{'base': top-1 %, 'new': top-1 %, 'hm': their harmonic mean, 'skipped': unreadable images} of
-    an eval task from base_new; kwargs go to evaluate.evaluate_task."""
-    acc = evaluate.evaluate_task(model, task, **kwargs)
-    return {'base': acc['base'], 'new': acc['new'], 'hm': harmonic_mean(acc['base'], acc['new']),
-            'skipped': acc['skipped']}
-
-
-def harmonic_mean(base, new):
-    """HM = 2 * base * new / (base + new); 0 when both are 0."""
-    return 2 * base * new / (base + new) if base + new else 0.0

@@ -1,140 +1,30 @@
-"""A procedurally generated "toy world" that stands in for CLIP's web data and ImageNet.
+"""A procedurally generated world of coloured shapes that stands in for CLIP's web data and ImageNet.
 
-Nobody can download CLIP weights or ImageNet where this reimplementation is run, so
-the experiments of the R-Adapter paper (ECCV 2024) are replayed at toy scale on a
-world of coloured shapes.  A tiny CLIP is pretrained contrastively on a *web corpus*
-of image-caption pairs from this world, fine-tuned on the *photo* split (the
-downstream, in-distribution task) and evaluated on the photo test split and on
-five shifted splits, each of which plays one of the paper's test sets:
+Twelve shape classes (CLASSNAMES) with a colour, size, position, fill texture, background and
+clutter, described by captions ("a photo of a small red striped triangle on a striped
+background."). A toy CLIP is pretrained on a web corpus (WebCorpus) that mixes every rendering
+style, fine-tuned on the `photo` split and evaluated on `photo` and five shifted styles, each in
+the role of one of the paper's test sets:
 
-=============  =====================  =================================================
-style          plays                  what it is
-=============  =====================  =================================================
-``photo``      ImageNet (ID)          filled, shaded objects with a drop shadow on
-                                      natural-looking backgrounds (mostly smooth
-                                      "noise" textures and gradients), mostly centred,
-                                      a little clutter, mild sensor noise.
-``v2``         ImageNet-V2            the same renderer as ``photo``, with the
-                                      attribute distribution resampled: smaller,
-                                      off-centre objects, more clutter, other colour /
-                                      texture / background frequencies, light from
-                                      other directions.  A mild shift.
-``sketch``     ImageNet-Sketch        grey / ballpoint-blue pencil outlines on white
-                                      paper: hand-wobbled, often broken strokes,
-                                      stray pencil lines, sometimes hatched or
-                                      stippled, small outlined distractors.
-``rendition``  ImageNet-R             other renditions: cartoons (flat odd colours,
-                                      thick black outline), pixel art, colour-inverted
-                                      photos, neon signs on black, tile mosaics.
-``adversarial`` ImageNet-A           hard natural images: small, off-centre,
-                                      low-contrast objects on busy backgrounds, 40%
-                                      of them crossed by an occluding bar, among 2-3
-                                      vivid distractor shapes of *other* classes
-                                      (sometimes drawn over the target).
-``corrupt``    ImageNet-C             ``photo`` images with one corruption (Gaussian
-                                      noise, blur, low contrast, pixelation, fog or
-                                      impulse noise) at a random severity 1-5.
-=============  =====================  =================================================
+    photo        ImageNet (ID)     shaded objects with shadows on natural-looking textured backgrounds
+    v2           ImageNet-V2       the same renderer, resampled attributes (smaller, off-centre, clutter)
+    sketch       ImageNet-Sketch   pencil outlines on paper, broken strokes, stray lines
+    rendition    ImageNet-R        cartoons, pixel art, inverted photos, neon signs, mosaics
+    adversarial  ImageNet-A        small occluded low-contrast objects among vivid distractors
+    corrupt      ImageNet-C        photo plus noise, blur, contrast, pixelation, fog or speckle (severity 1-5)
 
-There are 12 object classes (``CLASSNAMES``); circle / hexagon are a deliberately
-fine-grained pair.  Arrows point left or right; every shape is rotated a little.  Every object has a colour (12 named
-colours), a size (small / medium / large), a position, a fill texture (solid /
-striped / dotted / checked), a background (plain / striped / noise / gradient) and
-clutter (a number of small distractor shapes).  ``caption`` describes a sample in
-varied wording ("a photo of a small red striped triangle on a striped background",
-"a sketch of the star", "a blurry photo of a hexagon in the top left", ...).
-
-The web corpus (``WebCorpus``) mixes every style with rich captions that mention the
-shape and most of the other attributes, and often the style, so that a model
-pretrained on it has genuine zero-shot ability on every split.  Its mixture is::
-
-    web_photo   51%  photo-like, but mostly flat objects (20% shaded, 10% shadowed)
-                     on plain / striped / gradient backgrounds (never the textured
-                     "noise" ones), mostly centred and large, little clutter, no
-                     sensor noise.  NOT the downstream distribution, which uses
-                     textured and gradient backgrounds, shading, shadows, clutter.
-    photo        4%  the downstream photo renderer itself (under-represented)
-    sketch       8%  as the sketch split
-    rendition   17%  as the rendition split
-    web_corrupt 12%  web_photo images with a corruption (not photo + corruption)
-    adversarial  8%  as the adversarial split
-    and 8% of captions are "noisy": the shape name is replaced by shape/object/thing
-    (``WEB_MIX``, ``WEB_CAPTION_NOISE``).
-
-so fine-tuning on the photo split has room to raise in-distribution accuracy while
-the shifted styles stay learnable zero-shot from web data.  The design is fixed on
-principle and not tuned per method.
-
-Public API
-----------
-``CLASSNAMES``   list of class names, index = label.
-``TEMPLATES``    caption templates with ``'{}'`` for zero-shot classifiers.
-``STYLES``       ``('photo', 'v2', 'sketch', 'rendition', 'adversarial', 'corrupt')``.
-``VOCAB``        every word that a caption or template can contain (captions and
-                 templates are lower case words separated by single spaces, with a
-                 final ``'.'``).
-``render(style, label, rng, image_size=32) -> (uint8 [H, W, 3], attrs)``
-                 one sample; ``style`` may also be ``'web_photo'`` or
-                 ``'web_corrupt'`` (the web-only variants).
-``caption(attrs, rng) -> str``
-``ToySplit(style, n_per_class, seed=0, split='train', image_size=32, transform=None)``
-                 labelled split; ``ds[i] -> (float [3, H, W] in [0, 1] (then
-                 ``transform``), int label)``; attributes ``.images`` (uint8
-                 ``[N, 3, H, W]``), ``.labels``, ``.captions``, ``.attrs``.
-``WebCorpus(n, seed=0, image_size=32, transform=None)``
-                 pretraining pairs; ``ds[i] -> (float [3, H, W], caption)``; also
-                 ``.images``, ``.captions``, ``.labels`` (the depicted class),
-                 ``.sources`` (which renderer drew each pair).
-``clear_cache()`` drops the in-memory cache of generated splits.
-
-Determinism
------------
-Sample ``i`` of a split is drawn from its own ``numpy`` generator seeded with
-``SeedSequence([seed, domain, style, i])`` (domain: train / test / web), so pixels,
-attributes and captions depend only on ``(seed, split, style, i, image_size)``:
-never on the order of generation nor on how many samples are drawn.  Labels are
-interleaved (``label = i % len(CLASSNAMES)``), so the first ``k * n_classes``
-samples of a split with more samples per class equal those of a split with ``k``
-per class; classes are exactly balanced.  Train and test use disjoint seed
-domains.  Generated splits are cached in memory per
-``(kind, style, n, seed, split, image_size)``.
-
-Sizes and speed
----------------
-Suggested sizes for the default ``python train.py`` job: web 20k pairs, photo train
-100 per class (1,200 images), test 50 per class (600 images) for each of the six
-styles.  Generation is single-threaded numpy (shapes are signed-distance templates
-sampled on a coordinate grid: anti-aliased fills, outlines and glows for free).
-Measured at 32x32 on the shared 2-core CPU box this was written on (load ~4, so an
-idle machine is faster): 0.4-0.8 ms per image depending on style, i.e. ~11 s for the
-20k web corpus, ~0.8 s per 1,200-image split, ~0.4 s per 600-image test split;
-about 15 s for everything the default job needs.  Splits are then cached in
-memory.  ``python toy_world.py [--grid out.png]`` prints the current numbers.
-
-Sanity (scratch checks, not part of the tests; 12 classes, chance = 8.3%)
---------------------------------------------------------------------------
-* raw pixels are NOT enough: nearest-centroid / ridge regression on photo pixels get
-  10% / 15% on photo test (the test suite's |pixel - median| centroid feature: ~19%).
-* a 3-layer CNN trained from scratch on photo train alone (1,200 images): ~30%
-  (measured on an earlier, slightly harder draft of the world).
-* a tiny CLIP (3-layer CNN image tower, GRU over ``VOCAB`` words) trained
-  contrastively on 20k web pairs for 8 epochs, zero-shot with ``TEMPLATES``, then
-  fine-tuned (full FT, cross-entropy, head initialised from the zero-shot weights)
-  on photo train 100/class, evaluated on the test splits 50/class::
-
-                  photo   v2  sketch  rend.   adv.  corrupt  OOD avg
-      zero-shot    52.3  43.2   61.0  58.2   23.3   31.7     43.5
-      full FT      63.0  47.8   49.2  49.3   22.3   29.0     39.5
-      WiSE a=0.5   62.3  49.5   58.0  61.8   25.2   36.2     46.1
-
-  i.e. the paper's pattern: fine-tuning raises ID accuracy and lowers robustness,
-  weight interpolation recovers it.
+The web mixture (WEB_MIX) is mostly flat objects on plain backgrounds and only 4% of the
+downstream photo look, so fine-tuning on photo has ID accuracy to gain, while every shifted style
+stays learnable zero-shot from the web. Sample i of a split is drawn from its own generator seeded
+with (seed, train/test/web, style, i): pixels and captions never depend on generation order, and
+train and test never share a seed. Shapes are signed-distance templates sampled on a grid
+(anti-aliased fills, outlines and glows); rendering is single-threaded numpy, about 1 ms an image.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -142,17 +32,40 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = [
-    "CLASSNAMES", "TEMPLATES", "STYLES", "VOCAB", "COLOURS", "SIZES", "TEXTURES",
-    "BACKGROUNDS", "WEB_MIX", "WEB_CAPTION_NOISE", "render", "caption", "ToySplit",
-    "WebCorpus", "clear_cache",
+    "CLASSNAMES",
+    "TEMPLATES",
+    "STYLES",
+    "VOCAB",
+    "COLOURS",
+    "SIZES",
+    "TEXTURES",
+    "BACKGROUNDS",
+    "WEB_MIX",
+    "WEB_CAPTION_NOISE",
+    "render",
+    "render_float",
+    "caption",
+    "ToySplit",
+    "WebCorpus",
+    "clear_cache",
 ]
 
 # --------------------------------------------------------------------------- #
 # vocabulary of the world
 # --------------------------------------------------------------------------- #
 CLASSNAMES: list[str] = [
-    "circle", "square", "triangle", "star", "cross", "ring",
-    "heart", "diamond", "arrow", "crescent", "hexagon", "bolt",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "heart",
+    "diamond",
+    "arrow",
+    "crescent",
+    "hexagon",
+    "bolt",
 ]
 STYLES = ("photo", "v2", "sketch", "rendition", "adversarial", "corrupt")
 _WEB_ONLY_STYLES = ("web_photo", "web_corrupt")
@@ -169,18 +82,25 @@ TEMPLATES: list[str] = [
 ]
 
 COLOURS: dict[str, tuple[float, float, float]] = {
-    "red": (0.85, 0.10, 0.10), "green": (0.10, 0.62, 0.15), "blue": (0.12, 0.25, 0.85),
-    "yellow": (0.95, 0.85, 0.10), "orange": (0.95, 0.50, 0.05), "purple": (0.52, 0.15, 0.70),
-    "pink": (0.96, 0.50, 0.72), "cyan": (0.10, 0.80, 0.85), "white": (0.96, 0.96, 0.96),
-    "black": (0.07, 0.07, 0.07), "brown": (0.50, 0.30, 0.12), "gray": (0.50, 0.50, 0.50),
+    "red": (0.85, 0.10, 0.10),
+    "green": (0.10, 0.62, 0.15),
+    "blue": (0.12, 0.25, 0.85),
+    "yellow": (0.95, 0.85, 0.10),
+    "orange": (0.95, 0.50, 0.05),
+    "purple": (0.52, 0.15, 0.70),
+    "pink": (0.96, 0.50, 0.72),
+    "cyan": (0.10, 0.80, 0.85),
+    "white": (0.96, 0.96, 0.96),
+    "black": (0.07, 0.07, 0.07),
+    "brown": (0.50, 0.30, 0.12),
+    "gray": (0.50, 0.50, 0.50),
 }
 _COLOUR_NAMES = list(COLOURS)
 _COLOUR_ARR = np.array([COLOURS[c] for c in _COLOUR_NAMES], dtype=np.float32)
 _VIVID = [c for c in _COLOUR_NAMES if c not in ("white", "black", "gray", "brown")]
 
 # object scale (template units -> fraction of the half image width)
-SIZES: dict[str, tuple[float, float]] = {
-    "small": (0.32, 0.40), "medium": (0.45, 0.54), "large": (0.58, 0.70)}
+SIZES: dict[str, tuple[float, float]] = {"small": (0.32, 0.40), "medium": (0.45, 0.54), "large": (0.58, 0.70)}
 TEXTURES = ("solid", "striped", "dotted", "checked")
 BACKGROUNDS = ("plain", "striped", "noise", "gradient")
 _BG_WORD = {"plain": "plain", "striped": "striped", "noise": "textured", "gradient": "gradient"}
@@ -190,9 +110,8 @@ _CORRUPTIONS = ("noise", "blur", "contrast", "pixelate", "fog", "impulse")
 # --------------------------------------------------------------------------- #
 # shape templates: signed distance fields in "unit" coordinates (y points down)
 # --------------------------------------------------------------------------- #
-_DEBUG_DTYPE = False  # tests switch this on to check that rendering stays float32
-_T = 128          # template resolution
-_EXT = 1.5        # template covers [-_EXT, _EXT]^2
+_T = 128  # template resolution
+_EXT = 1.5  # template covers [-_EXT, _EXT]^2
 
 
 def _poly_sdf(P: np.ndarray, verts: list[tuple[float, float]]) -> np.ndarray:
@@ -237,8 +156,23 @@ def _shape_sdf(name: str, P: np.ndarray) -> np.ndarray:
         return _poly_sdf(P, [(x, y + 0.06) for x, y in _regular(5, 1.0, inner=0.42)])
     if name == "cross":
         a, w = 0.9, 0.28
-        return _poly_sdf(P, [(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a),
-                             (-w, a), (-w, w), (-a, w), (-a, -w), (-w, -w)])
+        return _poly_sdf(
+            P,
+            [
+                (-w, -a),
+                (w, -a),
+                (w, -w),
+                (a, -w),
+                (a, w),
+                (w, w),
+                (w, a),
+                (-w, a),
+                (-w, w),
+                (-a, w),
+                (-a, -w),
+                (-w, -w),
+            ],
+        )
     if name == "ring":
         return np.maximum(_circle_sdf(P, 0, 0, 0.9), -_circle_sdf(P, 0, 0, 0.5))
     if name == "heart":
@@ -249,19 +183,19 @@ def _shape_sdf(name: str, P: np.ndarray) -> np.ndarray:
     if name == "diamond":
         return _poly_sdf(P, [(0, -1.0), (0.64, 0), (0, 1.0), (-0.64, 0)])
     if name == "arrow":
-        return _poly_sdf(P, [(-0.92, -0.22), (0.12, -0.22), (0.12, -0.62), (0.92, 0),
-                             (0.12, 0.62), (0.12, 0.22), (-0.92, 0.22)])
+        return _poly_sdf(
+            P, [(-0.92, -0.22), (0.12, -0.22), (0.12, -0.62), (0.92, 0), (0.12, 0.62), (0.12, 0.22), (-0.92, 0.22)]
+        )
     if name == "crescent":
         return np.maximum(_circle_sdf(P, -0.05, 0, 0.88), -_circle_sdf(P, 0.4, -0.18, 0.72))
     if name == "hexagon":
         return _poly_sdf(P, _regular(6, 0.9, start_deg=0.0))
     if name == "bolt":
-        return _poly_sdf(P, [(0.22, -1.0), (-0.55, 0.12), (-0.06, 0.12), (-0.24, 1.0),
-                             (0.58, -0.18), (0.08, -0.18)])
+        return _poly_sdf(P, [(0.22, -1.0), (-0.55, 0.12), (-0.06, 0.12), (-0.24, 1.0), (0.58, -0.18), (0.08, -0.18)])
     raise KeyError(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _templates() -> np.ndarray:
     """SDF templates, float32 [n_classes, _T, _T] (unit coordinates)."""
     g = np.linspace(-_EXT, _EXT, _T)
@@ -270,19 +204,19 @@ def _templates() -> np.ndarray:
     return np.stack([_shape_sdf(n, P).reshape(_T, _T) for n in CLASSNAMES]).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flat_templates() -> np.ndarray:
     return np.ascontiguousarray(_templates().reshape(len(CLASSNAMES), -1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grid(H: int):
     c = (np.arange(H, dtype=np.float32) + 0.5) / H * 2.0 - 1.0
     Y, X = np.meshgrid(c, c, indexing="ij")
     return X, Y
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _upsample_matrix(L: int, H: int) -> np.ndarray:
     """Bilinear interpolation matrix [H, L] (align-corners style)."""
     pos = np.linspace(0, L - 1, H)
@@ -340,13 +274,13 @@ class _Obj:
         cy = np.clip(gy, 0, _T - 1.001)
         fx, fy = np.floor(cx), np.floor(cy)
         i = fy.astype(np.int32) * _T + fx.astype(np.int32)
-        fx = cx - fx                              # (float32 - int would give float64)
+        fx = cx - fx  # (float32 - int would give float64)
         fy = cy - fy
         t = _flat_templates()[self.label]
         a, b, c, d = t.take(i), t.take(i + 1), t.take(i + _T), t.take(i + _T + 1)
         top = a + (b - a) * fx
         r = top + (c + (d - c) * fx - top) * fy
-        gx -= cx                                  # distance beyond the template's extent
+        gx -= cx  # distance beyond the template's extent
         gy -= cy
         r += np.sqrt(gx * gx + gy * gy) * (1.0 / k)
         r *= self.scale * min(self.aspect) * H / 2.0
@@ -471,7 +405,7 @@ def _position_word(cx, cy):
 def _angle(rng, label, spread=20.0):
     a = math.radians(_u(rng, -spread, spread))
     if CLASSNAMES[label] == "arrow":
-        a += math.pi * int(rng.integers(2))      # arrows point right or left
+        a += math.pi * int(rng.integers(2))  # arrows point right or left
     return a
 
 
@@ -479,7 +413,7 @@ def _distractor_objs(rng, label, n, s_lo, s_hi):
     out = []
     for _ in range(n):
         lab = int(rng.integers(len(CLASSNAMES) - 1))
-        lab = lab + (lab >= label)               # always another class
+        lab = lab + (lab >= label)  # always another class
         s = float(_u(rng, s_lo, s_hi))
         lim = max(1.0 - 0.6 * s, 0.0)
         cx, cy = _u(rng, -lim, lim, 2)
@@ -495,16 +429,39 @@ _PHOTO_LIKE = {
     # striped, noise, gradient); tex: P(solid, striped, dotted, checked); clutter:
     # P(0, 1, 2, ... distractors); colour: palette weights (None = uniform); light:
     # range of the light direction; shade / shadow: probability of shading / shadow.
-    "photo":     dict(size=(0.15, 0.45, 0.40), spread=0.13, bg=(0.05, 0.05, 0.55, 0.35),
-                      tex=(0.60, 0.14, 0.13, 0.13), clutter=(0.50, 0.35, 0.15),
-                      colour=None, light=(-2.6, -0.6), shade=1.0, shadow=1.0),
-    "v2":        dict(size=(0.30, 0.45, 0.25), spread=0.30, bg=(0.10, 0.10, 0.45, 0.35),
-                      tex=(0.50, 0.17, 0.17, 0.16), clutter=(0.35, 0.35, 0.20, 0.10),
-                      colour=(2, 1, 2, 1, 1, 2, 1, 2, 1, 1, 2, 1), light=(-1.6, 0.4),
-                      shade=1.0, shadow=1.0),
-    "web_photo": dict(size=(0.20, 0.40, 0.40), spread=0.13, bg=(0.50, 0.30, 0.00, 0.20),
-                      tex=(0.40, 0.20, 0.20, 0.20), clutter=(0.75, 0.20, 0.05),
-                      colour=None, light=(-np.pi, np.pi), shade=0.2, shadow=0.1),
+    "photo": dict(
+        size=(0.15, 0.45, 0.40),
+        spread=0.13,
+        bg=(0.05, 0.05, 0.55, 0.35),
+        tex=(0.60, 0.14, 0.13, 0.13),
+        clutter=(0.50, 0.35, 0.15),
+        colour=None,
+        light=(-2.6, -0.6),
+        shade=1.0,
+        shadow=1.0,
+    ),
+    "v2": dict(
+        size=(0.30, 0.45, 0.25),
+        spread=0.30,
+        bg=(0.10, 0.10, 0.45, 0.35),
+        tex=(0.50, 0.17, 0.17, 0.16),
+        clutter=(0.35, 0.35, 0.20, 0.10),
+        colour=(2, 1, 2, 1, 1, 2, 1, 2, 1, 1, 2, 1),
+        light=(-1.6, 0.4),
+        shade=1.0,
+        shadow=1.0,
+    ),
+    "web_photo": dict(
+        size=(0.20, 0.40, 0.40),
+        spread=0.13,
+        bg=(0.50, 0.30, 0.00, 0.20),
+        tex=(0.40, 0.20, 0.20, 0.20),
+        clutter=(0.75, 0.20, 0.05),
+        colour=None,
+        light=(-np.pi, np.pi),
+        shade=0.2,
+        shadow=0.1,
+    ),
 }
 
 
@@ -524,7 +481,7 @@ def _photo_like(style, label, rng, pix, H, attrs):
         img = _over(img, dc, _cover(d.sdf(H)))
     shaded = rng.random() < cfg["shade"]
     sdf = obj.sdf(H)
-    if rng.random() < cfg["shadow"]:             # soft drop shadow, 1-2 px down-right
+    if rng.random() < cfg["shadow"]:  # soft drop shadow, 1-2 px down-right
         sh = int(rng.integers(1, 3))
         shadow = np.zeros((H, H), np.float32)
         shadow[sh:, sh:] = _cover(sdf[:-sh, :-sh], soft=1.8)
@@ -541,8 +498,9 @@ def _photo_like(style, label, rng, pix, H, attrs):
     img = _over(img, fill, _cover(sdf))
     if style != "web_photo":
         img = img + pix.normal(0, 0.02, img.shape).astype(np.float32)
-    attrs.update(colour=cname, size=size, position=_position_word(cx, cy), texture=tex,
-                 background=bg, clutter=n_clutter)
+    attrs.update(
+        colour=cname, size=size, position=_position_word(cx, cy), texture=tex, background=bg, clutter=n_clutter
+    )
     return img
 
 
@@ -556,13 +514,13 @@ def _sketch(label, rng, pix, H, attrs):
     img = np.full((H, H, 3), paper, np.float32) * tint
     img = img + pix.normal(0, 0.015, (H, H, 1)).astype(np.float32)
     ink = np.full(3, _u(rng, 0.1, 0.55), np.float32)
-    if rng.random() < 0.3:                      # blue ballpoint instead of pencil
+    if rng.random() < 0.3:  # blue ballpoint instead of pencil
         ink = ink * np.array([0.6, 0.7, 1.6], np.float32)
     n_clutter = int(rng.choice(4, p=[0.4, 0.3, 0.2, 0.1]))
     for d in _distractor_objs(rng, label, n_clutter, 0.3 * s + 0.05, 0.45 * s + 0.07):
         img = _over(img, ink, 0.6 * _band(d.sdf(H), 0.8))
     X, Y = _grid(H)
-    for _ in range(int(rng.integers(1, 4))):     # stray pencil strokes
+    for _ in range(int(rng.integers(1, 4))):  # stray pencil strokes
         p, q = _u(rng, -1, 1, 2), _u(rng, -1, 1, 2)
         e = q - p
         t = np.clip(((X - p[0]) * e[0] + (Y - p[1]) * e[1]) / max(float(e @ e), 1e-3), 0, 1)
@@ -574,11 +532,12 @@ def _sketch(label, rng, pix, H, attrs):
         tm = _texture_mask(obj, H, "striped" if tex == "hatched" else "dotted", rng)
         img = _over(img, ink, 0.45 * tm * _cover(sdf))
     stroke = _band(sdf, _u(rng, 0.8, 1.6))
-    if rng.random() < 0.8:                       # broken strokes: gaps along the outline
+    if rng.random() < 0.8:  # broken strokes: gaps along the outline
         stroke = stroke * (_smooth_noise(rng, H, L=7) > _u(rng, 0.15, 0.35))
     img = _over(img, ink, stroke)
-    attrs.update(colour=None, size=size, position=_position_word(cx, cy), texture=tex,
-                 background="paper", clutter=n_clutter)
+    attrs.update(
+        colour=None, size=size, position=_position_word(cx, cy), texture=tex, background="paper", clutter=n_clutter
+    )
     return img
 
 
@@ -601,7 +560,7 @@ def _rendition(label, rng, pix, H, attrs):
         wob = (_u(rng, 0.01, 0.04), _u(rng, 3, 6), _u(rng, 0, 6.3), _u(rng, 0, 6.3))
         obj = _Obj(label, cx, cy, s, _angle(rng, label), tuple(_u(rng, 0.85, 1.15, 2)), wob)
         bg = _pick(rng, ("plain", "gradient"))
-        img = _background(rng, pix, H, bg, col, 0.5) * 0.5 + 0.5      # pastel
+        img = _background(rng, pix, H, bg, col, 0.5) * 0.5 + 0.5  # pastel
         sdf = obj.sdf(H)
         img = _over(img, col, _cover(sdf))
         img = _over(img, np.zeros(3, np.float32), _band(sdf, _u(rng, 1.8, 2.6)))
@@ -611,7 +570,7 @@ def _rendition(label, rng, pix, H, attrs):
         bg = _pick(rng, ("plain", "striped"))
         small = _background(rng, pix, L, bg, col, 0.5)
         small = _over(small, col, (obj.sdf(L) < 0).astype(np.float32))
-        small = np.round(small * 3) / 3                           # 4-level palette
+        small = np.round(small * 3) / 3  # 4-level palette
         idx = (np.arange(H) * L) // H
         img = small[idx][:, idx]
     elif variant == "neon":
@@ -630,14 +589,13 @@ def _rendition(label, rng, pix, H, attrs):
         tiles = np.clip(col + _u(pix, -0.25, 0.25, (nt, nt, 3)), 0, 1).astype(np.float32)
         idx = np.arange(H) // tile
         fill = tiles[idx][:, idx]
-        grout = ((np.arange(H) % tile) == 0)
+        grout = (np.arange(H) % tile) == 0
         fill = fill * np.where(grout[:, None] | grout[None, :], np.float32(0.6), np.float32(1.0))[..., None]
         img = _over(img, fill, _cover(obj.sdf(H)))
         tex = "tiled"
     else:
         raise KeyError(variant)
-    attrs.update(colour=cname, size=size, position=_position_word(cx, cy), texture=tex,
-                 background=bg, clutter=0)
+    attrs.update(colour=cname, size=size, position=_position_word(cx, cy), texture=tex, background=bg, clutter=0)
     return img, variant
 
 
@@ -652,7 +610,7 @@ def _adversarial(label, rng, pix, H, attrs):
     img = _background(rng, pix, H, bg, col, min_dist=0.35, natural=(bg == "noise"))
     n_d = int(rng.integers(2, 4))
     ds = _distractor_objs(rng, label, n_d, 0.3 * s, 0.55 * s)
-    n_front = int(rng.integers(0, 2))            # some distractors overlap the target
+    n_front = int(rng.integers(0, 2))  # some distractors overlap the target
     for d in ds[n_front:]:
         img = _over(img, _jitter(rng, _pick(rng, _VIVID)), _cover(d.sdf(H)))
     sdf = obj.sdf(H)
@@ -664,7 +622,7 @@ def _adversarial(label, rng, pix, H, attrs):
     for d in ds[:n_front]:
         img = _over(img, _jitter(rng, _pick(rng, _VIVID)), _cover(d.sdf(H)))
     occluded = bool(rng.random() < 0.4)
-    if occluded:                                 # a bar across part of the object
+    if occluded:  # a bar across part of the object
         X, Y = _grid(H)
         a = _u(rng, 0, np.pi)
         off = _u(rng, -0.5, 0.5) * s
@@ -672,8 +630,15 @@ def _adversarial(label, rng, pix, H, attrs):
         dist = np.abs((X - cx) * math.cos(a) + (Y - cy) * math.sin(a) - off)
         img = _over(img, _contrasting_colour(rng, col, 0.3), np.clip((w - dist) * H / 2 + 0.5, 0, 1))
     img = img + pix.normal(0, 0.03, img.shape).astype(np.float32)
-    attrs.update(colour=cname, size=size, position=_position_word(cx, cy), texture=tex,
-                 background=bg, clutter=n_d, occluded=occluded)
+    attrs.update(
+        colour=cname,
+        size=size,
+        position=_position_word(cx, cy),
+        texture=tex,
+        background=bg,
+        clutter=n_d,
+        occluded=occluded,
+    )
     return img
 
 
@@ -683,9 +648,9 @@ def _blur(img, sigma):
     k /= k.sum()
     H = img.shape[0]
     p = np.pad(img, ((r, r), (0, 0), (0, 0)), mode="reflect")
-    img = sum(k[i] * p[i:i + H] for i in range(2 * r + 1))
+    img = sum(k[i] * p[i : i + H] for i in range(2 * r + 1))
     p = np.pad(img, ((0, 0), (r, r), (0, 0)), mode="reflect")
-    return sum(k[i] * p[:, i:i + H] for i in range(2 * r + 1))
+    return sum(k[i] * p[:, i : i + H] for i in range(2 * r + 1))
 
 
 def _corrupt(img, rng, pix, kind, sev):
@@ -721,9 +686,13 @@ def _corrupt(img, rng, pix, kind, sev):
 # public: one sample and its caption
 # --------------------------------------------------------------------------- #
 def render(style: str, label: int, rng: np.random.Generator, image_size: int = 32):
-    """Draw one sample of class ``label`` in ``style`` using ``rng``.
+    """Draw one sample of class ``label`` in ``style`` using ``rng``: ``(uint8 [H, W, 3], attrs)``."""
+    img, attrs = render_float(style, label, rng, image_size)
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), attrs
 
-    Returns ``(img, attrs)``: ``img`` uint8 ``[H, W, 3]``; ``attrs`` a dict with keys
+
+def render_float(style: str, label: int, rng: np.random.Generator, image_size: int = 32):
+    """``render`` before quantisation: ``img`` float32 ``[H, W, 3]`` in [0, 1]; ``attrs`` a dict with keys
     ``label, shape, style, variant, colour (None for sketches), size, position,
     texture, background, clutter (number of distractor shapes), occluded``.
     ``style`` is one of ``STYLES`` or a web-only style (``'web_photo'``,
@@ -735,9 +704,8 @@ def render(style: str, label: int, rng: np.random.Generator, image_size: int = 3
     H = int(image_size)
     # ``pix`` draws everything whose amount depends on the image size (pixel noise,
     # mosaic tiles), so that the scene and caption drawn from ``rng`` do not.
-    pix = np.random.default_rng(int(rng.integers(2 ** 63)))
-    attrs: dict[str, Any] = dict(label=label, shape=CLASSNAMES[label], style=style,
-                                 variant=style, occluded=False)
+    pix = np.random.default_rng(int(rng.integers(2**63)))
+    attrs: dict[str, Any] = dict(label=label, shape=CLASSNAMES[label], style=style, variant=style, occluded=False)
     if style in ("photo", "v2", "web_photo"):
         img = _photo_like(style, label, rng, pix, H, attrs)
     elif style in ("corrupt", "web_corrupt"):
@@ -754,9 +722,6 @@ def render(style: str, label: int, rng: np.random.Generator, image_size: int = 3
         img = _adversarial(label, rng, pix, H, attrs)
     else:
         raise ValueError(f"unknown style {style!r}")
-    if _DEBUG_DTYPE:
-        assert img.dtype == np.float32, (style, attrs, img.dtype)
-    img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return img, attrs
 
 
@@ -765,8 +730,13 @@ _STYLE_PHRASES = {
     "v2": ["a photo of", "a picture of", "an image of", "a snapshot of"],
     "web_photo": ["a photo of", "a picture of", "an image of", "a clip art of"],
     "adversarial": ["a photo of", "a cluttered photo of", "a picture of", "a hard photo of"],
-    "sketch": ["a sketch of", "a drawing of", "a pencil sketch of",
-               "a black and white drawing of", "a line drawing of"],
+    "sketch": [
+        "a sketch of",
+        "a drawing of",
+        "a pencil sketch of",
+        "a black and white drawing of",
+        "a line drawing of",
+    ],
     "cartoon": ["a cartoon of", "a cartoon drawing of"],
     "pixel": ["pixel art of", "a pixel art drawing of"],
     "inverted": ["an inverted photo of", "a negative image of"],
@@ -828,8 +798,7 @@ def caption(attrs: dict, rng: np.random.Generator, shape_word: str | None = None
     n = int(attrs.get("clutter", 0))
     if n > 0 and rng.random() < 0.5:
         other = "other shape" if n == 1 else "other shapes"
-        words.append(_pick(rng, [f"with {_NUMBERS[min(n, 6)]} {other}",
-                                 "among other shapes", "in a cluttered scene"]))
+        words.append(_pick(rng, [f"with {_NUMBERS[min(n, 6)]} {other}", "among other shapes", "in a cluttered scene"]))
     if attrs.get("occluded") and rng.random() < 0.6:
         words.append(_pick(rng, ["partly hidden", "partially occluded"]))
     return " ".join(words) + "."
@@ -844,9 +813,11 @@ def _build_vocab() -> list[str]:
             words |= set(p.split())
     for t in TEMPLATES:
         words |= set(t.replace("{}", " ").replace(".", " ").split())
-    words |= set("a an the on in at with among other shapes shape background white paper dark "
-                 "center top bottom left right cluttered scene partly hidden partially "
-                 "occluded".split())
+    words |= set(
+        "a an the on in at with among other shapes shape background white paper dark "
+        "center top bottom left right cluttered scene partly hidden partially "
+        "occluded".split()
+    )
     return sorted(words)
 
 
@@ -860,8 +831,14 @@ _DOMAIN = {"train": 1, "test": 2, "web": 3}
 _STYLE_CODE = {s: i for i, s in enumerate(STYLES + _WEB_ONLY_STYLES)}
 _CACHE: dict[tuple, tuple] = {}
 
-WEB_MIX: dict[str, float] = {"web_photo": 0.51, "photo": 0.04, "sketch": 0.08,
-                             "rendition": 0.17, "web_corrupt": 0.12, "adversarial": 0.08}
+WEB_MIX: dict[str, float] = {
+    "web_photo": 0.51,
+    "photo": 0.04,
+    "sketch": 0.08,
+    "rendition": 0.17,
+    "web_corrupt": 0.12,
+    "adversarial": 0.08,
+}
 WEB_CAPTION_NOISE = 0.08
 
 
@@ -883,8 +860,9 @@ class ToySplit(Dataset):
     ``ds[i] -> (image float [3, H, W] in [0, 1], then ``transform``; int label)``.
     """
 
-    def __init__(self, style: str, n_per_class: int, seed: int = 0, split: str = "train",
-                 image_size: int = 32, transform=None):
+    def __init__(
+        self, style: str, n_per_class: int, seed: int = 0, split: str = "train", image_size: int = 32, transform=None
+    ):
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
         if split not in ("train", "test"):
@@ -955,31 +933,3 @@ class WebCorpus(Dataset):
         if self.transform is not None:
             x = self.transform(x)
         return x, self.captions[i]
-
-
-def _main() -> None:  # pragma: no cover - manual timing / preview helper
-    import argparse
-    ap = argparse.ArgumentParser(description="time the toy world and optionally save a preview grid")
-    ap.add_argument("--grid", default="", help="write a PNG grid of samples per style here")
-    ap.add_argument("--web", type=int, default=20000)
-    args = ap.parse_args()
-    for style in STYLES:
-        t = time.perf_counter()
-        ToySplit(style, 100, split="train")
-        print(f"{style:12s} train 100/class ({100 * len(CLASSNAMES)} imgs): {time.perf_counter() - t:.2f}s")
-    t = time.perf_counter()
-    web = WebCorpus(args.web)
-    print(f"web corpus {args.web} pairs: {time.perf_counter() - t:.2f}s")
-    for c in web.captions[:8]:
-        print("  ", c)
-    if args.grid:
-        from PIL import Image
-        rows = [ToySplit(s, 1, split="test").images[:12] for s in STYLES]
-        rows.append(web.images[:12])
-        g = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
-        Image.fromarray(g.permute(1, 2, 0).numpy()).resize((g.shape[2] * 4, g.shape[1] * 4), Image.NEAREST).save(args.grid)
-        print("wrote", args.grid)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _main()

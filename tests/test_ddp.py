@@ -1,0 +1,116 @@
+"""DDP on CPU: `torchrun --nproc-per-node 2` (gloo) trains as one process on the same global batch.
+
+Under DDP each rank holds half of every global batch (StepSampler), MPM-NCE sees the whole batch
+through gather_features, and the templates are drawn for the global batch (data.shared_randint),
+so losses and adapters match a single process within fp32 reduction-order noise. Adapter dropping
+is off (--p 0): its masks are drawn per rank, from (seed, step, rank), and cannot match one
+process's draw over the global batch (nor should they: they only need to be independent).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import args, tree  # noqa: F401  (the tiny ImageNet-layout tree fixture)
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+LR = 5e-4  # the default, stated for the tolerance below
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+LAUNCH = [str(TORCHRUN)] if TORCHRUN.exists() else [sys.executable, "-m", "torch.distributed.run"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def flags(tree, run_dir, epochs, *extra):  # noqa: F811
+    # batch 8 = 4 per rank, 4 steps per epoch; p = 0: no adapter dropping (module docstring)
+    return args(
+        tree, run_dir, "--epochs", str(epochs), "--method", "r-adapter", "--p", "0", "--save-every", "1", *extra
+    )
+
+
+def torchrun(argv, log):
+    """Start train.py on 2 ranks; its output goes to the file log (a pipe could fill up and block it)."""
+    # '--' ends torchrun's own options: its parser would read train.py's --p as an ambiguous prefix
+    cmd = [*LAUNCH, "--standalone", "--nproc-per-node", "2", "--", str(ROOT / "train.py"), *argv]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def finished(proc, timeout=300):
+    proc.wait(timeout=timeout)
+    assert proc.returncode == 0, Path(proc.log).read_text()[-3000:]
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "r-adapter" / "log.jsonl").read_text().splitlines()]
+
+
+def adapters(run_dir):  # live adapters and their EMA, as train.py saved them at the end
+    return load_file(str(run_dir / "r-adapter" / "adapters.safetensors"))
+
+
+def assert_same_adapters(a, b):
+    """Within 1% of one AdamW step (whose per-weight size is about lr): AdamW divides each gradient by
+    its running RMS, so fp32 noise in near-zero gradients moves a few weights by ~1e-3 lr."""
+    assert a.keys() == b.keys() and len(a) > 0
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-2 * LR, worst
+
+
+def test_two_ranks_train_like_one_process(tree, tmp_path):  # noqa: F811
+    ddp = torchrun(flags(tree, tmp_path / "ddp", 2), tmp_path / "ddp.log")
+    train.main(flags(tree, tmp_path / "one", 2))  # meanwhile, the same global batch in this process
+    finished(ddp)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    assert len(one) == len(two) == 2
+    assert one == pytest.approx(two, rel=1e-5)
+    assert_same_adapters(adapters(tmp_path / "one"), adapters(tmp_path / "ddp"))
+
+
+def _rank_pid(parent, rank):
+    """The pid of the worker torchrun started with RANK=rank (its child, found through /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended meanwhile
+        if f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc (Linux)")
+def test_sigkill_one_rank_then_resume_both(tree, tmp_path):  # noqa: F811
+    straight = torchrun(flags(tree, tmp_path / "straight", 3), tmp_path / "straight.log")
+    killed_dir = tmp_path / "killed"
+    killed = torchrun(flags(tree, killed_dir, 3), tmp_path / "killed.log")
+    ckpt, deadline = killed_dir / "r-adapter" / "checkpoint.pt", time.time() + 240
+    while time.time() < deadline:  # kill rank 0, the checkpoint writer, mid-epoch 2 (12 steps in all)
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 5:
+            break
+        time.sleep(0.05)
+    pid = _rank_pid(killed.pid, 0)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert killed.wait(timeout=120) != 0  # torchrun stops the other rank and fails
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 5 <= step < 12, f"killed at step {step}"
+    assert not (killed_dir / "r-adapter" / "adapters.safetensors").exists()
+    finished(torchrun(flags(tree, killed_dir, 3, "--resume", "latest"), tmp_path / "resumed.log"))
+    finished(straight)
+    a, b = adapters(tmp_path / "straight"), adapters(killed_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same ranks, same order: exact
+    assert losses(killed_dir)[-1] == losses(tmp_path / "straight")[-1]  # epoch 3 ran wholly after the resume

@@ -1,0 +1,239 @@
+"""Bad input ends train.py and evaluate.py with one line naming the flag or the path, never a traceback:
+exit code 2 for flags, 1 for everything else (data trees, model, adapter and checkpoint files)."""
+
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import recipes
+import train
+from clip_model import CLIP, PRESETS
+from clip_weights import WeightsError, load_clip, save_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A two-class folder task (train/ and val/) and a random tiny CLIP."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for label, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (36, 36, 3), dtype=np.uint8) + np.uint8(120 * label)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+    torch.manual_seed(0)
+    save_clip(CLIP(PRESETS["tiny"]), root / "tiny.safetensors")
+    return root
+
+
+def argv(tree, tmp_path, *extra):
+    return [
+        "--data",
+        "folder",
+        "--data-root",
+        str(tree),
+        "--model",
+        str(tree / "tiny.safetensors"),
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--run-dir",
+        str(tmp_path / "runs"),
+        *extra,
+    ]
+
+
+def refused(main, args, capsys):
+    """(exit code, the message) of a main() that refused its input."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    code, err = e.value.code, capsys.readouterr().err.strip()
+    message = code if isinstance(code, str) else err  # sys.exit(message) exits with 1 and prints it
+    assert "Traceback" not in message and len(message.splitlines()) <= 2
+    return (1 if isinstance(code, str) else code), message
+
+
+def test_missing_data_root(tree, tmp_path, capsys):
+    absent = tmp_path / "absent"
+    assert refused(train.main, [*argv(tree, tmp_path), "--data-root", str(absent)], capsys) == (
+        1,
+        f"error: --data-root {absent}: folder not found",
+    )
+
+
+def test_val_missing_a_class_or_with_an_empty_class(tree, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tree, bad)
+    shutil.rmtree(bad / "val" / "dog")
+    code, message = refused(train.main, [*argv(tree, tmp_path), "--data-root", str(bad)], capsys)
+    assert code == 1 and f"{bad / 'val'}: class folders differ" in message and "'dog'" in message
+    (bad / "val" / "dog").mkdir()
+    code, message = refused(train.main, [*argv(tree, tmp_path), "--data-root", str(bad)], capsys)
+    assert code == 1 and f"{bad / 'val' / 'dog'}: class folder empty" in message
+
+
+def test_model_that_is_not_a_clip_checkpoint(tree, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights")
+    code, message = refused(train.main, [*argv(tree, tmp_path), "--model", str(text)], capsys)
+    assert code == 1 and f"{text}: cannot read it as a CLIP checkpoint" in message
+    resnet = tmp_path / "resnet.pt"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, resnet)
+    code, message = refused(train.main, [*argv(tree, tmp_path), "--model", str(resnet)], capsys)
+    assert code == 1 and f"{resnet}: not a CLIP ViT state dict" in message
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--batch-size", "0"),
+        ("--p", "1.0"),
+        ("--shots", "0"),
+        ("--method", "r-adaptr"),
+        ("--min-lr", "0.1"),
+        ("--accum-steps", "3"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(tree, tmp_path, capsys, flag, value):
+    code, message = refused(train.main, [*argv(tree, tmp_path), flag, value], capsys)
+    assert code == 2 and f"{flag} {value}" in message
+
+
+BAD = {
+    "batch_size": 0,
+    "epochs": 0,
+    "accum_steps": 0,
+    "lr": 0.0,
+    "warmup": -1,
+    "p": 1.0,
+    "m": 1.5,
+    "shots": 0,
+    "tau": 0.0,
+    "epsilon": 1.0,
+    "delta": -0.1,
+    "alpha": 1.5,
+    "save_every": 0,
+    "rank": 0,
+    "workers": -1,
+    "min_lr": -1.0,
+    "max_steps": 0,
+}
+
+
+@pytest.mark.parametrize("name", sorted(recipes.RANGES))
+def test_every_numeric_range_is_checked_before_anything_loads(name, capsys):
+    flag = "--" + name.replace("_", "-")
+    code, message = refused(
+        train.parse_args, ["--data", "folder", "--data-root", "/nowhere", flag, str(BAD[name])], capsys
+    )
+    assert code == 2 and message.endswith(
+        f"error: {flag} {BAD[name]}: expected {recipes.RANGES[name][1]} (--help lists the flags)"
+    )
+
+
+def test_damaged_checkpoint_falls_back_once_then_names_the_file(tree, tmp_path, capsys):
+    train.main(argv(tree, tmp_path, "--save-every", "1", "--method", "r-adapter", "--epochs", "2"))
+    ckpt = tmp_path / "runs" / "r-adapter" / "checkpoint.pt"
+    prev = ckpt.with_suffix(".prev.pt")
+    assert torch.load(prev, weights_only=True)["step"] == torch.load(ckpt, weights_only=True)["step"] - 1
+    blob = ckpt.read_bytes()
+    ckpt.write_bytes(blob[: len(blob) // 2])  # cut in half
+    train.main(
+        argv(tree, tmp_path, "--save-every", "1", "--method", "r-adapter", "--epochs", "2", "--resume", "latest")
+    )
+    out = capsys.readouterr().out
+    assert f"--resume: {ckpt} is unreadable" in out and f"resuming from {prev}" in out
+    assert ckpt.with_suffix(".damaged.pt").read_bytes() == blob[: len(blob) // 2]  # kept aside, not rotated in
+    assert torch.load(prev, weights_only=True)["step"] == 3 and torch.load(ckpt, weights_only=True)["step"] == 4
+    ckpt.write_bytes(blob[: len(blob) // 2])
+    prev.write_bytes(b"")
+    code, message = refused(
+        train.main, argv(tree, tmp_path, "--method", "r-adapter", "--epochs", "2", "--resume", "latest"), capsys
+    )
+    assert code == 1 and f"{prev} is not a readable checkpoint" in message
+
+
+def test_resume_of_another_run_names_the_mismatch(tree, tmp_path, capsys):
+    train.main(argv(tree, tmp_path, "--method", "r-adapter", "--max-steps", "1"))
+    ckpt = tmp_path / "runs" / "r-adapter" / "checkpoint.pt"
+    code, message = refused(train.main, argv(tree, tmp_path, "--method", "lora", "--resume", str(ckpt)), capsys)
+    assert code == 1 and f"--resume {ckpt}: written by a run with --method r-adapter, this one has lora" in message
+
+
+class Payload:
+    """Unpickling this runs open(marker, 'w'): any code that ran leaves the marker file behind."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_checkpoints_that_run_code_are_refused_and_the_code_never_runs(tree, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    state = tmp_path / "evil.pt"
+    torch.save({"visual.conv1.weight": Payload(marker)}, state)
+    with pytest.raises(WeightsError, match=f"{state}: cannot read it"):
+        load_clip(state)
+    script = tmp_path / "evil-torchscript.pt"
+    with zipfile.ZipFile(script, "w") as archive:  # a TorchScript-style archive whose data.pkl carries the payload
+        archive.writestr("evil/data.pkl", pickle.dumps({"w": Payload(marker)}))
+        archive.writestr("evil/constants.pkl", pickle.dumps(()))
+        archive.writestr("evil/code/__torch__.py", "")
+    with pytest.raises(WeightsError, match=f"{script}: cannot read it"):
+        load_clip(script)
+    code, message = refused(train.main, [*argv(tree, tmp_path), "--resume", str(state)], capsys)
+    assert code == 1 and f"{state} is not a readable checkpoint" in message
+    assert not marker.exists()
+
+
+def test_evaluate_refuses_bad_input_in_one_line(tree, tmp_path, capsys):
+    base = ["--model", str(tree / "tiny.safetensors"), "--data", "folder", "--workers", "0"]
+    assert refused(evaluate.main, [*base, "--data-root", str(tmp_path / "x")], capsys)[0] == 1
+    code, message = refused(evaluate.main, [*base, "--data-root", str(tree), "--alpha", "2"], capsys)
+    assert code == 2 and "--alpha 2" in message
+    adapters = tmp_path / "adapters.safetensors"
+    adapters.write_bytes(b"junk")
+    code, message = refused(evaluate.main, [*base, "--data-root", str(tree), "--adapters", str(adapters)], capsys)
+    assert code == 1 and str(adapters) in message
+
+
+def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--data",
+            "imagenet",
+            "--data-root",
+            str(tmp_path / "nowhere"),
+            "--model",
+            "toy",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1 and proc.stderr == f"error: --data-root {tmp_path / 'nowhere'}: folder not found\n"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--batch-size", "0"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 2 and proc.stderr == (
+        "train.py: error: --batch-size 0: expected >= 1 (--help lists the flags)\n"
+    )

@@ -1,0 +1,140 @@
+"""Every documented command resolves to the released recipe (recipes.py), checked through train.parse_args."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "warmup",
+    "warmup_epochs",
+    "optimizer",
+    "grad_clip",
+    "prompts",
+    "eval_prompts",
+    "alpha",
+)
+PAPER = dict(
+    epochs=10,
+    batch_size=512,
+    lr=5e-4,
+    warmup=500,
+    warmup_epochs=None,
+    optimizer="adamw",
+    grad_clip=1.0,
+    prompts="task",
+    eval_prompts="task",
+    alpha=0.5,
+)
+CLIPFIT = dict(batch_size=32, lr=0.002, warmup=500, warmup_epochs=1, optimizer="sgd", grad_clip=0.0, alpha=0.5)
+B2N = dict(PAPER, epochs=101, batch_size=32, prompts="imagenet-80", eval_prompts="imagenet-80")
+
+# (README command, method, expected values) -- the sources are in recipes.py
+CASES = [
+    ("--data imagenet", "r-adapter", PAPER),
+    (
+        "--data imagenet --shots 16 --method r-adapter,clipfit",
+        "r-adapter",
+        dict(PAPER, epochs=50, batch_size=256, warmup=0, prompts="a photo of a {}"),
+    ),
+    (
+        "--data imagenet --shots 16 --method r-adapter,clipfit",
+        "clipfit",
+        dict(CLIPFIT, epochs=10, prompts="a photo of a {}.", eval_prompts="a photo of a {}."),
+    ),
+    ("--data dtd --shots 16 --split base --method r-adapter,clipfit", "r-adapter", B2N),
+    (
+        "--data dtd --shots 16 --split base --method r-adapter,clipfit",
+        "clipfit",
+        dict(
+            CLIPFIT,
+            epochs=100,
+            prompts="a photo of a {}, a type of texture.",
+            eval_prompts="a photo of a {}, a type of texture.",
+        ),
+    ),
+    ("--data eurosat --shots 16 --split base --method r-adapter,clipfit", "r-adapter", B2N),
+    (
+        "--data eurosat --shots 16 --split base --method r-adapter,clipfit",
+        "clipfit",
+        dict(CLIPFIT, epochs=100, prompts="task", eval_prompts="task"),
+    ),
+    (
+        "--data imagenet --shots 16 --method clipfit",
+        "clipfit",
+        dict(CLIPFIT, epochs=10, prompts="a photo of a {}.", eval_prompts="a photo of a {}."),
+    ),
+    (
+        "--data food101 --shots 16 --method clipfit",
+        "clipfit",
+        dict(CLIPFIT, epochs=10, prompts="task", eval_prompts="task"),
+    ),
+    (
+        "--data eurosat --shots 16 --method clipfit",
+        "clipfit",
+        dict(CLIPFIT, epochs=100, prompts="task", eval_prompts="task"),
+    ),
+    ("--data coco", "r-adapter", dict(PAPER, grad_clip=0.0, alpha=0.8)),
+]
+
+
+@pytest.mark.parametrize("command, method, expected", CASES, ids=[f"{c} [{m}]" for c, m, _ in CASES])
+def test_documented_command_resolves_to_the_released_recipe(command, method, expected):
+    cfgs = {c.method: c for c in train.parse_args([*command.split(), "--data-root", "DIR"])}
+    assert {k: getattr(cfgs[method], k) for k in FIELDS} == expected
+
+
+def test_the_rest_of_each_setting():
+    (ra,) = train.parse_args(["--data", "dtd", "--data-root", "DIR", "--shots", "16", "--split", "base"])
+    assert (ra.m, ra.delta, ra.epsilon, ra.rank) == (0.9, 0.1, 0.0, 4)  # base-to-novel script
+    (full,) = train.parse_args(["--data", "dtd", "--data-root", "DIR", "--split", "base", "--rank", "full"])
+    assert full.rank is None  # the paper's full rank, by flag
+    fit = {
+        c.data: c.clipfit_lambda
+        for c in (
+            train.parse_args(["--data", d, "--data-root", "D", "--shots", "16", "--method", "clipfit"])[0]
+            for d in ("dtd", "sun397", "eurosat", "food101")
+        )
+    }
+    assert fit == {"dtd": 8.0, "sun397": 8.0, "eurosat": 2.0, "food101": 2.0}
+    (coco,) = train.parse_args(["--data", "coco", "--data-root", "D"])
+    assert (coco.epsilon, coco.delta) == (0.0, 0.05)
+    (given,) = train.parse_args(["--data", "coco", "--data-root", "D", "--grad-clip", "1", "--alpha", "0.5"])
+    assert (given.grad_clip, given.alpha) == (1.0, 0.5)  # flags given always win
+
+
+def test_print_config_reads_nothing_and_counts_templates(tmp_path):
+    missing = tmp_path / "not-there"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--data",
+            "imagenet",
+            "--data-root",
+            str(missing),
+            "--shots",
+            "16",
+            "--method",
+            "r-adapter,clipfit",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    ra, fit = json.loads(out.stdout)
+    assert (ra["method"], ra["epochs"], ra["batch_size"], ra["warmup"]) == ("r-adapter", 50, 256, 0)
+    assert (ra["train_templates"], ra["eval_templates"]) == (1, 80)
+    assert (fit["method"], fit["epochs"], fit["train_templates"], fit["eval_templates"]) == ("clipfit", 10, 1, 1)
+    assert set(ra) >= set(FIELDS) | {"m", "delta", "epsilon", "rank", "precision"}
+    assert not missing.exists() and not (tmp_path / "runs").exists()
