@@ -211,10 +211,10 @@ def setup_method(model, cfg, task):
 
 # ------------------------------------------------------------------ checkpoints
 def save_checkpoint(state, path):
-    """Write `path` atomically, keeping the one before it as <name>.prev.pt (an interrupted or damaged
-    write then costs at most two save intervals)."""
+    """Write `path` atomically, keeping the one before as <name>.prev.pt: a damaged write costs two intervals."""
     if path.exists():  # a second name for the current file, so that `path` never goes missing
         with atomic(path.with_suffix(".prev.pt")) as prev:
+            prev.unlink(missing_ok=True)  # left by a run killed between the link and the rename
             os.link(path, prev)
     with atomic(path) as tmp:
         torch.save(state, tmp)
