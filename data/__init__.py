@@ -5,7 +5,7 @@ protocol that R-Adapter follows (Sec. 4.1): each OOD set (EvalSet) may have its 
 and `project_logits` maps the task's [N, C] logits onto it. A retrieval task (RetrievalData) is
 one training row per caption and the test sets of Sec. 4 (COCO 5K, Flickr30k 1K).
 
-    imagenet.py   ImageNet, its five shifts, any ImageFolder tree (their layouts)
+    imagenet.py   ImageNet, its five shifts, any ImageFolder tree (their layouts; imagenet_classes.py: the tables)
     coop.py       the 11 datasets of CoOp's few-shot / base-to-novel benchmark (their layouts)
     retrieval.py  COCO and Flickr30k on Karpathy's splits (their layouts)
     toy.py        the offline toy world's task and its pretrained toy CLIP (toy_world.py renders it)
