@@ -58,21 +58,21 @@ def zero_shot_classifier(model, classnames, templates, batch_size=1000):
 
 @torch.no_grad()
 def accuracy(model, classifier, evalset, batch_size=256, workers=4, autocast_dtype=None):
-    """Top-1 accuracy (%) on one EvalSet, the number of images scored, and the number skipped."""
+    """Per-image top-1 correctness on one EvalSet, in the order of its images ([n] bool, unreadable
+    images left out), and the number of images skipped as unreadable."""
     device = classifier.device
     loader = DataLoader(evalset.dataset, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_skip)
-    correct = total = bad = 0
+    correct, bad = [], 0
     for images, labels, n_bad in tqdm(loader, desc=evalset.name, leave=False, disable=None):
         bad += n_bad
         if len(images) == 0:
             continue
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model.encode_image(images.to(device), normalize=True).float() @ classifier.float().T
-        correct += (evalset.project_logits(logits).argmax(dim=-1).cpu() == labels).sum().item()
-        total += len(labels)
-    if total == 0:
+        correct.append(evalset.project_logits(logits).argmax(dim=-1).cpu() == labels)
+    if not correct:
         raise data.DataError(f"evaluation set {evalset.name!r} has no readable images")
-    return 100.0 * correct / total, total, bad
+    return torch.cat(correct), bad
 
 
 def standard_error(acc, n):
@@ -83,21 +83,23 @@ def standard_error(acc, n):
 
 def evaluate_task(model, task, classifier=None, prompts=None, **kwargs):
     """{'<id set>': acc, '<ood set>': acc, ..., 'ood_avg': mean over OOD, then '<set>_se' for each
-    (one standard error, points), 'skipped': n unreadable}. prompts: the classifier's templates
-    (default: the task's)."""
+    (one standard error, points), 'skipped': n unreadable, 'correct': {'<set>': [n] bool per image}}
+    (the per-image correctness gives paired SEs of differences, claims.py; tables and files leave it
+    out). prompts: the classifier's templates (default: the task's)."""
     model.eval()
     if classifier is None:
         classifier = zero_shot_classifier(model, task.classnames, prompts or task.templates)
-    acc, se, skipped = {}, {}, 0
+    acc, se, correct, skipped = {}, {}, {}, 0
     for evalset in [task.test, *task.ood]:
-        acc[evalset.name], n, bad = accuracy(model, classifier, evalset, **kwargs)
-        se[f"{evalset.name}_se"] = standard_error(acc[evalset.name], n)
+        correct[evalset.name], bad = accuracy(model, classifier, evalset, **kwargs)
+        acc[evalset.name] = 100.0 * int(correct[evalset.name].sum()) / len(correct[evalset.name])
+        se[f"{evalset.name}_se"] = standard_error(acc[evalset.name], len(correct[evalset.name]))
         skipped += bad
     ood = [s.name for s in task.ood]
     acc["ood_avg"] = sum(acc[k] for k in ood) / len(ood) if ood else float("nan")
     # the OOD sets are disjoint samples: the SE of their mean is the root sum of squares over k
     se["ood_avg_se"] = math.sqrt(sum(se[f"{k}_se"] ** 2 for k in ood)) / len(ood) if ood else float("nan")
-    return {**acc, **se, "skipped": skipped}
+    return {**acc, **se, "skipped": skipped, "correct": correct}
 
 
 def harmonic_mean(base, new):
@@ -150,6 +152,7 @@ def score(model, task, split=None, prompts=None, classifier=None, **kwargs):
                 "base_se": acc["base_se"],
                 "new_se": acc["new_se"],
                 "skipped": acc["skipped"],
+                "correct": acc["correct"],
             }
         ]
     return [acc]
@@ -169,7 +172,7 @@ def sweep(model, task, alphas, weights, **kwargs):
 def format_table(rows, header=True):
     """The paper's layout: one row per method/alpha, ID, each OOD set, OOD avg; a cell reads
     'acc±se' where the row has the set's standard error."""
-    keys = [k for k in rows[0] if k != "skipped" and not k.endswith("_se")]
+    keys = [k for k in rows[0] if k not in ("skipped", "correct") and not k.endswith("_se")]
 
     def cell(row, k):
         v, se = row[k], row.get(f"{k}_se")
@@ -185,7 +188,8 @@ def format_table(rows, header=True):
 
 
 def write_results(rows, stem):
-    """rows -> stem.csv and stem.json."""
+    """rows -> stem.csv and stem.json (without the per-image correctness)."""
+    rows = [{k: v for k, v in r.items() if k != "correct"} for r in rows]
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
