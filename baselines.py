@@ -1,14 +1,18 @@
 """Baselines next to R-Adapter and CLIPFit: what each trains, its loss where it has its own, its
 evaluation weights. Their recipes are in recipes.py; ViT-B/16 counts in brackets.
 
-full-ft       every weight of both towers but the logit scale, trained like R-Adapter [149,620,736].
-wise-ft       full-ft evaluated at theta = alpha theta_ft + (1 - alpha) theta_zs (Wortsman et al.,
-              CVPR 2022), swept over alpha. (WiSE-FT's own fine-tuning uses CE through a zero-shot
-              head, AdamW 3e-5; here it shares full-ft's training.)
-flyp          full fine-tuning with CLIP's contrastive loss on (image, class prompt) pairs (Goyal et
-              al., CVPR 2023); the logit scale stays frozen here, as in every method of this repository.
-linear-probe  a bias-free linear classifier on the frozen, normalised image features, initialised
-              from the zero-shot class embeddings, so step 0 is zero-shot CLIP [1000 x 512].
+full-ft       WiSE-FT's end-to-end fine-tuning (Wortsman et al., CVPR 2022; mlfoundations/wise-ft,
+              src/models/finetune.py): the image tower and a linear head initialised from the
+              zero-shot classifier train with cross-entropy; the text tower stays frozen. This is the
+              R-Adapter paper's FT row [86,192,640 + 512,000]. The release's head has a zero-initialised
+              bias; ours is bias-free, so the head is the classifier evaluate.py scores with. On
+              retrieval (no classes) full-ft is contrastive fine-tuning of both towers.
+wise-ft       full-ft evaluated at theta = alpha theta_ft + (1 - alpha) theta_zs, the head included,
+              swept over alpha.
+flyp          full fine-tuning of both towers with CLIP's contrastive loss on (image, class prompt)
+              pairs (Goyal et al., CVPR 2023); the logit scale stays frozen, as in every method here.
+linear-probe  WiSE-FT's linear classifier (its --freeze-encoder mode): the same zero-shot-initialised
+              head on the frozen image tower [1000 x 512].
 prolip        only the visual projection W trains (Fahes et al., 2024): CE(f W . g_c / tau) +
               (1/N) ||W - W0||_F^2, N the shots (or the mean images per class) [393,216]. The release
               trains on cached features of augmented views; we train through the frozen tower.
@@ -25,9 +29,18 @@ from torch import nn
 
 # ----------------------------------------------------------- full-ft, flyp, wise-ft
 def full_finetune(model):
-    """Every weight trains, except the logit scale (frozen in every method here)."""
+    """Every weight of both towers trains, except the logit scale (frozen in every method here)."""
     for name, param in model.named_parameters():
         param.requires_grad_(name != "logit_scale")
+    return model
+
+
+def finetune_image_tower(model):
+    """WiSE-FT's end-to-end fine-tuning: the image tower (and the classification head, if any) train."""
+    model.requires_grad_(False)
+    model.visual.requires_grad_(True)
+    if hasattr(model, "classification_head"):
+        model.classification_head.requires_grad_(True)
     return model
 
 
@@ -51,24 +64,26 @@ def wise_ft(model, zero_shot, alpha):
         model.load_state_dict(finetuned)
 
 
-# ---------------------------------------------------------------------- linear-probe
-def add_linear_probe(model, class_embeddings):
-    """Freeze CLIP; attach `model.linear_probe`, a bias-free Linear(e -> C) whose weight starts at
-    the [C, e] zero-shot class embeddings. Checkpoints see it as `linear_probe.weight`."""
+# ------------------------------------------------------- the head of full-ft and linear-probe
+def add_classification_head(model, class_embeddings):
+    """Freeze CLIP; attach `model.classification_head`, WiSE-FT's zero-shot head: a bias-free
+    Linear(e -> C) whose weight starts at s * the [C, e] normalised zero-shot class embeddings (s =
+    the logit scale), applied to normalised image features, so step 0 is zero-shot CLIP. Checkpoints
+    see it as `classification_head.weight`."""
     model.requires_grad_(False)
     C, e = class_embeddings.shape
-    probe = nn.Linear(e, C, bias=False, device=class_embeddings.device)
+    head = nn.Linear(e, C, bias=False, device=class_embeddings.device)
     with torch.no_grad():
-        probe.weight.copy_(class_embeddings)
-    model.linear_probe = probe  # trainable; not part of a CLIP checkpoint (save it separately)
-    return probe
+        head.weight.copy_(model.logit_scale.exp() * class_embeddings)
+    model.classification_head = head  # trainable; not part of a CLIP checkpoint (saved apart)
+    return head
 
 
-def linear_probe_loss(probe, tau):
-    """CE of the probe's logits f W^T / tau; through net(images) so that DDP syncs the gradients."""
+def head_loss(head):
+    """CE of head(f) on the normalised image features f; through net(images) so that DDP syncs."""
 
     def batch_loss(net, images, labels, tokens=None):
-        return F.cross_entropy(net(images)[0].float() @ probe.weight.float().T / tau, labels)
+        return F.cross_entropy(head(net(images)[0].float()), labels)
 
     return batch_loss
 

@@ -6,13 +6,13 @@ OOD accuracy than full fine-tuning; and (Fig. 1, Sec. 4.2) its re-scaling curve 
 WiSE-FT's. Each claim is a difference in points, `delta`, with its standard error `se`; the verdict
 is 'within noise' when |delta| < 2 se, else 'holds' or 'fails' by the sign the paper expects.
 
-Standard errors: one accuracy on n images has se = sqrt(p (1 - p) / n) (evaluate.standard_error); a
-mean over disjoint test sets has the root sum of squares over k. A difference of two models scored
-on the same images takes the root sum of squares of theirs, which overstates its SE (the two are
-positively correlated), so a claim called 'within noise' may in fact hold.
+Paired standard errors. Every row is scored on the same test images, so a difference is computed per
+image: on a split of n images, D_i = c_A,i - c_B,i (c = 1 if correct) and se = sqrt(Var(D) / n). A
+mean over independent splits (OOD avg, the far shifts) has se = sqrt(sum_k se_k^2) / K. The curve
+claim is linear in the correctness too: WiSE-FT interpolated at an ID value is (1 - w) c_j + w c_j+1
+per image. With several training seeds (train.py --seeds), c_i is the image's mean correctness over
+the seeds, and the seed-to-seed variance of the delta, divided by the number of seeds, is added.
 """
-
-import math
 
 import numpy as np
 
@@ -30,61 +30,79 @@ def claim(text, delta, se, expected):
     return {"claim": text, "delta": round(delta, 2), "se": round(se, 2), "verdict": verdict(delta, se, expected)}
 
 
-def difference(a, b, key):
-    """a[key] - b[key] and its standard error. Both are scored on the same images, so the errors are
-    positively correlated and the root sum of squares is an upper bound on the SE of the difference."""
-    return a[key] - b[key], math.hypot(a[f"{key}_se"], b[f"{key}_se"])
+def correct(row, split):
+    """[S, n] per-seed, per-image correctness (0/1) of a row on a split (S = 1 for a single run)."""
+    return np.atleast_2d(np.asarray(row["correct"][split], dtype=np.float64))
 
 
-def far_shift_mean(row):
-    """Mean accuracy over FAR_SHIFTS and its SE (disjoint sets: root sum of squares / k)."""
-    acc = sum(row[k] for k in FAR_SHIFTS) / len(FAR_SHIFTS)
-    return {"far": acc, "far_se": math.sqrt(sum(row[f"{k}_se"] ** 2 for k in FAR_SHIFTS)) / len(FAR_SHIFTS)}
+def paired(terms, splits):
+    """delta (points) and its paired SE of sum_t weight_t * accuracy(row_t), averaged over `splits`.
+
+    terms: [(weight, row)]; a difference A - B is [(1, A), (-1, B)]. Per split the per-image
+    combination D = sum_t weight_t c_t ([S, n]) gives the delta per seed, mean_i D[s]; the SE adds
+    the image-sampling variance of the seed-mean, Var_i(mean_s D) / n, over the splits (independent
+    samples) and the seed-to-seed variance of the split-averaged delta divided by S."""
+    per_seed, image_var = 0.0, 0.0
+    for split in splits:
+        D = sum(w * correct(row, split) for w, row in terms)  # [S, n]
+        per_seed = per_seed + D.mean(axis=1) / len(splits)  # [S]
+        image_var += D.mean(axis=0).var(ddof=1) / D.shape[1] / len(splits) ** 2
+    seed_var = per_seed.var(ddof=1) / len(per_seed) if len(per_seed) > 1 else 0.0
+    return 100 * per_seed.mean(), 100 * float(np.sqrt(image_var + seed_var))
 
 
-def curve_gap(curve, reference, id_key):
+def curve_gap(curve, reference, id_key, ood_splits):
     """How far `curve` lies above `reference` at matched ID: the mean, over curve's points with
-    alpha > 0, of its OOD avg minus the reference's OOD avg at the same ID (linear interpolation
-    along the reference sorted by ID, clamped at its ends); the SE is the mean of the two points'
-    root-sum-of-squares OOD-avg SEs."""
+    alpha > 0, of its OOD avg minus the reference's OOD avg at the same ID, the reference linearly
+    interpolated along its points sorted by ID (clamped at its ends). Returns (delta, paired se)."""
     ref = sorted(reference, key=lambda r: r[id_key])
-    xs, ys, ses = [r[id_key] for r in ref], [r["ood_avg"] for r in ref], [r["ood_avg_se"] for r in ref]
+    xs = [r[id_key] for r in ref]
     points = [r for r in curve if r["alpha"] > 0]
-    gaps = [r["ood_avg"] - float(np.interp(r[id_key], xs, ys)) for r in points]
-    se = [math.hypot(r["ood_avg_se"], float(np.interp(r[id_key], xs, ses))) for r in points]
-    return sum(gaps) / len(gaps), sum(se) / len(se)
+    terms = []
+    for r in points:
+        j = int(np.clip(np.searchsorted(xs, r[id_key]) - 1, 0, len(xs) - 2))
+        w = float(np.clip((r[id_key] - xs[j]) / (xs[j + 1] - xs[j]), 0, 1)) if xs[j + 1] > xs[j] else 0.0
+        terms += [(1, r), (-(1 - w), ref[j]), (-w, ref[j + 1])]
+    return paired([(weight / len(points), row) for weight, row in terms], ood_splits)
 
 
-def paper_claims(rows, curves, id_key, alpha=0.5):
+def find(rows, run, alpha=None):
+    """The row of method `run` (its --method) evaluated at `alpha` (None: the plain model)."""
+    return next(r for r in rows if r["run"] == run and r.get("alpha") == alpha)
+
+
+def paper_claims(rows, curves, id_key, ood_splits, alpha=0.5):
     """The R-Adapter paper's claims (Sec. 4, Table 1 and Fig. 1), checked on a table with zero-shot,
     full-ft and R-Adapter rows and the alpha sweeps of R-Adapter and WiSE-FT. delta is in points."""
-    by = {r["method"]: r for r in rows}
-    zs, ft, ra = by["zero-shot"], by["full-ft"], by[f"R-Adapter (α={alpha:g})"]
+    zs, ft, ra = find(rows, "zero-shot"), find(rows, "full-ft", 1.0), find(rows, "r-adapter", alpha)
+    far = [k for k in FAR_SHIFTS if k in ood_splits]
     out = [
         claim(
             "full fine-tuning raises ID accuracy over zero-shot (full-ft - zero-shot, expected > 0)",
-            *difference(ft, zs, id_key),
+            *paired([(1, ft), (-1, zs)], [id_key]),
             +1,
         ),
         claim(
-            "full fine-tuning lowers OOD avg (full-ft - zero-shot, expected < 0)", *difference(ft, zs, "ood_avg"), -1
+            "full fine-tuning lowers OOD avg (full-ft - zero-shot, expected < 0)",
+            *paired([(1, ft), (-1, zs)], ood_splits),
+            -1,
         ),
         claim(
-            f"full fine-tuning lowers accuracy on the far shifts, mean of {', '.join(FAR_SHIFTS)} "
+            f"full fine-tuning lowers accuracy on the far shifts, mean of {', '.join(far)} "
             "(full-ft - zero-shot, expected < 0)",
-            *difference(far_shift_mean(ft), far_shift_mean(zs), "far"),
+            *paired([(1, ft), (-1, zs)], far),
             -1,
         ),
         claim(
             f"R-Adapter (α={alpha:g}, merged EMA) raises ID accuracy over zero-shot "
             "(R-Adapter - zero-shot, expected > 0)",
-            *difference(ra, zs, id_key),
+            *paired([(1, ra), (-1, zs)], [id_key]),
             +1,
         ),
         claim(
             f"R-Adapter (α={alpha:g}) keeps more OOD accuracy than full fine-tuning "
             "(R-Adapter - full-ft OOD avg, expected > 0)",
-            *difference(ra, ft, "ood_avg"),
+            *paired([(1, ra), (-1, ft)], ood_splits),
             +1,
         ),
     ]
@@ -93,7 +111,7 @@ def paper_claims(rows, curves, id_key, alpha=0.5):
             claim(
                 "R-Adapter's α curve lies above WiSE-FT's at matched ID (mean OOD-avg gap over "
                 "R-Adapter's α > 0 points, WiSE-FT interpolated at the same ID; expected > 0)",
-                *curve_gap(curves["R-Adapter"], curves["WiSE-FT"], id_key),
+                *curve_gap(curves["R-Adapter"], curves["WiSE-FT"], id_key, ood_splits),
                 +1,
             )
         )

@@ -237,9 +237,11 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images, tokens=None):
-        """Normalised image and text features (None without tokens) and the scale s, as open_clip returns them."""
+        """Normalised image and text features (None without tokens) and the scale s, as open_clip returns them.
+        The image is encoded first, as in the released R-Adapter code: seeded adapter dropping draws in that order."""
+        image = self.encode_image(images, True)
         text = None if tokens is None else self.encode_text(tokens, True)
-        return self.encode_image(images, True), text, self.logit_scale.exp()
+        return image, text, self.logit_scale.exp()
 
 
 # ---------------------------------------------------------- text and images

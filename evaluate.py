@@ -158,6 +158,42 @@ def score(model, task, split=None, prompts=None, classifier=None, **kwargs):
     return [acc]
 
 
+def pool_seeds(runs, sweeps):
+    """The table rows and alpha sweeps of several seeds (same methods in the same order) as one table:
+    each accuracy the mean over the S seeds, 'correct' the [S, n] per-seed correctness, and each SE
+    sqrt(Var_i(mean_s c_i) / n + Var_s(acc_s) / S): image sampling plus the seed-to-seed spread.
+    One seed passes through unchanged."""
+    if len(runs) == 1:
+        return runs[0], sweeps[0]
+    rows = [_pool(same) for same in zip(*runs)]
+    curves = {name: [_pool(same) for same in zip(*(s[name] for s in sweeps))] for name in sweeps[0]}
+    return rows, curves
+
+
+def _pool(rows):
+    out = dict(rows[0])
+    if "correct" not in out:  # retrieval: the mean of each recall
+        return out | {k: sum(r[k] for r in rows) / len(rows) for k, v in out.items() if isinstance(v, float)}
+
+    def mean_and_se(splits):  # accuracy averaged over splits (independent samples) and seeds
+        per_seed, image_var = 0.0, 0.0
+        for split in splits:
+            c = torch.stack([r["correct"][split] for r in rows]).double()  # [S, n]
+            per_seed = per_seed + 100 * c.mean(1) / len(splits)
+            image_var += 100**2 * c.mean(0).var() / c.shape[1] / len(splits) ** 2
+        return per_seed.mean().item(), math.sqrt(image_var + per_seed.var().item() / len(rows))
+
+    splits = list(out["correct"])
+    out["correct"] = {k: torch.stack([r["correct"][k] for r in rows]) for k in splits}
+    for split in splits:
+        out[split], out[f"{split}_se"] = mean_and_se([split])
+    if "ood_avg" in out:  # the splits after the ID set
+        out["ood_avg"], out["ood_avg_se"] = mean_and_se(splits[1:])
+    if "hm" in out:
+        out["hm"] = harmonic_mean(out["base"], out["new"])
+    return out
+
+
 def sweep(model, task, alphas, weights, **kwargs):
     """score() at each alpha; weights(alpha) is a context manager that sets the weights."""
     rows = []
@@ -172,7 +208,8 @@ def sweep(model, task, alphas, weights, **kwargs):
 def format_table(rows, header=True):
     """The paper's layout: one row per method/alpha, ID, each OOD set, OOD avg; a cell reads
     'acc±se' where the row has the set's standard error."""
-    keys = [k for k in rows[0] if k not in ("skipped", "correct") and not k.endswith("_se")]
+    hidden = ("skipped", "correct", "run") + (("alpha",) if "method" in rows[0] else ())  # the name gives α
+    keys = [k for k in rows[0] if k not in hidden and not k.endswith("_se")]
 
     def cell(row, k):
         v, se = row[k], row.get(f"{k}_se")
@@ -199,7 +236,7 @@ def write_results(rows, stem):
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
 
 
-def report(rows, curves, out, cfg):
+def report(rows, curves, out, cfg, task):
     """The table (results.csv/.json), the sweeps and their plot, and for the toy job the paper's claims."""
     out.mkdir(parents=True, exist_ok=True)
     print("\n" + format_table(rows))
@@ -209,9 +246,10 @@ def report(rows, curves, out, cfg):
         plot(curves, out / "alpha_sweep.png", rows)
         write_results([{"method": m, **r} for m, rs in curves.items() for r in rs], out / "alpha_sweep")
         print(f"wrote {out / 'alpha_sweep.png'}")
-    methods = {r["method"] for r in rows}
-    if cfg.data == "toy" and {"zero-shot", "full-ft", f"R-Adapter (α={cfg.alpha:g})"} <= methods:
-        checked = claims.paper_claims(rows, curves, list(rows[0])[2], cfg.alpha)
+    runs = {r["run"] for r in rows}
+    if cfg.data == "toy" and {"zero-shot", "full-ft", "r-adapter"} <= runs:
+        ood = [s.name for s in task.ood]
+        checked = claims.paper_claims(rows, curves, task.test.name, ood, cfg.alpha)
         (out / "claims.json").write_text(json.dumps(checked, indent=2))
         print("\nThe paper's claims, checked (delta and se in points; 'within noise' when |delta| < 2 se):")
         for c in checked:
@@ -222,7 +260,7 @@ def report(rows, curves, out, cfg):
 def plot(curves, path, rows):
     """The sweeps as curves over alpha: ID vs OOD avg (classification), base vs new (base-to-novel),
     and for retrieval the first test set's rsum against the second's (or against alpha)."""
-    keys = [k for k in rows[0] if k not in ("method", "trainable", "alpha")]
+    keys = [k for k in rows[0] if k not in ("method", "run", "trainable", "alpha")]
     if "rsum" not in keys:
         x, y = ("base", "new") if "hm" in keys else (keys[0], "ood_avg")
         return plot_curves(

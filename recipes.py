@@ -24,6 +24,8 @@ from data import coop, imagenet, toy_world
 IMAGENET_80 = "imagenet-80"
 RETRIEVAL = ("coco", "flickr30k")
 
+WISE_FT = dict(loss="ce", lr=3e-5, weight_decay=0.1, min_lr=0.0)
+
 # Each method's own optimisation recipe (flags not given).
 METHODS = {
     # CLIPFit release (CoOp/Dassl trainer config): SGD lr 0.002 with momentum 0.9 and Dassl's weight
@@ -43,8 +45,12 @@ METHODS = {
     ),
     # FLYP (Goyal et al., CVPR 2023), its ImageNet recipe: contrastive full fine-tuning, AdamW lr 1e-5, wd 0.1.
     "flyp": dict(loss="infonce", lr=1e-5, weight_decay=0.1),
-    # WiSE-FT (Wortsman et al., CVPR 2022): full-ft's training, always swept over alpha.
-    "wise-ft": dict(sweep=True),
+    # WiSE-FT release (mlfoundations/wise-ft, src/models/finetune.py and its ImageNet command), the R-Adapter
+    # paper's FT row: image tower + zero-shot head, CE, AdamW lr 3e-5, wd 0.1, batch 512, 10 epochs, 500
+    # warm-up steps, cosine to 0, gradient clipping 1.0 (TrainConfig's batch, epochs, warm-up and clipping).
+    "full-ft": WISE_FT,
+    # WiSE-FT: the same training, always swept over alpha.
+    "wise-ft": {**WISE_FT, "sweep": True},
     # ProLIP (Fahes et al., 2024) release: Adam lr 1e-3, cosine, no warm-up, no clipping, CE.
     "prolip": dict(loss="ce", lr=1e-3, weight_decay=0.0, warmup=0, grad_clip=0.0),
     # Zero-shot-initialised linear probe: CE, AdamW lr 1e-3 (our choice; no paper recipe).
@@ -80,7 +86,12 @@ SETTINGS = {
     },
     # R-Adapter paper Sec. 4 (alpha 0.8 for retrieval) and release, COCO script: no label smoothing,
     # no gradient clipping.
-    "retrieval": {"*": dict(alpha=0.8, epsilon=0.0, grad_clip=0.0)},
+    "retrieval": {
+        "*": dict(alpha=0.8, epsilon=0.0, grad_clip=0.0),
+        # No classes for WiSE-FT's head: full fine-tuning of both towers with FLYP's contrastive recipe
+        # (the R-Adapter paper does not give its retrieval FT recipe).
+        **dict.fromkeys(("full-ft", "wise-ft"), dict(loss="infonce", lr=1e-5, weight_decay=0.1, min_lr=1e-6)),
+    },
     # The offline default job: the shipped toy CLIP, three methods, the alpha sweep.
     "toy": {
         "*": dict(model="toy", method="zero-shot,full-ft,r-adapter", workers=0, save_every=200, sweep=True),
@@ -150,6 +161,7 @@ RANGES = {  # flag: (check, what it must be)
     "workers": (lambda v: v >= 0, ">= 0"),
     "min_lr": (lambda v: v >= 0, ">= 0"),
     "max_steps": (lambda v: v is None or v >= 1, ">= 1"),
+    "seeds": (lambda v: v >= 1, ">= 1"),
 }
 CHOICES = {
     "loss": ("mpm-nce", "infonce", "ce"),
@@ -182,7 +194,8 @@ def check(cfg):
         return "--ood: base-to-novel and the CoOp datasets evaluate their own test set only"
     if cfg.split and cfg.method == "linear-probe":
         return "--split base: --method linear-probe learns rows for the base classes only, so it cannot score new ones"
-    if cfg.method in ("clipfit", "linear-probe", "prolip") and cfg.loss != "ce":
+    ce_only = ("clipfit", "linear-probe", "prolip") + (() if retrieval_task else ("full-ft", "wise-ft"))
+    if cfg.method in ce_only and cfg.loss != "ce":
         return f"--method {cfg.method} trains with cross-entropy over class logits: drop --loss {cfg.loss}"
     if retrieval_task and cfg.loss == "ce":
         return f"--data {cfg.data} is retrieval (captions, no classes): --method {cfg.method} needs another --loss"

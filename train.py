@@ -96,6 +96,7 @@ class TrainConfig:
     resume: Optional[str] = arg(None, "latest | PATH: continue from a checkpoint")
     sweep: bool = arg(False, "also evaluate alpha = 0, 0.1, ..., 1 and plot ID against OOD")
     max_steps: Optional[int] = arg(None, "stop after N steps (smoke tests); the schedule still spans all epochs")
+    seeds: int = arg(1, "run each method with seeds --seed, --seed + 1, ...; one table pools them (SEs add the spread)")
 
 
 def parse_args(argv=None) -> list[TrainConfig]:
@@ -150,7 +151,7 @@ class Method:
     weights: Callable = lambda alpha: nullcontext()  # alpha -> context manager: the evaluation weights
     curve: Optional[str] = None  # the name of its alpha sweep, if it has one
     ema: Optional[r_adapter.AdapterEMA] = None
-    classifier: Optional[torch.Tensor] = None  # linear-probe: its W replaces the text classifier
+    classifier: Optional[torch.Tensor] = None  # full-ft, linear-probe: the head's W replaces the text classifier
 
 
 def setup_method(model, cfg, task):
@@ -187,24 +188,32 @@ def setup_method(model, cfg, task):
         return Method(loss, [(f"R-Adapter (α={cfg.alpha:g})", cfg.alpha)], merged, "R-Adapter", ema=ema)
     if cfg.method == "clipfit":  # text FFN W_2 biases + image LayerNorms; CE + text distillation
         return Method(clipfit.prepare(model, prompts[0], tau, cfg.clipfit_lambda), plain)
-    if cfg.method in ("linear-probe", "prolip"):  # on the frozen zero-shot classifier of the evaluation
+    head = None  # full-ft, wise-ft and linear-probe: WiSE-FT's head, initialised from the zero-shot classifier
+    if names and cfg.method in ("full-ft", "wise-ft", "linear-probe", "prolip"):
         classifier = evaluate.zero_shot_classifier(model, names, recipes.templates(cfg.eval_prompts, task.templates))
-        if cfg.method == "linear-probe":
-            probe = baselines.add_linear_probe(model, classifier)
-            return Method(baselines.linear_probe_loss(probe, tau), plain, classifier=probe.weight)
-        lam = baselines.prolip_weight(cfg.shots, len(task.train), len(names))
-        return Method(baselines.prolip(model, classifier, tau, lam), plain)
+        if cfg.method == "prolip":
+            lam = baselines.prolip_weight(cfg.shots, len(task.train), len(names))
+            return Method(baselines.prolip(model, classifier, tau, lam), plain)
+        head = baselines.add_classification_head(model, classifier)
+        loss = baselines.head_loss(head)
+    if cfg.method == "linear-probe":
+        return Method(loss, plain, classifier=head.weight)
     if cfg.method == "lora":  # merged into plain Linear layers for evaluation and export
         baselines.add_lora(model, rank=cfg.rank)
         return Method(loss, [(f"lora (r={cfg.rank})", None)], lambda a: baselines.lora_merged(model))
-    if cfg.method in ("full-ft", "wise-ft", "flyp"):
-        zero_shot = baselines.snapshot(model) if cfg.method != "flyp" else None
+    if cfg.method == "flyp":
         baselines.full_finetune(model)
-        if zero_shot is None:
-            return Method(loss, plain)
+        return Method(loss, plain)
+    if cfg.method in ("full-ft", "wise-ft"):  # WiSE-FT's end-to-end fine-tuning (both towers on retrieval)
+        if head is None:
+            baselines.full_finetune(model)
+        else:
+            baselines.finetune_image_tower(model)
+        zero_shot = baselines.snapshot(model)  # the head too: WiSE-FT interpolates it with the tower
         name = "full-ft" if cfg.method == "full-ft" else "WiSE-FT (α=1)"
         rows = [(name, 1.0), (f"WiSE-FT (α={cfg.alpha:g})", cfg.alpha)]
-        return Method(loss, rows, lambda a: baselines.wise_ft(model, zero_shot, a), "WiSE-FT")
+        weights = lambda a: baselines.wise_ft(model, zero_shot, a)
+        return Method(loss, rows, weights, "WiSE-FT", classifier=None if head is None else head.weight)
     model.requires_grad_(False)  # zero-shot
     return Method(loss, plain)
 
@@ -373,8 +382,25 @@ def build_data(cfg, model):
 
 
 def run(cfgs, device, rank=0, world=1):
-    """Train and evaluate each method in turn; one table (and alpha sweep) for all of them."""
-    rows, curves, out = [], {}, Path(cfgs[0].run_dir or f"runs/{cfgs[0].data}")
+    """Train and evaluate each method in turn, once per seed; one table (and alpha sweep) for all of them,
+    pooled over the seeds (evaluate.pool_seeds)."""
+    out = Path(cfgs[0].run_dir or f"runs/{cfgs[0].data}")
+    seeds = [cfgs[0].seed + s for s in range(cfgs[0].seeds)]
+    runs = []
+    for seed in seeds:
+        seed_dir = out / f"seed{seed}" if len(seeds) > 1 else out
+        runs.append(run_methods([dataclasses.replace(c, seed=seed) for c in cfgs], seed_dir, device, rank, world))
+    if rank != 0 or not runs[0][0]:
+        return [], {}
+    rows, curves = evaluate.pool_seeds([r for r, _, _ in runs], [c for _, c, _ in runs])
+    evaluate.report(rows, curves, out, cfgs[0], runs[0][2])
+    return rows, curves
+
+
+def run_methods(cfgs, out, device, rank=0, world=1):
+    """One seed: each method trained (unless zero-shot), exported and evaluated. Returns its table rows,
+    alpha sweeps and the evaluation task."""
+    rows, curves = [], {}
     for cfg in cfgs:
         cfg = dataclasses.replace(cfg, run_dir=str(out / cfg.method))
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -403,23 +429,23 @@ def run(cfgs, device, rank=0, world=1):
             with method.weights(alpha):
                 scores = done or evaluate.score(model, eval_task, **kwargs)
             for score in scores:
-                rows.append({"method": name, "trainable": n_train, **{k: v for k, v in score.items() if k != "alpha"}})
+                row = dict(method=name, run=cfg.method, alpha=alpha, trainable=n_train)
+                rows.append(row | {k: v for k, v in score.items() if k != "alpha"})
         print(evaluate.format_table(rows[first:]))
         export(cfg, model, method)
-    if rank == 0 and rows:
-        evaluate.report(rows, curves, out, cfgs[0])
-    return rows, curves
+    return rows, curves, eval_task
 
 
 def export(cfg, model, method):
-    """A plain CLIP with the fine-tuned weights (merged.safetensors), and the adapters or probe themselves."""
+    """A plain CLIP with the fine-tuned weights (merged.safetensors), the adapters, and the classification
+    head of full-ft and linear-probe (head.safetensors: [C, e], applied to normalised image features)."""
     out = Path(cfg.run_dir)
     if method.ema is not None:
         r_adapter.save_adapters(model, out / "adapters.safetensors", ema=method.ema)
-    if method.classifier is not None:
-        save_file({"weight": method.classifier.detach().cpu().contiguous()}, str(out / "linear_probe.safetensors"))
-    elif cfg.method != "zero-shot":
-        with method.weights(method.rows[0][1]):
+    with method.weights(method.rows[0][1]):
+        if method.classifier is not None:
+            save_file({"weight": method.classifier.detach().cpu().contiguous()}, str(out / "head.safetensors"))
+        if cfg.method not in ("zero-shot", "linear-probe"):
             save_clip(model, out / "merged.safetensors")
 
 

@@ -185,7 +185,7 @@ def build_task(
     if shots is not None and shots < 1:
         raise DataError(f"--shots {shots}: expected a positive number of images per class")
     if name == "toy":
-        return toy.task(shots, seed)
+        return toy.task(shots)
     if root is None:
         raise DataError(f"--data {name} needs --data-root DIR")
     if not os.path.isdir(root):

@@ -17,7 +17,7 @@ The web mixture (WEB_MIX) is mostly flat objects on plain backgrounds and only 4
 downstream photo look, so fine-tuning on photo has ID accuracy to gain, while every shifted style
 stays learnable zero-shot from the web. Sample i of a split is drawn from its own generator seeded
 with (seed, train/test/web, style, i): pixels and captions never depend on generation order, and
-train and test never share a seed. Shapes are signed-distance templates sampled on a grid
+train, val and test never share a seed. Shapes are signed-distance templates sampled on a grid
 (anti-aliased fills, outlines and glows); rendering is single-threaded numpy, about 1 ms an image.
 """
 
@@ -827,7 +827,7 @@ VOCAB: list[str] = _build_vocab()
 # --------------------------------------------------------------------------- #
 # datasets
 # --------------------------------------------------------------------------- #
-_DOMAIN = {"train": 1, "test": 2, "web": 3}
+_DOMAIN = {"train": 1, "test": 2, "web": 3, "val": 4}
 _STYLE_CODE = {s: i for i, s in enumerate(STYLES + _WEB_ONLY_STYLES)}
 _CACHE: dict[tuple, tuple] = {}
 
@@ -865,8 +865,8 @@ class ToySplit(Dataset):
     ):
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         self.style, self.split, self.seed = style, split, int(seed)
         self.image_size, self.transform = int(image_size), transform
         n = int(n_per_class) * len(CLASSNAMES)

@@ -55,11 +55,47 @@ def test_evaluate_task_reports_se_per_set_and_for_the_ood_mean():
     assert r["ood_avg_se"] == pytest.approx(math.hypot(r["o1_se"], r["o2_se"]) / 2)
 
 
-def _row(method, photo, ood, se=0.5, **far):
-    row = {"method": method, "toy-photo": photo, "toy-photo_se": se, "ood_avg": ood, "ood_avg_se": se}
-    for k in claims.FAR_SHIFTS:
-        row[k], row[f"{k}_se"] = far.get(k, ood), se
-    return row
+ID, OOD = "toy-photo", ["toy-v2", "toy-sketch", "toy-r", "toy-a", "toy-c"]
+
+
+def _correct(acc, n=400, seed=0):
+    """A [n] 0/1 vector with exactly acc % ones, in a seeded random order."""
+    c = torch.zeros(n, dtype=torch.bool)
+    c[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: round(acc * n / 100)]] = True
+    return c
+
+
+def _row(run, photo, ood, alpha=None, seed=0, **splits):
+    correct = {ID: _correct(photo, seed=seed)}
+    correct |= {k: _correct(splits.get(k.replace("-", "_"), ood), seed=seed + i + 1) for i, k in enumerate(OOD)}
+    return {"run": run, "alpha": alpha, "correct": correct}
+
+
+def test_paired_se_by_hand():
+    """D = c_A - c_B per image: A = [1,1,0,0], B = [1,0,1,0] -> D = [0,1,-1,0], Var(D) = 2/3, se = sqrt(2/3 / 4)."""
+    a = {"correct": {"x": torch.tensor([1, 1, 0, 0])}}
+    b = {"correct": {"x": torch.tensor([1, 0, 1, 0])}}
+    delta, se = claims.paired([(1, a), (-1, b)], ["x"])
+    assert delta == 0.0 and se == pytest.approx(100 * math.sqrt(2 / 3 / 4))
+    # identical rows: a difference of exactly 0 with SE 0 (unpaired errors would give 2 x 25 points)
+    assert claims.paired([(1, a), (-1, a)], ["x"]) == (0.0, 0.0)
+    # two independent splits: the mean of the deltas, se = sqrt(se_1^2 + se_2^2) / 2
+    a2 = {"correct": {"x": a["correct"]["x"], "y": torch.tensor([1, 1, 1, 0])}}
+    b2 = {"correct": {"x": b["correct"]["x"], "y": torch.tensor([0, 0, 1, 0])}}
+    delta, se = claims.paired([(1, a2), (-1, b2)], ["x", "y"])
+    se_y = 100 * math.sqrt(torch.tensor([1.0, 1, 0, 0]).var().item() / 4)
+    assert delta == pytest.approx(25.0) and se == pytest.approx(math.hypot(100 * math.sqrt(2 / 3 / 4), se_y) / 2)
+
+
+def test_paired_se_adds_the_seed_spread():
+    """Two seeds: per-seed deltas 50 and 0 (mean 25); image term from the seed-mean D, seed term Var_s / S."""
+    a = {"correct": {"x": torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])}}
+    b = {"correct": {"x": torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0]])}}
+    delta, se = claims.paired([(1, a), (-1, b)], ["x"])
+    mean_d = torch.tensor([0.5, 0.5, 0.0, 0.0])  # per image, over the seeds
+    image_var = mean_d.var().item() / 4
+    seed_var = torch.tensor([0.5, 0.0]).var().item() / 2
+    assert delta == pytest.approx(25.0) and se == pytest.approx(100 * math.sqrt(image_var + seed_var))
 
 
 @pytest.mark.parametrize(
@@ -78,8 +114,8 @@ def test_verdict_rule(delta, se, expected, verdict):
     assert claims.verdict(delta, se, expected) == verdict
 
 
-def _curve(points, se=0.5):
-    return [{"alpha": a, "toy-photo": x, "ood_avg": y, "ood_avg_se": se} for a, x, y in points]
+def _curve(run, points, seed):
+    return [_row(run, x, y, alpha=a, seed=seed + 10 * i) | {"alpha": a, ID: x} for i, (a, x, y) in enumerate(points)]
 
 
 @pytest.mark.parametrize(
@@ -87,17 +123,30 @@ def _curve(points, se=0.5):
     [
         (40.0, 48.0, ["holds", "holds", "holds", "holds", "holds", "holds"]),  # the paper's story
         (55.0, 46.0, ["holds", "fails", "fails", "holds", "fails", "fails"]),  # fine-tuning helps OOD
-        (49.5, 50.2, ["holds", "within noise", "within noise", "holds", "within noise", "within noise"]),
     ],
 )
 def test_paper_claims_on_hand_made_results(ft_ood, ra_ood, verdicts):
-    rows = [_row("zero-shot", 50.0, 50.0), _row("full-ft", 65.0, ft_ood), _row("R-Adapter (α=0.5)", 60.0, ra_ood)]
+    rows = [
+        _row("zero-shot", 50.0, 50.0, seed=100),
+        _row("full-ft", 75.0, ft_ood, alpha=1.0, seed=200),
+        _row("r-adapter", 70.0, ra_ood, alpha=0.5, seed=300),
+    ]
     curves = {
-        "WiSE-FT": _curve([(0, 50.0, 50.0), (0.5, 60.0, (50.0 + ft_ood) / 2 + 1), (1, 65.0, ft_ood)]),
-        "R-Adapter": _curve([(0, 50.0, 50.0), (0.5, 60.0, ra_ood), (1, 62.0, ra_ood)]),
+        "WiSE-FT": _curve("full-ft", [(0, 50.0, 50.0), (0.5, 60.0, (50.0 + ft_ood) / 2), (1, 75.0, ft_ood)], 400),
+        "R-Adapter": _curve("r-adapter", [(0, 50.0, 50.0), (0.5, 60.0, ra_ood + 2), (1, 70.0, ra_ood + 2)], 500),
     }
-    checked = claims.paper_claims(rows, curves, "toy-photo")
+    checked = claims.paper_claims(rows, curves, ID, OOD)
     assert [c["verdict"] for c in checked] == verdicts
-    assert checked[0]["delta"] == 15.0 and checked[0]["se"] == pytest.approx(math.hypot(0.5, 0.5), abs=0.01)
+    assert checked[0]["delta"] == 25.0
     assert checked[1]["delta"] == pytest.approx(ft_ood - 50.0)
     assert checked[4]["delta"] == pytest.approx(ra_ood - ft_ood)
+
+
+def test_curve_gap_interpolates_and_leaves_out_alpha_0():
+    """R-Adapter points at ID 55 and 80 against WiSE-FT at ID 50, 60, 70: 55 is halfway between 50 and 60
+    (WiSE OOD 40 and 30 -> 35), 80 is past the end (clamped at 20). Gaps 45 - 35 and 30 - 20, mean 10;
+    the alpha = 0 point (ID 50, OOD 0) would pull the mean down if it were counted."""
+    wise = _curve("full-ft", [(0, 50.0, 40.0), (0.5, 60.0, 30.0), (1, 70.0, 20.0)], 0)
+    ours = _curve("r-adapter", [(0, 50.0, 0.0), (0.5, 55.0, 45.0), (1, 80.0, 30.0)], 100)
+    delta, se = claims.curve_gap(ours, wise, ID, OOD)
+    assert delta == pytest.approx(10.0) and 0 < se < 5

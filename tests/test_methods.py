@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import baselines
 import clipfit
@@ -105,7 +106,7 @@ def test_clipfit_trains_text_ffn_biases_and_image_layernorms():
     "method, names, count",
     [
         ("prolip", {"visual.head.weight"}, TINY.embed_dim * TINY.vision_width),
-        ("linear-probe", {"linear_probe.weight"}, 3 * TINY.embed_dim),
+        ("linear-probe", {"classification_head.weight"}, 3 * TINY.embed_dim),
         ("lora", lora_names(TINY), lora_count(TINY, 2)),
         ("zero-shot", set(), 0),
     ],
@@ -116,11 +117,29 @@ def test_baselines_train_exactly_their_parameters(method, names, count):
     assert trainable(model) == names and n_trainable(model) == count
 
 
-@pytest.mark.parametrize("method", ["full-ft", "wise-ft", "flyp"])
-def test_full_finetuning_methods_train_everything_but_the_scale(method):
+def test_flyp_trains_everything_but_the_scale():
     model = fresh_tiny()
-    setup(method, model)
+    setup("flyp", model)
     assert trainable(model) == {n for n, _ in model.named_parameters()} - {"logit_scale"}
+
+
+@pytest.mark.parametrize("method", ["full-ft", "wise-ft"])
+def test_full_ft_is_wise_ft_end_to_end_image_tower_and_zero_shot_head(method):
+    """WiSE-FT's fine-tuning: the image tower and a head at s * the zero-shot classifier, text tower frozen,
+    cross-entropy over the head's logits on normalised image features."""
+    model = fresh_tiny()
+    task = fake_task()
+    zs = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    fitted = setup(method, model)
+    visual = {f"visual.{n}" for n, _ in model.visual.named_parameters()}
+    assert trainable(model) == visual | {"classification_head.weight"}
+    torch.testing.assert_close(model.classification_head.weight, model.logit_scale.exp() * zs)
+    assert fitted.classifier is model.classification_head.weight
+    with torch.no_grad():
+        model.classification_head.weight.add_(torch.randn_like(zs))  # away from the start
+    images, labels = batch()
+    logits = model.encode_image(images, normalize=True) @ model.classification_head.weight.T
+    torch.testing.assert_close(fitted.loss(model, images, labels, None), F.cross_entropy(logits, labels))
 
 
 def test_vit_b16_trainable_counts():
@@ -139,7 +158,11 @@ def test_vit_b16_trainable_counts():
     baselines.setup_prolip(model)
     assert trainable(model) == {"visual.head.weight"} and n_trainable(model) == 768 * 512
     model = baselines.full_finetune(meta_b16())
-    assert n_trainable(model) == 149_620_736  # 149,620,737 parameters, the logit scale frozen
+    assert n_trainable(model) == 149_620_736  # flyp: 149,620,737 parameters, the logit scale frozen
+    model = meta_b16()
+    baselines.add_classification_head(model, torch.zeros(1000, 512, device="meta"))
+    baselines.finetune_image_tower(model)
+    assert n_trainable(model) == 86_192_640 + 512_000  # full-ft: the R-Adapter paper's 86.7M
 
 
 # ------------------------------------------------------------ the losses
@@ -176,7 +199,8 @@ def test_linear_probe_starts_at_the_zero_shot_classifier():
     method = setup("linear-probe", model)
     task = fake_task()
     zs = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
-    assert torch.equal(method.classifier, zs) and method.classifier is model.linear_probe.weight
+    torch.testing.assert_close(method.classifier, model.logit_scale.exp() * zs)
+    assert method.classifier is model.classification_head.weight
 
 
 def test_lora_merge_equals_unmerged_and_restores():
@@ -272,6 +296,7 @@ def test_every_method_trains_and_evaluates_through_main(tiny_path, tmp_path, mon
         "WiSE-FT (α=0.5)",
     }
     full = N_TINY - 1  # all but the logit scale
+    image_tower = sum(p.numel() for p in fresh_tiny().visual.parameters())
     assert {k: int(r["trainable"]) for k, r in rows.items()} == {
         "zero-shot": 0,
         "clipfit": clipfit.expected_count(TINY),
@@ -279,12 +304,12 @@ def test_every_method_trains_and_evaluates_through_main(tiny_path, tmp_path, mon
         "prolip": TINY.embed_dim * TINY.vision_width,
         "lora (r=8)": lora_count(TINY, 8),
         "flyp": full,
-        "WiSE-FT (α=1)": full,
-        "WiSE-FT (α=0.5)": full,
+        "WiSE-FT (α=1)": image_tower + 12 * TINY.embed_dim,
+        "WiSE-FT (α=0.5)": image_tower + 12 * TINY.embed_dim,
     }
     assert all(0 <= float(r["ood_avg"]) <= 100 for r in rows.values())
     assert (run_dir / "alpha_sweep.png").exists()  # wise-ft always sweeps
-    assert (run_dir / "linear-probe" / "linear_probe.safetensors").exists()
+    assert (run_dir / "linear-probe" / "head.safetensors").exists()
 
     base = dict(load_clip(tiny_path).named_parameters())
     for method, may_change in [

@@ -262,6 +262,28 @@ def test_drop_mask_granularity(mode):
         assert torch.equal(gain, gain[:1].expand_as(gain)) and len(gain[0, :, 0].unique()) == 2
 
 
+@pytest.mark.parametrize("mode", ra.DROP_MODES)
+def test_joint_forward_draws_image_then_text_as_the_release(mode):
+    """The released code encodes the image before the text, so under one seed a joint forward's adapter
+    draws are those of encode_image followed by encode_text (dropping at p = 0.5, in training mode)."""
+    model = ra.add_adapters(random_clip(tiny()), rank=None, drop_p=0.5, drop_mode=mode)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "adapter" in n:
+                p.normal_(std=0.5)  # adapters away from zero, so that a dropped branch changes the output
+    model.train()
+    images, tokens = torch.randn(4, 3, 16, 16), torch.randint(1, 999, (4, 8))
+    torch.manual_seed(7)
+    f, g, _ = model(images, tokens)
+    torch.manual_seed(7)
+    f_alone = model.encode_image(images, normalize=True)
+    g_alone = model.encode_text(tokens, normalize=True)
+    assert torch.equal(f, f_alone) and torch.equal(g, g_alone)
+    torch.manual_seed(7)
+    g_first = model.encode_text(tokens, normalize=True)
+    assert not torch.equal(g_first, g)  # the order is observable: text first draws other masks
+
+
 # ---------------------------------------------------------------------- EMA
 @settings(max_examples=20, deadline=None)
 @given(m=st.floats(0, 1), k=st.integers(0, 20), rank=ranks)

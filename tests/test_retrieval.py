@@ -174,7 +174,7 @@ def test_train_coco_end_to_end(tree, tmp_path, monkeypatch):
     config = json.loads((tmp_path / "r-adapter" / "config.json").read_text())
     assert (config["alpha"], config["epsilon"]) == (0.8, 0.0)  # the retrieval recipe
     rows = _csv(tmp_path / "results.csv")
-    assert list(rows[0]) == ["method", "trainable", "test", *METRICS]
+    assert list(rows[0]) == ["method", "run", "alpha", "trainable", "test", *METRICS]
     methods = ("zero-shot", "full-ft", "WiSE-FT (α=0.8)", "R-Adapter (α=0.8)")
     assert [(r["method"], r["test"]) for r in rows] == [(m, t) for m in methods for t in ("coco", "flickr30k")]
     assert all(float(r["i2t_R@10"]) == 100 == float(r["t2i_R@10"]) for r in rows)  # 3 and 2 test images

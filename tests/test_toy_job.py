@@ -27,7 +27,8 @@ def test_default_job_smoke(tmp_path, small_toy):
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["zero-shot", "full-ft", "WiSE-FT (α=0.5)", "R-Adapter (α=0.5)"]
     splits = ["toy-photo", "toy-v2", "toy-sketch", "toy-r", "toy-a", "toy-c", "ood_avg"]
-    assert list(rows[0])[2:] == [*splits, *(f"{s}_se" for s in splits), "skipped"]
+    assert list(rows[0])[:4] == ["method", "run", "alpha", "trainable"]
+    assert list(rows[0])[4:] == [*splits, *(f"{s}_se" for s in splits), "skipped"]
     for row in rows:  # 36 images per split: se = sqrt(p (1 - p) / 36)
         p = float(row["toy-photo"]) / 100
         assert float(row["toy-photo_se"]) == pytest.approx(100 * (p * (1 - p) / 36) ** 0.5, abs=1e-6)
@@ -48,6 +49,27 @@ def test_default_job_smoke(tmp_path, small_toy):
     by = {r["method"]: r for r in rows}
     first = float(by["full-ft"]["toy-photo"]) - float(by["zero-shot"]["toy-photo"])
     assert claims[0]["delta"] == pytest.approx(first, abs=0.01)
+
+
+def test_seeds_pool_runs_on_the_same_test_images(tmp_path, small_toy):
+    """--seeds 2: each seed trains in its own folder; the table is their mean, and an SE adds the seed
+    spread to the image sampling of the seed-mean correctness (evaluate.pool_seeds)."""
+    out = tmp_path / "runs"
+    argv = ["--max-steps", "2", "--batch-size", "16", "--method", "zero-shot,r-adapter", "--lr", "0.05"]
+    train.main([*argv, "--no-sweep", "--seeds", "2", "--run-dir", str(out)])
+    per_seed = []
+    for seed in (0, 1):
+        train.main([*argv, "--no-sweep", "--seed", str(seed), "--run-dir", str(tmp_path / f"alone{seed}")])
+        with open(tmp_path / f"alone{seed}" / "results.csv") as f:
+            per_seed.append({r["run"]: r for r in csv.DictReader(f)})
+    assert (out / "seed0" / "r-adapter" / "checkpoint.pt").exists() and (out / "seed1" / "r-adapter").is_dir()
+    with open(out / "results.csv") as f:
+        pooled = {r["run"]: r for r in csv.DictReader(f)}
+    for run in ("zero-shot", "r-adapter"):
+        accs = [float(p[run]["toy-photo"]) for p in per_seed]
+        assert float(pooled[run]["toy-photo"]) == pytest.approx(sum(accs) / 2, abs=1e-6)
+    zs = float(pooled["zero-shot"]["toy-photo"]) / 100  # no training: both seeds agree, the SE is binomial
+    assert float(pooled["zero-shot"]["toy-photo_se"]) == pytest.approx(100 * (zs * (1 - zs) / 35) ** 0.5, rel=1e-6)
 
 
 def test_shipped_toy_clip_is_checked_like_a_download(tmp_path):

@@ -81,6 +81,8 @@ def test_r_adapter_end_to_end(tree, tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == [
         "method",
+        "run",
+        "alpha",
         "trainable",
         "imagenet",
         "imagenet-v2",
