@@ -269,8 +269,8 @@ def test_the_table_scores_the_ema_adapters(imagenet_tree, train_args, tmp_path, 
         expected = {n: m * expected[n] + (1 - m) * w for n, w in after_step.items()}
     for n, w in ema.items():
         torch.testing.assert_close(w, expected[n], rtol=1e-5, atol=1e-7)
-        assert (w - history[0][n]).abs().max() > 1e-4, n  # moved from its initial value ...
-        assert (w - live[n]).abs().max() > 1e-4, n  # ... and lags the live adapters
+        assert (w - history[0][n]).abs().max() > 1e-5, n  # moved from its initial value ...
+        assert (w - live[n]).abs().max() > 1e-5, n  # ... and lags the live adapters
 
     base = load_clip(imagenet_tree / "tiny.safetensors")
     r_adapter.load_adapters(base, run_dir / "adapters.safetensors", use_ema=False)
@@ -282,7 +282,7 @@ def test_the_table_scores_the_ema_adapters(imagenet_tree, train_args, tmp_path, 
             with_live = base.encode_image(probe)
         exported = load_clip(run_dir / "merged.safetensors").encode_image(probe)
     (row,) = row_features
-    assert (with_ema - with_live).abs().max() > 1e-3
+    assert (with_ema - with_live).abs().max() > 1e-4  # so the comparison below can tell them apart
     torch.testing.assert_close(row, with_ema, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(exported, with_ema, rtol=1e-5, atol=1e-6)
 
@@ -306,7 +306,7 @@ def test_accumulation_equals_the_whole_batch_for_a_per_sample_loss(train_args, t
     W = [n for n in one if n.endswith("W_adp") and not n.startswith("ema.")]  # zero at the start: the update
     moved = max(one[n].abs().max().item() for n in W)
     assert moved > 1e-2
-    assert one.keys() == two.keys() and all((one[n] - two[n]).abs().max() <= 1e-4 * moved for n in one)
+    assert one.keys() == two.keys() and all((one[n] - two[n]).abs().max() <= 1e-3 * moved for n in one)
 
 
 def test_accumulated_mpm_nce_contrasts_within_each_micro_batch(train_args, tmp_path, monkeypatch):
