@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import args, tree  # noqa: F401  (the tiny ImageNet-layout tree fixture)
 
 import r_adapter
 import train
@@ -69,12 +68,12 @@ def test_merged_matches_unmerged_in_low_precision(dtype):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_training_steps(tree, tmp_path, precision):  # noqa: F811
+def test_training_steps(train_args, tmp_path, precision):
     """train.py's steps under autocast (fp16 with its GradScaler): finite, and the adapters moved. Three
     steps, since a GradScaler skips the steps whose fp16 gradients overflow while it backs off from
     its initial scale 2^16 (on a CPU, the fp16 anchor in bench.py skipped two of its first three)."""
     train.main(
-        args(tree, tmp_path, "--epochs", "1", "--max-steps", "3", "--method", "r-adapter", "--precision", precision)
+        train_args(tmp_path, "--epochs", "1", "--max-steps", "3", "--method", "r-adapter", "--precision", precision)
     )
     ckpt = torch.load(tmp_path / "r-adapter" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 3
@@ -122,16 +121,19 @@ def test_compile_with_adapters_and_after_unmerge():
     assert (evaluate(compiled) - unmerged).abs().max() <= 1e-6 and not r_adapter.is_merged(model)
 
 
-def test_resume_matches_an_uninterrupted_run(tree, tmp_path):  # noqa: F811
+def test_resume_matches_an_uninterrupted_run(train_args, tmp_path, optimizer_steps, capsys):
     """Stopped at step 5 of 12 (--max-steps writes the checkpoint), resumed (bf16, train.py's default on
     CUDA): the final adapters equal the uninterrupted run's within 10% of one AdamW step (about lr =
     5e-4 per weight). The fused attention backward accumulates with atomics, so runs need not be
     bit-identical on a GPU; a resume that lost the optimiser state or the schedule is off by O(lr)."""
     common = ("--epochs", "3", "--method", "r-adapter", "--save-every", "1")
-    train.main(args(tree, tmp_path / "straight", *common))
-    train.main(args(tree, tmp_path / "stopped", *common, "--max-steps", "5"))
+    train.main(train_args(tmp_path / "straight", *common))
+    train.main(train_args(tmp_path / "stopped", *common, "--max-steps", "5"))
     assert torch.load(tmp_path / "stopped" / "r-adapter" / "checkpoint.pt", weights_only=True)["step"] == 5
-    train.main(args(tree, tmp_path / "stopped", *common, "--resume", "latest"))
+    optimizer_steps.clear()
+    capsys.readouterr()
+    train.main(train_args(tmp_path / "stopped", *common, "--resume", "latest"))
+    assert "at step 5/12" in capsys.readouterr().out and len(optimizer_steps) == 7  # resumed, not restarted
     a = load_file(str(tmp_path / "straight" / "r-adapter" / "adapters.safetensors"))
     b = load_file(str(tmp_path / "stopped" / "r-adapter" / "adapters.safetensors"))
     assert a.keys() == b.keys()

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import args, tree  # noqa: F401  (the tiny ImageNet-layout tree fixture)
 
 import train
 
@@ -29,17 +28,18 @@ LAUNCH = [str(TORCHRUN)] if TORCHRUN.exists() else [sys.executable, "-m", "torch
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def flags(tree, run_dir, epochs, *extra):  # noqa: F811
+def flags(train_args, run_dir, epochs, *extra):
     # batch 8 = 4 per rank, 4 steps per epoch; p = 0: no adapter dropping (module docstring)
-    return args(
-        tree, run_dir, "--epochs", str(epochs), "--method", "r-adapter", "--p", "0", "--save-every", "1", *extra
+    return train_args(
+        run_dir, "--epochs", str(epochs), "--method", "r-adapter", "--p", "0", "--save-every", "1", *extra
     )
 
 
 def torchrun(argv, log):
-    """Start train.py on 2 ranks; its output goes to the file log (a pipe could fill up and block it)."""
+    """Start train.py on 2 ranks, each of which prints the optimiser steps it took (counted_train.py); the
+    output goes to the file log (a pipe could fill up and block it)."""
     # '--' ends torchrun's own options: its parser would read train.py's --p as an ambiguous prefix
-    cmd = [*LAUNCH, "--standalone", "--nproc-per-node", "2", "--", str(ROOT / "train.py"), *argv]
+    cmd = [*LAUNCH, "--standalone", "--nproc-per-node", "2", "--", str(ROOT / "tests" / "counted_train.py"), *argv]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     proc.log = log
@@ -67,9 +67,9 @@ def assert_same_adapters(a, b):
     assert worst <= 1e-2 * LR, worst
 
 
-def test_two_ranks_train_like_one_process(tree, tmp_path):  # noqa: F811
-    ddp = torchrun(flags(tree, tmp_path / "ddp", 2), tmp_path / "ddp.log")
-    train.main(flags(tree, tmp_path / "one", 2))  # meanwhile, the same global batch in this process
+def test_two_ranks_train_like_one_process(train_args, tmp_path):
+    ddp = torchrun(flags(train_args, tmp_path / "ddp", 2), tmp_path / "ddp.log")
+    train.main(flags(train_args, tmp_path / "one", 2))  # meanwhile, the same global batch in this process
     finished(ddp)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
     assert len(one) == len(two) == 2
@@ -93,10 +93,10 @@ def _rank_pid(parent, rank):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc (Linux)")
-def test_sigkill_one_rank_then_resume_both(tree, tmp_path):  # noqa: F811
-    straight = torchrun(flags(tree, tmp_path / "straight", 3), tmp_path / "straight.log")
+def test_sigkill_one_rank_then_resume_both(train_args, tmp_path):
+    straight = torchrun(flags(train_args, tmp_path / "straight", 3), tmp_path / "straight.log")
     killed_dir = tmp_path / "killed"
-    killed = torchrun(flags(tree, killed_dir, 3), tmp_path / "killed.log")
+    killed = torchrun(flags(train_args, killed_dir, 3), tmp_path / "killed.log")
     ckpt, deadline = killed_dir / "r-adapter" / "checkpoint.pt", time.time() + 240
     while time.time() < deadline:  # kill rank 0, the checkpoint writer, mid-epoch 2 (12 steps in all)
         if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 5:
@@ -109,8 +109,13 @@ def test_sigkill_one_rank_then_resume_both(tree, tmp_path):  # noqa: F811
     step = torch.load(ckpt, weights_only=True)["step"]
     assert 5 <= step < 12, f"killed at step {step}"
     assert not (killed_dir / "r-adapter" / "adapters.safetensors").exists()
-    finished(torchrun(flags(tree, killed_dir, 3, "--resume", "latest"), tmp_path / "resumed.log"))
+    resumed = torchrun(flags(train_args, killed_dir, 3, "--resume", "latest"), tmp_path / "resumed.log")
+    finished(resumed)
     finished(straight)
+    out = Path(resumed.log).read_text()  # a silent restart from step 0 would end with the same weights
+    assert f"resumed from {ckpt} at step {step}/12" in out
+    assert f"rank 0: {12 - step} optimizer steps" in out and f"rank 1: {12 - step} optimizer steps" in out
+    assert "rank 0: 12 optimizer steps" in Path(straight.log).read_text()
     a, b = adapters(tmp_path / "straight"), adapters(killed_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same ranks, same order: exact
     assert losses(killed_dir)[-1] == losses(tmp_path / "straight")[-1]  # epoch 3 ran wholly after the resume

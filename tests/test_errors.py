@@ -1,6 +1,7 @@
 """Bad input ends train.py and evaluate.py with one line naming the flag or the path, never a traceback:
 exit code 2 for flags, 1 for everything else (data trees, model, adapter and checkpoint files)."""
 
+import dataclasses
 import pickle
 import shutil
 import subprocess
@@ -173,6 +174,27 @@ def test_resume_of_another_run_names_the_mismatch(tree, tmp_path, capsys):
     ckpt = tmp_path / "runs" / "r-adapter" / "checkpoint.pt"
     code, message = refused(train.main, argv(tree, tmp_path, "--method", "lora", "--resume", str(ckpt)), capsys)
     assert code == 1 and f"--resume {ckpt}: written by a run with --method r-adapter, this one has lora" in message
+
+
+def test_resume_across_data_is_refused(train_args, tmp_path, capsys):
+    train.main(train_args(tmp_path, "--method", "r-adapter", "--max-steps", "1", "--no-sweep"))
+    ckpt = tmp_path / "r-adapter" / "checkpoint.pt"
+    as_folder = [*train_args(tmp_path, "--method", "r-adapter", "--resume", "latest"), "--data", "folder"]
+    code, message = refused(train.main, as_folder, capsys)
+    assert code == 1 and f"--resume {ckpt}: written by a run with --data imagenet, this one has folder" in message
+
+
+def test_resume_of_another_architecture_at_the_same_model_path_is_refused(tree, tmp_path, capsys):
+    """The file behind --model was replaced by a CLIP of another size since the checkpoint was written."""
+    model = tmp_path / "clip.safetensors"
+    torch.manual_seed(0)
+    save_clip(CLIP(PRESETS["tiny"]), model)
+    flags = [*argv(tree, tmp_path, "--method", "r-adapter", "--max-steps", "1"), "--model", str(model)]
+    train.main(flags)
+    save_clip(CLIP(dataclasses.replace(PRESETS["tiny"], text_layers=PRESETS["tiny"].text_layers + 1)), model)
+    code, message = refused(train.main, [*flags, "--resume", "latest"], capsys)
+    ckpt = tmp_path / "runs" / "r-adapter" / "checkpoint.pt"
+    assert code == 1 and f"--resume {ckpt}: written for another CLIP architecture than --model {model}" in message
 
 
 class Payload:

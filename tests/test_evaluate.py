@@ -108,10 +108,31 @@ def test_paired_se_adds_the_seed_spread():
         (3.0, 1.0, -1, "fails"),
         (-1.9, 1.0, -1, "within noise"),
         (2.0, 1.0, +1, "holds"),
+        (1.97, 1.0, +1, "within noise"),  # between 1.96 and 2 SE: the threshold is 2 SE, not 1.96
+        (-1.99, 1.0, -1, "within noise"),
+        (3.94, 2.0, +1, "within noise"),
+        (-0.197, 0.1, -1, "within noise"),
     ],
 )
 def test_verdict_rule(delta, se, expected, verdict):
     assert claims.verdict(delta, se, expected) == verdict
+    assert claims.claim("a claim", delta, se, expected)["verdict"] == verdict
+
+
+def test_curve_gap_on_hand_made_curves_leaves_out_alpha_0():
+    """The mean over R-Adapter's alpha > 0 points of its OOD avg minus WiSE-FT's at the same ID, WiSE-FT
+    interpolated along ID (given out of order here) and clamped at its ends."""
+    wise_ft = _curve([(1, 70.0, 46.0), (0, 50.0, 50.0), (0.5, 60.0, 54.0)])
+    r_adapter = _curve(
+        [
+            (0, 50.0, 47.0),  # gap -3 (WiSE-FT at ID 50: 50), left out: both curves start at zero-shot
+            (0.5, 55.0, 55.0),  # gap +3 (WiSE-FT at ID 55: 52)
+            (0.8, 65.0, 52.0),  # gap +2 (WiSE-FT at ID 65: 50)
+            (1, 75.0, 50.0),  # gap +4 (WiSE-FT clamped at its last point, 46)
+        ]
+    )
+    delta, _ = claims.curve_gap(r_adapter, wise_ft, "toy-photo")
+    assert delta == pytest.approx((3 + 2 + 4) / 3)
 
 
 def _curve(run, points, seed):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from test_train import args, tree  # noqa: F401  (the tiny ImageNet-layout tree fixture)
 
 import baselines
 import r_adapter
@@ -90,10 +89,10 @@ def test_each_tower_keeps_only_block_inputs(tower):
     assert ckpt < plain / 4, (ckpt, plain)
 
 
-def test_train_flag_turns_it_on(tree, tmp_path, monkeypatch):  # noqa: F811
+def test_train_flag_turns_it_on(train_args, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(CLIP, "set_grad_checkpointing", lambda self, enable=True: calls.append(enable) or self)
     train.main(
-        args(tree, tmp_path, "--epochs", "1", "--max-steps", "1", "--method", "r-adapter", "--grad-checkpointing")
+        train_args(tmp_path, "--epochs", "1", "--max-steps", "1", "--method", "r-adapter", "--grad-checkpointing")
     )
     assert calls == [True]

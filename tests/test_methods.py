@@ -194,6 +194,83 @@ def test_prolip_starts_at_zero_shot_and_weights_its_anchor_by_one_over_n():
     torch.testing.assert_close(method.loss(model, images, labels, None), ce)
 
 
+def randomize(params, seed, std):
+    """Add N(0, std^2) noise to each parameter in place: weights away from their starting point."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("lam", [2.0, 8.0])
+def test_clipfit_objective_away_from_its_start(lam):
+    """L = CE(f . g_c / tau, y) + lambda (1 - mean_c cos(g_c, g_c^0)), g^0 from the zero-shot model, after the
+    trainable weights have moved; for two lambdas (8, the default, and 2, the few-shot recipe's)."""
+    zero_shot = fresh_tiny()
+    model = fresh_tiny()
+    method = setup("clipfit", model, clipfit_lambda=lam)
+    randomize([p for p in model.parameters() if p.requires_grad], seed=2, std=0.2)
+    images, labels = batch()
+    prompts = tokenize([f"a photo of a class{i}." for i in range(3)], TINY.context_length)
+    with torch.no_grad():
+        f, g = model.encode_image(images, normalize=True), model.encode_text(prompts, normalize=True)
+        g0 = zero_shot.encode_text(prompts, normalize=True)
+    ce = torch.nn.functional.cross_entropy(f @ g.T * model.logit_scale.exp(), labels)  # tau = 1 / s
+    distillation = 1 - (g * g0).sum(-1).mean()  # rows are unit vectors: the dot product is the cosine
+    assert distillation > 1e-2  # the text side really moved
+    torch.testing.assert_close(method.loss(model, images, labels, None), ce + lam * distillation)
+
+
+def test_prolip_objective_away_from_its_start():
+    """L = CE(f W . classifier_c / tau, y) + (1/N) ||W - W0||_F^2 with N = 4 shots, after W has moved."""
+    model = fresh_tiny()
+    W0 = model.visual.head.weight.detach().clone()
+    task = fake_task()
+    classifier = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    method = setup("prolip", model, shots=4)
+    randomize([model.visual.head.weight], seed=3, std=0.05)
+    images, labels = batch()
+    with torch.no_grad():
+        f = model.encode_image(images, normalize=True)
+    ce = torch.nn.functional.cross_entropy(f @ classifier.T * model.logit_scale.exp(), labels)
+    anchor = ((model.visual.head.weight - W0) ** 2).sum() / 4
+    assert anchor > 1e-2 * ce  # a term the comparison below can see
+    torch.testing.assert_close(method.loss(model, images, labels, None), ce + anchor)
+
+
+def test_wise_ft_interpolates_every_tensor_at_alpha():
+    """Inside baselines.wise_ft(model, theta_zs, 0.3) every tensor is 0.3 theta_ft + 0.7 theta_zs; after
+    the block the fine-tuned weights are back, bit for bit."""
+    zero_shot = baselines.snapshot(fresh_tiny())
+    model = fresh_tiny()
+    randomize(model.parameters(), seed=4, std=0.05)
+    finetuned = baselines.snapshot(model)
+    floats = [k for k, v in finetuned.items() if v.is_floating_point()]
+    assert all(not torch.equal(finetuned[k], zero_shot[k]) for k in floats)
+    with baselines.wise_ft(model, zero_shot, 0.3):
+        inside = model.state_dict()
+        for k in floats:
+            torch.testing.assert_close(inside[k], 0.3 * finetuned[k] + 0.7 * zero_shot[k], msg=k)
+    after = model.state_dict()
+    assert after.keys() == finetuned.keys() and all(torch.equal(after[k], finetuned[k]) for k in after)
+
+
+def test_lora_merged_weight_is_w_plus_scale_b_a():
+    """At a non-zero B, each merged Linear holds W + scale B A (scale 0.5 here) and keeps its bias."""
+    model = baselines.add_lora(fresh_tiny(), rank=4, scale=0.5)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, baselines.LoRALinear)}
+    randomize([m.lora_B for m in layers.values()], seed=5, std=0.05)
+    expected = {n: (m.weight + 0.5 * m.lora_B @ m.lora_A).detach() for n, m in layers.items()}
+    biases = {n: m.bias.detach().clone() for n, m in layers.items()}
+    with baselines.lora_merged(model):
+        merged = dict(model.named_modules())
+        for n, W in expected.items():
+            assert type(merged[n]) is torch.nn.Linear
+            torch.testing.assert_close(merged[n].weight, W, msg=n)
+            assert torch.equal(merged[n].bias, biases[n]), n
+    assert len(expected) == 2 * (TINY.vision_layers + TINY.text_layers)
+
+
 def test_linear_probe_starts_at_the_zero_shot_classifier():
     model = fresh_tiny()
     method = setup("linear-probe", model)

@@ -1,0 +1,76 @@
+"""Fixtures shared by the test modules: a tiny ImageNet-layout tree with a random tiny CLIP, the flags of a
+tiny train.py run on it, and a count of the optimiser steps a run takes."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from clip_model import CLIP, PRESETS
+from clip_weights import save_clip
+from data.imagenet import IMAGENET_R_INDICES, IMAGENET_WNIDS
+
+WNIDS = [IMAGENET_WNIDS[i] for i in IMAGENET_R_INDICES[:4]]  # real wnids, also in ImageNet-R
+
+
+def _images(folder, n, label, rng):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):  # class-dependent colour so there is something to learn
+        base = np.zeros((40, 40, 3), np.uint8) + np.uint8(60 * label)
+        noise = rng.integers(0, 60, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(base + noise).save(folder / f"{i}.JPEG")
+
+
+@pytest.fixture(scope="session")
+def imagenet_tree(tmp_path_factory):
+    """root/{train,val}/<wnid> (4 classes, 8 + 3 images each), V2 integer folders, an ImageNet-R subset,
+    and root/tiny.safetensors, a random tiny CLIP. Tests write their runs elsewhere (tmp_path)."""
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for label, wnid in enumerate(WNIDS):
+        _images(root / "train" / wnid, 8, label, rng)
+        _images(root / "val" / wnid, 3, label, rng)
+        _images(root / "imagenetv2-matched-frequency-format-val" / str(label), 2, label, rng)
+        if label < 3:
+            _images(root / "imagenet-r" / wnid, 2, label, rng)
+    torch.manual_seed(0)
+    save_clip(CLIP(PRESETS["tiny"]), root / "tiny.safetensors")
+    return root
+
+
+@pytest.fixture
+def train_args(imagenet_tree):
+    """train_args(run_dir, *extra): train.py's flags for a run on imagenet_tree with the tiny CLIP, global
+    batch 8 (4 steps per epoch), no worker processes, 2 warm-up steps; later flags override earlier ones."""
+
+    def make(run_dir, *extra):
+        return [
+            "--data",
+            "imagenet",
+            "--data-root",
+            str(imagenet_tree),
+            "--model",
+            str(imagenet_tree / "tiny.safetensors"),
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--warmup",
+            "2",
+            "--run-dir",
+            str(run_dir),
+            *extra,
+        ]
+
+    return make
+
+
+@pytest.fixture
+def optimizer_steps():
+    """A list that gets one entry per optimiser step taken in this process while the test runs (any
+    torch.optim optimiser): a resumed run must take only the steps it has left."""
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.append(type(optimizer).__name__))
+    yield steps
+    handle.remove()
