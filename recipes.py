@@ -63,6 +63,7 @@ METHODS = {
 # steps). With m = 0.999 the EMA would still hold 83% of its zero initialisation after 186 steps, so
 # the toy uses the paper's short-run momentum (its base-to-novel value, 0.9).
 TOY_BUDGET = dict(epochs=2, batch_size=128, warmup=20, m=0.9)
+TOY_LR = {"full-ft": 3e-3, "wise-ft": 3e-3, "r-adapter": 1e-2}  # docs/toy_lr_selection.csv, selected rows
 
 SETTINGS = {
     "full": {},  # the paper's ImageNet recipe: TrainConfig's defaults
@@ -92,10 +93,13 @@ SETTINGS = {
         # (the R-Adapter paper does not give its retrieval FT recipe).
         **dict.fromkeys(("full-ft", "wise-ft"), dict(loss="infonce", lr=1e-5, weight_decay=0.1, min_lr=1e-6)),
     },
-    # The offline default job: the shipped toy CLIP, three methods, the alpha sweep.
+    # The offline default job: the shipped toy CLIP, three methods, the alpha sweep. The learning rates
+    # are the toy's lr rule (data/toy.py select_lr): each method's argmax of photo validation accuracy
+    # over one grid, committed as docs/toy_lr_selection.csv; methods not in that table keep their own.
     "toy": {
         "*": dict(model="toy", method="zero-shot,full-ft,r-adapter", workers=0, save_every=200, sweep=True),
-        **dict.fromkeys(("r-adapter", "full-ft", *METHODS), TOY_BUDGET),
+        **dict.fromkeys(("r-adapter", *METHODS), TOY_BUDGET),
+        **{method: {**TOY_BUDGET, "lr": lr} for method, lr in TOY_LR.items()},
     },
 }
 

@@ -122,16 +122,18 @@ def test_verdict_rule(delta, se, expected, verdict):
 def test_curve_gap_on_hand_made_curves_leaves_out_alpha_0():
     """The mean over R-Adapter's alpha > 0 points of its OOD avg minus WiSE-FT's at the same ID, WiSE-FT
     interpolated along ID (given out of order here) and clamped at its ends."""
-    wise_ft = _curve([(1, 70.0, 46.0), (0, 50.0, 50.0), (0.5, 60.0, 54.0)])
+    wise_ft = _curve("full-ft", [(1, 70.0, 46.0), (0, 50.0, 50.0), (0.5, 60.0, 54.0)], 0)
     r_adapter = _curve(
+        "r-adapter",
         [
             (0, 50.0, 47.0),  # gap -3 (WiSE-FT at ID 50: 50), left out: both curves start at zero-shot
             (0.5, 55.0, 55.0),  # gap +3 (WiSE-FT at ID 55: 52)
             (0.8, 65.0, 52.0),  # gap +2 (WiSE-FT at ID 65: 50)
             (1, 75.0, 50.0),  # gap +4 (WiSE-FT clamped at its last point, 46)
-        ]
+        ],
+        100,
     )
-    delta, _ = claims.curve_gap(r_adapter, wise_ft, "toy-photo")
+    delta, _ = claims.curve_gap(r_adapter, wise_ft, ID, OOD)
     assert delta == pytest.approx((3 + 2 + 4) / 3)
 
 

@@ -1,5 +1,6 @@
 """Every documented command resolves to the released recipe (recipes.py), checked through train.parse_args."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import train
+from data import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = (
@@ -83,6 +85,9 @@ CASES = [
         dict(CLIPFIT, epochs=100, prompts="task", eval_prompts="task"),
     ),
     ("--data coco", "r-adapter", dict(PAPER, grad_clip=0.0, alpha=0.8)),
+    # WiSE-FT's end-to-end fine-tuning: AdamW 3e-5, batch 512, 10 epochs, 500 warm-up steps, clipping 1.0
+    ("--data imagenet --method full-ft,wise-ft", "full-ft", dict(PAPER, lr=3e-5)),
+    ("--data imagenet --method full-ft,wise-ft", "wise-ft", dict(PAPER, lr=3e-5)),
 ]
 
 
@@ -90,6 +95,37 @@ CASES = [
 def test_documented_command_resolves_to_the_released_recipe(command, method, expected):
     cfgs = {c.method: c for c in train.parse_args([*command.split(), "--data-root", "DIR"])}
     assert {k: getattr(cfgs[method], k) for k in FIELDS} == expected
+
+
+def test_full_ft_prints_wise_fts_imagenet_recipe():
+    out = subprocess.run(
+        [sys.executable, "train.py", "--data", "imagenet", "--data-root", "X", "--method", "full-ft", "--print-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.count("full-ft") >= 1
+    for text in ('"lr": 3e-05', '"weight_decay": 0.1', '"batch_size": 512', '"epochs": 10', '"warmup": 500'):
+        assert text in out, text
+    assert '"loss": "ce"' in out and '"min_lr": 0.0' in out
+
+
+def test_toy_lrs_are_the_selection_tables_argmax():
+    """The toy recipe's learning rates are the argmax rows of the committed lr-selection table
+    (photo validation accuracy over one grid, data/toy.py select_lr); wise-ft trains as full-ft."""
+    table = toy.selected_lrs()
+    assert set(table) == {"full-ft", toy.BLOCKS_ONLY, "r-adapter"}
+    for method in ("full-ft", "r-adapter"):
+        (cfg,) = train.parse_args(["--method", method])
+        assert cfg.lr == table[method], method
+    (wise,) = train.parse_args(["--method", "wise-ft"])
+    assert wise.lr == table["full-ft"]
+    with open(toy.LR_TABLE) as f:
+        rows = list(csv.DictReader(f))
+    for method in table:  # every lr of the grid was tried, and the selected one scored highest
+        scores = {float(r["lr"]): float(r["val_top1"]) for r in rows if r["method"] == method}
+        assert sorted(scores) == sorted(toy.LR_GRID) and scores[table[method]] == max(scores.values())
 
 
 def test_the_rest_of_each_setting():
