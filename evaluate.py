@@ -33,6 +33,7 @@ import claims
 import data
 import r_adapter
 import recipes
+import reparam
 from clip_model import autocast_dtype, image_transform, tokenize
 from clip_weights import WeightsError, load_clip
 from data import coop, retrieval
@@ -58,8 +59,10 @@ def zero_shot_classifier(model, classnames, templates, batch_size=1000):
 
 @torch.no_grad()
 def accuracy(model, classifier, evalset, batch_size=256, workers=4, autocast_dtype=None):
-    """Top-1 accuracy (%) on one EvalSet, the number of images scored, and the number skipped."""
-    device = classifier.device
+    """Top-1 accuracy (%) on one EvalSet, the number of images scored, and the number skipped.
+    classifier: [C, embed], or a function of the normalised image features [B, embed] -> [B, C]
+    (CoCoOp's per-image classifier)."""
+    device = next(model.parameters()).device
     loader = DataLoader(evalset.dataset, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_skip)
     correct = total = bad = 0
     for images, labels, n_bad in tqdm(loader, desc=evalset.name, leave=False, disable=None):
@@ -67,7 +70,8 @@ def accuracy(model, classifier, evalset, batch_size=256, workers=4, autocast_dty
         if len(images) == 0:
             continue
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model.encode_image(images.to(device), normalize=True).float() @ classifier.float().T
+            f = model.encode_image(images.to(device), normalize=True)
+            logits = classifier(f).float() if callable(classifier) else f.float() @ classifier.float().T
         correct += (evalset.project_logits(logits).argmax(dim=-1).cpu() == labels).sum().item()
         total += len(labels)
     if total == 0:
@@ -353,7 +357,7 @@ def run(args, alphas):
     kwargs["autocast_dtype"] = autocast_dtype(args.device)
     if args.adapters:
         r_adapter.load_adapters(model, args.adapters)
-        name, rows = "R-Adapter", sweep(model, task, alphas, lambda a: r_adapter.merged(model, a), **kwargs)
+        name, rows = "R-Adapter", sweep(model, task, alphas, lambda a: reparam.merged(model, a), **kwargs)
     elif args.finetuned:
         zero_shot = load_clip(args.model, device=args.device).state_dict()
         name, rows = "WiSE-FT", sweep(model, task, alphas, lambda a: baselines.wise_ft(model, zero_shot, a), **kwargs)

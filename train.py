@@ -37,14 +37,30 @@ import baselines
 import clipfit
 import data
 import evaluate
+import prompt_learners
 import r_adapter
 import recipes
+import reparam
+import ssf
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
 from clip_weights import WeightsError, atomic, load_clip, save_clip
 from data import SeededAugment, StepSampler, coop, retrieval, seed_of, shared_randint, toy
 from mpm_nce import gather_features, infonce_loss, mpm_nce_loss
 
-METHODS = ("r-adapter", "clipfit", "full-ft", "wise-ft", "flyp", "linear-probe", "prolip", "lora", "zero-shot")
+METHODS = (
+    "r-adapter",
+    "clipfit",
+    "coop",
+    "cocoop",
+    "full-ft",
+    "wise-ft",
+    "flyp",
+    "linear-probe",
+    "prolip",
+    "lora",
+    "ssf",
+    "zero-shot",
+)
 
 
 def arg(default, help):
@@ -74,6 +90,9 @@ class TrainConfig:
     delta: float = arg(0.05, "MPM-NCE margin on negative pairs (Sec. 3.4)")
     epsilon: float = arg(0.02, "MPM-NCE label smoothing (Sec. 3.4)")
     clipfit_lambda: float = arg(clipfit.LAMBDA, "CLIPFit: weight of its text distillation term")
+    ctx_init: str = arg(
+        "a photo of a", "CoOp, CoCoOp: the words the context starts from, or a number M of random vectors"
+    )
     optimizer: str = arg("adamw", "adamw | sgd (momentum 0.9)")
     epochs: int = arg(10, "passes over the training set")
     batch_size: int = arg(512, "global batch (all GPUs, all accumulation steps)")
@@ -149,8 +168,21 @@ class Method:
     rows: list  # [(row name, alpha)] evaluated under weights(alpha)
     weights: Callable = lambda alpha: nullcontext()  # alpha -> context manager: the evaluation weights
     curve: Optional[str] = None  # the name of its alpha sweep, if it has one
-    ema: Optional[r_adapter.AdapterEMA] = None
+    ema: Optional[reparam.EMA] = None
     classifier: Optional[torch.Tensor] = None  # linear-probe: its W replaces the text classifier
+    classifier_for: Optional[Callable] = None  # CoOp, CoCoOp: class names -> the classifier evaluate.py scores
+
+
+# Re-parameterisable methods: each wraps layers by its one rule; reparam.py merges them alike, and
+# each is evaluated merged at alpha (recipes.py: 0.5 for R-Adapter, 1 for LoRA and SSF).
+REPARAMETERISABLE = {  # --method: (table name, attach(model, cfg))
+    "r-adapter": (
+        "R-Adapter",
+        lambda model, cfg: r_adapter.add_adapters(model, rank=cfg.rank, drop_p=cfg.p, drop_mode=cfg.drop_mode),
+    ),
+    "lora": ("LoRA", lambda model, cfg: baselines.add_lora(model, rank=cfg.rank)),
+    "ssf": ("SSF", lambda model, cfg: ssf.add_ssf(model)),
+}
 
 
 def setup_method(model, cfg, task):
@@ -180,13 +212,17 @@ def setup_method(model, cfg, task):
 
     loss = class_ce if cfg.loss == "ce" else contrastive
     plain = [(cfg.method, None)]
-    if cfg.method == "r-adapter":  # adapters in both towers (Sec. 3.3), evaluated merged at alpha
-        r_adapter.add_adapters(model, rank=cfg.rank, drop_p=cfg.p, drop_mode=cfg.drop_mode)
-        ema = r_adapter.AdapterEMA(model, m=cfg.m)
-        merged = lambda a: r_adapter.merged(model, a, ema=ema)
-        return Method(loss, [(f"R-Adapter (α={cfg.alpha:g})", cfg.alpha)], merged, "R-Adapter", ema=ema)
+    if cfg.method in REPARAMETERISABLE:  # the EMA weights (m > 0) merged at alpha
+        name, attach = REPARAMETERISABLE[cfg.method]
+        attach(model, cfg)
+        ema = reparam.EMA(model, m=cfg.m) if cfg.m > 0 else None
+        merged = lambda a: reparam.merged(model, a, ema=ema)
+        return Method(loss, [(f"{name} (α={cfg.alpha:g})", cfg.alpha)], merged, name, ema=ema)
     if cfg.method == "clipfit":  # text FFN W_2 biases + image LayerNorms; CE + text distillation
         return Method(clipfit.prepare(model, prompts[0], tau, cfg.clipfit_lambda), plain)
+    if cfg.method in ("coop", "cocoop"):  # a learned context (CoCoOp: shifted per image) before each class name
+        learner = prompt_learners.add_prompt_learner(model, cfg.ctx_init, conditional=cfg.method == "cocoop")
+        return Method(learner.loss(model, names, tau), plain, classifier_for=lambda c: learner.classifier(model, c))
     if cfg.method in ("linear-probe", "prolip"):  # on the frozen zero-shot classifier of the evaluation
         classifier = evaluate.zero_shot_classifier(model, names, recipes.templates(cfg.eval_prompts, task.templates))
         if cfg.method == "linear-probe":
@@ -194,9 +230,6 @@ def setup_method(model, cfg, task):
             return Method(baselines.linear_probe_loss(probe, tau), plain, classifier=probe.weight)
         lam = baselines.prolip_weight(cfg.shots, len(task.train), len(names))
         return Method(baselines.prolip(model, classifier, tau, lam), plain)
-    if cfg.method == "lora":  # merged into plain Linear layers for evaluation and export
-        baselines.add_lora(model, rank=cfg.rank)
-        return Method(loss, [(f"lora (r={cfg.rank})", None)], lambda a: baselines.lora_merged(model))
     if cfg.method in ("full-ft", "wise-ft", "flyp"):
         zero_shot = baselines.snapshot(model) if cfg.method != "flyp" else None
         baselines.full_finetune(model)
@@ -393,7 +426,8 @@ def run(cfgs, device, rank=0, world=1):
         if rank != 0:
             continue
         prompts = recipes.templates(cfg.eval_prompts, getattr(eval_task, "templates", []))
-        kwargs = dict(split=cfg.split, prompts=prompts, classifier=method.classifier, workers=cfg.workers)
+        classifier = method.classifier if method.classifier_for is None else method.classifier_for(eval_task.classnames)
+        kwargs = dict(split=cfg.split, prompts=prompts, classifier=classifier, workers=cfg.workers)
         kwargs["autocast_dtype"] = autocast_dtype(device)
         if method.curve and cfg.sweep:
             curves[method.curve] = evaluate.sweep(model, eval_task, evaluate.ALPHAS, method.weights, **kwargs)
@@ -412,11 +446,15 @@ def run(cfgs, device, rank=0, world=1):
 
 
 def export(cfg, model, method):
-    """A plain CLIP with the fine-tuned weights (merged.safetensors), and the adapters or probe themselves."""
+    """A plain CLIP with the fine-tuned weights (merged.safetensors), and the adapters, probe or prompt
+    learner themselves."""
     out = Path(cfg.run_dir)
-    if method.ema is not None:
+    if cfg.method == "r-adapter":
         r_adapter.save_adapters(model, out / "adapters.safetensors", ema=method.ema)
-    if method.classifier is not None:
+    if method.classifier_for is not None:  # CLIP itself is unchanged
+        tensors = {k: v.cpu().contiguous() for k, v in model.prompt_learner.state_dict().items()}
+        save_file(tensors, str(out / "prompt_learner.safetensors"), metadata={"prefix": model.prompt_learner.prefix})
+    elif method.classifier is not None:
         save_file({"weight": method.classifier.detach().cpu().contiguous()}, str(out / "linear_probe.safetensors"))
     elif cfg.method != "zero-shot":
         with method.weights(method.rows[0][1]):

@@ -11,9 +11,11 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_reparam import at_alpha
 from test_train import args, tree  # noqa: F401  (the tiny ImageNet-layout tree fixture)
 
 import r_adapter
+import reparam
 import train
 from clip_model import CLIP, PRESETS, tokenize
 
@@ -50,13 +52,12 @@ def features(model, images, tokens):
 
 def merge_error(dtype, device, preset="ViT-B-16", alpha=0.5):
     """max |merged - unmerged (re-scaled)| of the normalised features with the weights in dtype; the
-    merge itself folds in fp32 and casts once (r_adapter.merge)."""
+    merge itself folds in fp32 and casts once (reparam.merge)."""
     model = adapted_clip(preset, device).to(dtype)
     images, tokens = inputs(preset, 4, device)
     images = images.to(dtype)
-    with r_adapter.rescaled(model, alpha):
-        unmerged = features(model, images, tokens).float()
-    with r_adapter.merged(model, alpha):
+    unmerged = features(at_alpha(model, alpha), images, tokens).float()
+    with reparam.merged(model, alpha):
         merged = features(model, images, tokens).float()
     return (merged - unmerged).abs().max().item(), unmerged
 
@@ -115,11 +116,11 @@ def test_compile_with_adapters_and_after_unmerge():
 
     unmerged = evaluate(compiled)
     assert (unmerged - evaluate(twin)).abs().max() <= 1e-4
-    with r_adapter.merged(model, 0.5), r_adapter.merged(twin, 0.5):
+    with reparam.merged(model, 0.5), reparam.merged(twin, 0.5):
         merged = evaluate(compiled)
         assert (merged - evaluate(twin)).abs().max() <= 1e-4
     assert (merged - unmerged).abs().max() > 1e-3  # so a stale graph would be seen
-    assert (evaluate(compiled) - unmerged).abs().max() <= 1e-6 and not r_adapter.is_merged(model)
+    assert (evaluate(compiled) - unmerged).abs().max() <= 1e-6 and not reparam.is_merged(model)
 
 
 def test_resume_matches_an_uninterrupted_run(tree, tmp_path):  # noqa: F811
