@@ -18,6 +18,7 @@ runs/xd/seed<N>/<method>/ each run's files, as train.py writes them. One process
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from functools import cache
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=3, help="train and evaluate with seeds 1..N (the release: 3)")
     parser.add_argument("--run-dir", default="runs/xd", help="output folder")
     ours, rest = parser.parse_known_args(argv)
-    fixed = [a for a in rest if a.split("=")[0] in OWN_FLAGS]
+    fixed = [a.split("=")[0] for a in rest if a.split("=")[0] in OWN_FLAGS]
     if fixed:
         parser.error(f"{fixed[0]}: transfer.py sets it (ImageNet, 16 shots, seeds 1..N, the shifts under --data-root)")
     if ours.seeds < 1:
@@ -82,6 +83,7 @@ def run_method(cfg, device, root):
     """Train on ImageNet 16-shot (train.py's loop), export, and score ImageNet, its shifts and the
     targets under the method's evaluation weights: one row of accuracies and standard errors."""
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.run_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     model = load_clip(cfg.model, device=device)
     target_tasks = targets(root, model.config.image_size)
     task, eval_task = train.build_data(cfg, model)
