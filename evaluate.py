@@ -210,7 +210,7 @@ def report(rows, curves, out, cfg):
         write_results([{"method": m, **r} for m, rs in curves.items() for r in rs], out / "alpha_sweep")
         print(f"wrote {out / 'alpha_sweep.png'}")
     methods = {r["method"] for r in rows}
-    if cfg.data == "toy" and {"zero-shot", "full-ft", f"R-Adapter (α={cfg.alpha:g})"} <= methods:
+    if cfg.data == "toy" and not cfg.split and {"zero-shot", "full-ft", f"R-Adapter (α={cfg.alpha:g})"} <= methods:
         checked = claims.paper_claims(rows, curves, list(rows[0])[2], cfg.alpha)
         (out / "claims.json").write_text(json.dumps(checked, indent=2))
         print("\nThe paper's claims, checked (delta and se in points; 'within noise' when |delta| < 2 se):")

@@ -87,9 +87,10 @@ METHODS = {
         ctx_init="a photo of a",
     ),
     # SSF release (dongzelian/SSF, train_scripts/vit/imagenet_1k/train_ssf.sh): AdamW lr 1e-3, batch 256
-    # (32 x 8 GPUs), 30 epochs, 5 linear warm-up epochs, cosine to 1e-8, no clipping, model EMA 0.99992;
-    # its weight decay 0.05 skips 1-D tensors (timm's optimiser factory), i.e. every gamma and beta: 0 here.
-    # CE over the class prompts (the release trains a linear head); evaluated as trained (alpha 1).
+    # (32 x 8 GPUs), 30 epochs, 5 linear warm-up epochs, cosine to 1e-8, no clipping, model EMA 0.99992,
+    # timm's default flip; its weight decay 0.05 skips 1-D tensors (timm's optimiser factory), i.e. every
+    # gamma and beta: 0 here. CE over the class prompts (the release trains a linear head; its drop path
+    # 0.1 and colour jitter are not here); evaluated as trained (alpha 1).
     "ssf": dict(
         loss="ce",
         lr=1e-3,
@@ -101,6 +102,7 @@ METHODS = {
         grad_clip=0.0,
         m=0.99992,
         alpha=1.0,
+        flip=True,
     ),
 }
 
@@ -228,8 +230,8 @@ def check(cfg):
     if cfg.data != "toy" and cfg.data_root is None:
         return f"--data {cfg.data} needs --data-root DIR"
     retrieval_task = cfg.data in RETRIEVAL
-    if cfg.split and (cfg.data == "toy" or retrieval_task):
-        return f"--split base: --data {cfg.data} has no image folders with classes (use a CoOp dataset or imagenet)"
+    if cfg.split and retrieval_task:
+        return f"--split base: --data {cfg.data} has captions, not classes (use a CoOp dataset, imagenet or toy)"
     if cfg.ood and (cfg.split or cfg.data in coop.DATASETS):
         return "--ood: base-to-novel and the CoOp datasets evaluate their own test set only"
     if cfg.split and cfg.method == "linear-probe":
