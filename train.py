@@ -48,20 +48,15 @@ from clip_weights import WeightsError, atomic, load_clip, save_clip
 from data import SeededAugment, StepSampler, coop, retrieval, seed_of, shared_randint, toy
 from mpm_nce import gather_features, infonce_loss, mpm_nce_loss
 
-METHODS = (
-    "r-adapter",
-    "clipfit",
-    "coop",
-    "cocoop",
-    "full-ft",
-    "wise-ft",
-    "flyp",
-    "linear-probe",
-    "prolip",
-    "lora",
-    "ssf",
-    "zero-shot",
-)
+# Re-parameterisable methods: each wraps layers by its one rule; reparam.py merges any of them alike,
+# evaluated at alpha (recipes.py: 0.5 for R-Adapter, 1 for LoRA and SSF). A fourth one is one line here.
+REPARAMETERISABLE = {  # --method: (table name, attach(model, cfg))
+    "r-adapter": ("R-Adapter", lambda m, c: r_adapter.add_adapters(m, rank=c.rank, drop_p=c.p, drop_mode=c.drop_mode)),
+    "lora": ("LoRA", lambda m, c: baselines.add_lora(m, rank=c.rank)),
+    "ssf": ("SSF", lambda m, c: ssf.add_ssf(m)),
+}
+METHODS = (*REPARAMETERISABLE, "clipfit", "coop", "cocoop", "full-ft", "wise-ft", "flyp", "linear-probe", "prolip")
+METHODS += ("zero-shot",)
 
 
 def arg(default, help):
@@ -172,18 +167,6 @@ class Method:
     ema: Optional[reparam.EMA] = None
     classifier: Optional[torch.Tensor] = None  # linear-probe: its W replaces the text classifier
     classifier_for: Optional[Callable] = None  # CoOp, CoCoOp: class names -> the classifier evaluate.py scores
-
-
-# Re-parameterisable methods: each wraps layers by its one rule; reparam.py merges them alike, and
-# each is evaluated merged at alpha (recipes.py: 0.5 for R-Adapter, 1 for LoRA and SSF).
-REPARAMETERISABLE = {  # --method: (table name, attach(model, cfg))
-    "r-adapter": (
-        "R-Adapter",
-        lambda model, cfg: r_adapter.add_adapters(model, rank=cfg.rank, drop_p=cfg.p, drop_mode=cfg.drop_mode),
-    ),
-    "lora": ("LoRA", lambda model, cfg: baselines.add_lora(model, rank=cfg.rank)),
-    "ssf": ("SSF", lambda model, cfg: ssf.add_ssf(model)),
-}
 
 
 def setup_method(model, cfg, task):
