@@ -17,7 +17,8 @@ prolip        only the visual projection W trains (Fahes et al., 2024): CE(f W .
               (1/N) ||W - W0||_F^2, N the shots (or the mean images per class) [393,216]. The release
               trains on cached features of augmented views; we train through the frozen tower.
 lora          LoRA (Hu et al., ICLR 2022) on qkv and proj of every block of both towers, B zero-
-              initialised, scale 1; merged into plain Linear layers for evaluation [737,280 at r 8].
+              initialised, scale 1 [737,280 at r 8]; evaluated merged (reparam.py) at alpha, which
+              scales the update B A: alpha 1 (its recipe) is LoRA's model, below 1 a WiSE-style blend.
 """
 
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import reparam
 
 
 # ----------------------------------------------------------- full-ft, flyp, wise-ft
@@ -119,7 +122,7 @@ def prolip(model, classifier, tau, lam):
 
 
 # ------------------------------------------------------------------------------ lora
-class LoRALinear(nn.Linear):
+class LoRALinear(reparam.Foldable, nn.Linear):
     """y = x W^T + b + scale * (x A^T) B^T. Shares W and b with the Linear it wraps (same keys)."""
 
     def __init__(self, base: nn.Linear, rank, scale=1.0):
@@ -133,46 +136,23 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
-    def merged_linear(self):
-        """A plain frozen nn.Linear with W + scale * B A (computed in fp32, cast once)."""
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+    def fold(self, alpha):
+        """W_rep = W + alpha * scale * B A (fp32); the bias is LoRA's untouched."""
         delta = self.scale * self.lora_B.float() @ self.lora_A.float()
-        plain.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype), requires_grad=False)
-        plain.bias = self.bias
-        return plain
+        return self.weight.float() + alpha * delta, None if self.bias is None else self.bias.float()
 
 
-def _lora_sites(model):
-    for tower in (model.visual, model.text):
-        for block in tower.blocks:
-            yield block.attn, "qkv"
-            yield block.attn, "proj"
+def lora_sites(tower):
+    """LoRA's wrapping rule here: qkv and the attention output projection of each block of a tower."""
+    for block in tower.blocks:
+        yield block.attn, "qkv"
+        yield block.attn, "proj"
 
 
 def add_lora(model, rank=8, scale=1.0):
-    """Freeze CLIP; wrap qkv and proj of every block of both towers in LoRALinear (rank r)."""
+    """Freeze CLIP; wrap qkv and proj of every block of both towers in LoRALinear (rank r). Merged
+    for evaluation and export by reparam.py."""
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA needs an integer rank >= 1 (--rank), got {rank!r}")
-    model.requires_grad_(False)
-    for parent, name in _lora_sites(model):
-        setattr(parent, name, LoRALinear(getattr(parent, name), rank, scale))
-    return model
-
-
-@contextmanager
-def lora_merged(model):
-    """Evaluate (or save_clip) the model with every LoRA folded into its Linear; the LoRA layers
-    are put back afterwards, untouched, and the train/eval mode restored."""
-    training, swapped = model.training, []
-    model.eval()
-    for parent, name in _lora_sites(model):
-        layer = getattr(parent, name)
-        if isinstance(layer, LoRALinear):
-            setattr(parent, name, layer.merged_linear())
-            swapped.append((parent, name, layer))
-    try:
-        yield model
-    finally:
-        for parent, name, layer in swapped:
-            setattr(parent, name, layer)
-        model.train(training)
+    sites = [s for tower in (model.visual, model.text) for s in lora_sites(tower)]
+    return reparam.wrap(model, sites, lambda linear: LoRALinear(linear, rank, scale))

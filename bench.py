@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import baselines
 import r_adapter
+import reparam
 from clip_model import CLIP_MEAN, CLIP_STD, PRESETS, image_transform, tokenize
 from clip_weights import load_clip
 from data import ImageList, collate_skip
@@ -127,7 +128,7 @@ def bench_r_adapter(preset, batch, device, dtype, repeats, tmp):
     with torch.no_grad():
         for _, p in r_adapter.adapter_parameters(unmerged):
             p.normal_(0, 0.02)
-    merged = r_adapter.merge(copy.deepcopy(unmerged).eval())
+    merged = reparam.merge(copy.deepcopy(unmerged).eval(), alpha=0.5)
     images, tokens = inputs(preset, batch, device, dtype)
     medians = interleaved(
         {

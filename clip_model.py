@@ -185,8 +185,11 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
-    def forward(self, tokens):  # tokens: [N, L] long, L <= context_length
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+    def forward(self, tokens, embeddings=None):  # tokens: [N, L] long, L <= context_length
+        """embeddings [N, L, width]: used in place of token_embedding(tokens), e.g. with CoOp's learned
+        context vectors (prompt_learners.py); the tokens still mark where each text ends (EOT)."""
+        x = self.token_embedding(tokens) if embeddings is None else embeddings
+        x = x + self.positional_embedding[: tokens.shape[1]]
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             for block in self.blocks:  # checkpoint restores the RNG state: adapter dropping recomputes alike
                 x = checkpoint(block, x, use_reentrant=False)

@@ -33,6 +33,7 @@ import claims
 import data
 import r_adapter
 import recipes
+import reparam
 from clip_model import autocast_dtype, image_transform, tokenize
 from clip_weights import WeightsError, load_clip
 from data import coop, retrieval
@@ -59,8 +60,9 @@ def zero_shot_classifier(model, classnames, templates, batch_size=1000):
 @torch.no_grad()
 def accuracy(model, classifier, evalset, batch_size=256, workers=4, autocast_dtype=None):
     """Per-image top-1 correctness on one EvalSet, in the order of its images ([n] bool, unreadable
-    images left out), and the number of images skipped as unreadable."""
-    device = classifier.device
+    images left out), and the number of images skipped as unreadable. classifier: [C, embed], or a
+    function of the normalised image features [B, embed] -> [B, C] (CoCoOp's per-image classifier)."""
+    device = next(model.parameters()).device
     loader = DataLoader(evalset.dataset, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_skip)
     correct, bad = [], 0
     for images, labels, n_bad in tqdm(loader, desc=evalset.name, leave=False, disable=None):
@@ -68,7 +70,8 @@ def accuracy(model, classifier, evalset, batch_size=256, workers=4, autocast_dty
         if len(images) == 0:
             continue
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model.encode_image(images.to(device), normalize=True).float() @ classifier.float().T
+            f = model.encode_image(images.to(device), normalize=True)
+            logits = classifier(f).float() if callable(classifier) else f.float() @ classifier.float().T
         correct.append(evalset.project_logits(logits).argmax(dim=-1).cpu() == labels)
     if not correct:
         raise data.DataError(f"evaluation set {evalset.name!r} has no readable images")
@@ -247,7 +250,7 @@ def report(rows, curves, out, cfg, task):
         write_results([{"method": m, **r} for m, rs in curves.items() for r in rs], out / "alpha_sweep")
         print(f"wrote {out / 'alpha_sweep.png'}")
     runs = {r["run"] for r in rows}
-    if cfg.data == "toy" and {"zero-shot", "full-ft", "r-adapter"} <= runs:
+    if cfg.data == "toy" and not cfg.split and {"zero-shot", "full-ft", "r-adapter"} <= runs:
         ood = [s.name for s in task.ood]
         checked = claims.paper_claims(rows, curves, task.test.name, ood, cfg.alpha)
         (out / "claims.json").write_text(json.dumps(checked, indent=2))
@@ -395,7 +398,7 @@ def run(args, alphas):
     kwargs["autocast_dtype"] = autocast_dtype(args.device)
     if args.adapters:
         r_adapter.load_adapters(model, args.adapters)
-        name, rows = "R-Adapter", sweep(model, task, alphas, lambda a: r_adapter.merged(model, a), **kwargs)
+        name, rows = "R-Adapter", sweep(model, task, alphas, lambda a: reparam.merged(model, a), **kwargs)
     elif args.finetuned:
         zero_shot = load_clip(args.model, device=args.device).state_dict()
         name, rows = "WiSE-FT", sweep(model, task, alphas, lambda a: baselines.wise_ft(model, zero_shot, a), **kwargs)

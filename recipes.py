@@ -55,8 +55,61 @@ METHODS = {
     "prolip": dict(loss="ce", lr=1e-3, weight_decay=0.0, warmup=0, grad_clip=0.0),
     # Zero-shot-initialised linear probe: CE, AdamW lr 1e-3 (our choice; no paper recipe).
     "linear-probe": dict(loss="ce", lr=1e-3, weight_decay=0.0),
-    # LoRA (Hu et al., ICLR 2022), close to CLIP-LoRA's few-shot set-up (our choice): rank 8, CE, AdamW 2e-4.
-    "lora": dict(rank=8, loss="ce", lr=2e-4, weight_decay=0.01, batch_size=32),
+    # LoRA (Hu et al., ICLR 2022), close to CLIP-LoRA's few-shot set-up (our choice): rank 8, CE, AdamW 2e-4;
+    # no EMA, evaluated as trained (alpha 1: the merged update unscaled).
+    "lora": dict(rank=8, loss="ce", lr=2e-4, weight_decay=0.01, batch_size=32, m=0.0, alpha=1.0),
+    # CoOp release (KaiyangZhou/CoOp, configs/trainers/CoOp/vit_b16_ctxv1.yaml; Dassl's SGD defaults as for
+    # CLIPFit): context from "a photo of a", SGD lr 0.002, batch 32, 200 epochs, cosine, 1 constant warm-up
+    # epoch at 1e-5, random crop + flip, CE. (Its few-shot tables: 16 random vectors, --ctx-init 16.)
+    "coop": dict(
+        loss="ce",
+        optimizer="sgd",
+        lr=0.002,
+        weight_decay=5e-4,
+        min_lr=0.0,
+        batch_size=32,
+        epochs=200,
+        warmup_epochs=1,
+        warmup_lr=1e-5,
+        grad_clip=0.0,
+        flip=True,
+        ctx_init="a photo of a",
+    ),
+    # CoCoOp as CLIPFit's release ships it (configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml, the
+    # one CoOp's repository has too): 4 context tokens from "a photo of a", SGD lr 0.002, batch 1, 10
+    # epochs, cosine, 1 constant warm-up epoch at 1e-5, random crop + flip, CE.
+    "cocoop": dict(
+        loss="ce",
+        optimizer="sgd",
+        lr=0.002,
+        weight_decay=5e-4,
+        min_lr=0.0,
+        batch_size=1,
+        epochs=10,
+        warmup_epochs=1,
+        warmup_lr=1e-5,
+        grad_clip=0.0,
+        flip=True,
+        ctx_init="a photo of a",
+    ),
+    # SSF release (dongzelian/SSF, train_scripts/vit/imagenet_1k/train_ssf.sh): AdamW lr 1e-3, batch 256
+    # (32 x 8 GPUs), 30 epochs, 5 linear warm-up epochs, cosine to 1e-8, no clipping, model EMA 0.99992,
+    # timm's default flip; its weight decay 0.05 skips 1-D tensors (timm's optimiser factory), i.e. every
+    # gamma and beta: 0 here. CE over the class prompts (the release trains a linear head; its drop path
+    # 0.1 and colour jitter are not here); evaluated as trained (alpha 1).
+    "ssf": dict(
+        loss="ce",
+        lr=1e-3,
+        weight_decay=0.0,
+        min_lr=1e-8,
+        batch_size=256,
+        epochs=30,
+        warmup_epochs=5,
+        grad_clip=0.0,
+        m=0.99992,
+        alpha=1.0,
+        flip=True,
+    ),
 }
 
 # The toy world's budget, the same for every method: 2 epochs of 12,000 images at batch 128 (186
@@ -106,6 +159,7 @@ SETTINGS = {
 # Per-dataset exceptions of one method.
 DATASETS = {
     ("imagenet", "clipfit"): dict(epochs=10, prompts="a photo of a {}.", eval_prompts="a photo of a {}."),
+    ("imagenet", "coop"): dict(epochs=50),  # CoOp release: *_ep50 configs for ImageNet in every setting
     ("food101", "clipfit"): dict(epochs=10),  # CLIPFit release: 10 epochs for Food-101 too
     # CLIPFit release: its DTD prompt (CoOp's is '{} texture.'); CLIPFit paper: lambda 8 on DTD and SUN397.
     ("dtd", "clipfit"): dict(
@@ -192,19 +246,24 @@ def check(cfg):
     if cfg.data != "toy" and cfg.data_root is None:
         return f"--data {cfg.data} needs --data-root DIR"
     retrieval_task = cfg.data in RETRIEVAL
-    if cfg.split and (cfg.data == "toy" or retrieval_task):
-        return f"--split base: --data {cfg.data} has no image folders with classes (use a CoOp dataset or imagenet)"
+    if cfg.split and retrieval_task:
+        return f"--split base: --data {cfg.data} has captions, not classes (use a CoOp dataset, imagenet or toy)"
     if cfg.ood and (cfg.split or cfg.data in coop.DATASETS):
         return "--ood: base-to-novel and the CoOp datasets evaluate their own test set only"
-    if cfg.split and cfg.method == "linear-probe":
-        return "--split base: --method linear-probe learns rows for the base classes only, so it cannot score new ones"
-    ce_only = ("clipfit", "linear-probe", "prolip") + (() if retrieval_task else ("full-ft", "wise-ft"))
+    if cfg.split and cfg.method in ("linear-probe", "full-ft", "wise-ft"):
+        return (
+            f"--split base: --method {cfg.method} learns head rows for the base classes only: it cannot score new ones"
+        )
+    ce_only = ("clipfit", "coop", "cocoop", "linear-probe", "prolip")
+    ce_only += () if retrieval_task else ("full-ft", "wise-ft")
     if cfg.method in ce_only and cfg.loss != "ce":
         return f"--method {cfg.method} trains with cross-entropy over class logits: drop --loss {cfg.loss}"
     if retrieval_task and cfg.loss == "ce":
         return f"--data {cfg.data} is retrieval (captions, no classes): --method {cfg.method} needs another --loss"
     if cfg.method == "lora" and cfg.rank is None:
         return "--method lora needs --rank r >= 1"
+    if not cfg.ctx_init.strip() or (cfg.ctx_init.isdigit() and int(cfg.ctx_init) < 1):
+        return f"--ctx-init {cfg.ctx_init!r}: expected words or a number M >= 1 of context vectors"
     for name in ("prompts", "eval_prompts"):
         value = getattr(cfg, name)
         if value not in ("task", IMAGENET_80) and "{}" not in value:

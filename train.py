@@ -8,8 +8,9 @@
 Per method: setup_method decides what trains, the loss and the evaluation weights; the loop pairs
 each image with its class name in a random template (Sec. 3.4) or its caption, steps the optimiser
 and the adapters' EMA (Sec. 3.3); every random choice is a function of (seed, step), so --resume
-ends bit-identical; each table row is evaluated under its weights (merged EMA adapters at alpha,
-WiSE-FT at alpha, merged LoRA). Which values a command gets is recipes.py's business.
+ends bit-identical; each table row is evaluated under its weights (R-Adapter, LoRA and SSF merged at
+alpha by reparam.py, WiSE-FT at alpha, CoOp's and CoCoOp's learned prompts for the evaluation's
+classes). Which values a command gets is recipes.py's business.
 """
 
 import argparse
@@ -37,14 +38,25 @@ import baselines
 import clipfit
 import data
 import evaluate
+import prompt_learners
 import r_adapter
 import recipes
+import reparam
+import ssf
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
 from clip_weights import WeightsError, atomic, load_clip, save_clip
 from data import SeededAugment, StepSampler, coop, retrieval, seed_of, shared_randint, toy
 from mpm_nce import gather_features, infonce_loss, mpm_nce_loss
 
-METHODS = ("r-adapter", "clipfit", "full-ft", "wise-ft", "flyp", "linear-probe", "prolip", "lora", "zero-shot")
+# Re-parameterisable methods: each wraps layers by its one rule; reparam.py merges any of them alike,
+# evaluated at alpha (recipes.py: 0.5 for R-Adapter, 1 for LoRA and SSF). A fourth one is one line here.
+REPARAMETERISABLE = {  # --method: (table name, attach(model, cfg))
+    "r-adapter": ("R-Adapter", lambda m, c: r_adapter.add_adapters(m, rank=c.rank, drop_p=c.p, drop_mode=c.drop_mode)),
+    "lora": ("LoRA", lambda m, c: baselines.add_lora(m, rank=c.rank)),
+    "ssf": ("SSF", lambda m, c: ssf.add_ssf(m)),
+}
+METHODS = (*REPARAMETERISABLE, "clipfit", "coop", "cocoop", "full-ft", "wise-ft", "flyp", "linear-probe", "prolip")
+METHODS += ("zero-shot",)
 
 
 def arg(default, help):
@@ -74,6 +86,9 @@ class TrainConfig:
     delta: float = arg(0.05, "MPM-NCE margin on negative pairs (Sec. 3.4)")
     epsilon: float = arg(0.02, "MPM-NCE label smoothing (Sec. 3.4)")
     clipfit_lambda: float = arg(clipfit.LAMBDA, "CLIPFit: weight of its text distillation term")
+    ctx_init: str = arg(
+        "a photo of a", "CoOp, CoCoOp: the words the context starts from, or a number M of random vectors"
+    )
     optimizer: str = arg("adamw", "adamw | sgd (momentum 0.9)")
     epochs: int = arg(10, "passes over the training set")
     batch_size: int = arg(512, "global batch (all GPUs, all accumulation steps)")
@@ -150,8 +165,9 @@ class Method:
     rows: list  # [(row name, alpha)] evaluated under weights(alpha)
     weights: Callable = lambda alpha: nullcontext()  # alpha -> context manager: the evaluation weights
     curve: Optional[str] = None  # the name of its alpha sweep, if it has one
-    ema: Optional[r_adapter.AdapterEMA] = None
+    ema: Optional[reparam.EMA] = None
     classifier: Optional[torch.Tensor] = None  # full-ft, linear-probe: the head's W replaces the text classifier
+    classifier_for: Optional[Callable] = None  # CoOp, CoCoOp: class names -> the classifier evaluate.py scores
 
 
 def setup_method(model, cfg, task):
@@ -181,13 +197,17 @@ def setup_method(model, cfg, task):
 
     loss = class_ce if cfg.loss == "ce" else contrastive
     plain = [(cfg.method, None)]
-    if cfg.method == "r-adapter":  # adapters in both towers (Sec. 3.3), evaluated merged at alpha
-        r_adapter.add_adapters(model, rank=cfg.rank, drop_p=cfg.p, drop_mode=cfg.drop_mode)
-        ema = r_adapter.AdapterEMA(model, m=cfg.m)
-        merged = lambda a: r_adapter.merged(model, a, ema=ema)
-        return Method(loss, [(f"R-Adapter (α={cfg.alpha:g})", cfg.alpha)], merged, "R-Adapter", ema=ema)
+    if cfg.method in REPARAMETERISABLE:  # the EMA weights (m > 0) merged at alpha
+        name, attach = REPARAMETERISABLE[cfg.method]
+        attach(model, cfg)
+        ema = reparam.EMA(model, m=cfg.m) if cfg.m > 0 else None
+        merged = lambda a: reparam.merged(model, a, ema=ema)
+        return Method(loss, [(f"{name} (α={cfg.alpha:g})", cfg.alpha)], merged, name, ema=ema)
     if cfg.method == "clipfit":  # text FFN W_2 biases + image LayerNorms; CE + text distillation
         return Method(clipfit.prepare(model, prompts[0], tau, cfg.clipfit_lambda), plain)
+    if cfg.method in ("coop", "cocoop"):  # a learned context (CoCoOp: shifted per image) before each class name
+        learner = prompt_learners.add_prompt_learner(model, cfg.ctx_init, conditional=cfg.method == "cocoop")
+        return Method(learner.loss(model, names, tau), plain, classifier_for=lambda c: learner.classifier(model, c))
     head = None  # full-ft, wise-ft and linear-probe: WiSE-FT's head, initialised from the zero-shot classifier
     if names and cfg.method in ("full-ft", "wise-ft", "linear-probe", "prolip"):
         classifier = evaluate.zero_shot_classifier(model, names, recipes.templates(cfg.eval_prompts, task.templates))
@@ -198,9 +218,6 @@ def setup_method(model, cfg, task):
         loss = baselines.head_loss(head)
     if cfg.method == "linear-probe":
         return Method(loss, plain, classifier=head.weight)
-    if cfg.method == "lora":  # merged into plain Linear layers for evaluation and export
-        baselines.add_lora(model, rank=cfg.rank)
-        return Method(loss, [(f"lora (r={cfg.rank})", None)], lambda a: baselines.lora_merged(model))
     if cfg.method == "flyp":
         baselines.full_finetune(model)
         return Method(loss, plain)
@@ -419,7 +436,8 @@ def run_methods(cfgs, out, device, rank=0, world=1):
         if rank != 0:
             continue
         prompts = recipes.templates(cfg.eval_prompts, getattr(eval_task, "templates", []))
-        kwargs = dict(split=cfg.split, prompts=prompts, classifier=method.classifier, workers=cfg.workers)
+        classifier = method.classifier if method.classifier_for is None else method.classifier_for(eval_task.classnames)
+        kwargs = dict(split=cfg.split, prompts=prompts, classifier=classifier, workers=cfg.workers)
         kwargs["autocast_dtype"] = autocast_dtype(device)
         if method.curve and cfg.sweep:
             curves[method.curve] = evaluate.sweep(model, eval_task, evaluate.ALPHAS, method.weights, **kwargs)
@@ -437,11 +455,16 @@ def run_methods(cfgs, out, device, rank=0, world=1):
 
 
 def export(cfg, model, method):
-    """A plain CLIP with the fine-tuned weights (merged.safetensors), the adapters, and the classification
-    head of full-ft and linear-probe (head.safetensors: [C, e], applied to normalised image features)."""
+    """A plain CLIP with the fine-tuned weights (merged.safetensors), the adapters, the prompt learner, and
+    the classification head of full-ft and linear-probe (head.safetensors: [C, e], applied to normalised
+    image features)."""
     out = Path(cfg.run_dir)
-    if method.ema is not None:
+    if cfg.method == "r-adapter":
         r_adapter.save_adapters(model, out / "adapters.safetensors", ema=method.ema)
+    if method.classifier_for is not None:  # CLIP itself is unchanged
+        tensors = {k: v.cpu().contiguous() for k, v in model.prompt_learner.state_dict().items()}
+        save_file(tensors, str(out / "prompt_learner.safetensors"), metadata={"prefix": model.prompt_learner.prefix})
+        return
     with method.weights(method.rows[0][1]):
         if method.classifier is not None:
             save_file({"weight": method.classifier.detach().cpu().contiguous()}, str(out / "head.safetensors"))

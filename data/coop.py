@@ -68,6 +68,7 @@ import os
 from typing import NamedTuple
 
 import torch
+from torch.utils.data import Dataset
 
 from data import DataError, EvalSet, ImageList, TaskData
 from data.imagenet import few_shot
@@ -178,8 +179,25 @@ def _lines(path, hint):
         return [line.strip() for line in f if line.strip()]
 
 
+class ClassRange(Dataset):
+    """The samples of a labelled dataset (one with a .labels list) whose label is in `labels` (a
+    range), relabelled from 0."""
+
+    def __init__(self, dataset, labels: range):
+        self.dataset, self.start = dataset, labels.start
+        self.indices = [i for i, y in enumerate(dataset.labels) if y in labels]
+        self.labels = [dataset.labels[i] - labels.start for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[self.indices[i]]
+        return image, label - self.start
+
+
 def base_new(task: TaskData) -> tuple[TaskData, TaskData]:
-    """CoCoOp's split of a task read from files -> (train task, eval task).
+    """CoCoOp's split of a task (read from files, or the toy world's) -> (train task, eval task).
 
     train task: the base classes (labels 0..m-1, m = ceil(n/2)) and their training images.
     eval task: all n classes; test = 'base' (base test images, scored on columns 0..m-1), ood =
@@ -188,12 +206,15 @@ def base_new(task: TaskData) -> tuple[TaskData, TaskData]:
     n = len(task.classnames)
     if n < 2:
         raise DataError(f"base-to-novel needs at least 2 classes, the task has {n}")
-    if not isinstance(task.test.dataset, ImageList) or task.test.class_index is not None:
-        raise DataError(f"base-to-novel needs a task read from image files, got test set {task.test.name!r}")
+    labelled = isinstance(task.test.dataset, ImageList) or hasattr(task.test.dataset, "labels")
+    if not labelled or task.test.class_index is not None:
+        raise DataError(f"base-to-novel needs a task whose images list their labels, got test set {task.test.name!r}")
     m = math.ceil(n / 2)
     base, new = range(m), range(m, n)
 
     def keep(dataset, labels):  # the samples of `labels`, relabelled from 0
+        if not isinstance(dataset, ImageList):
+            return ClassRange(dataset, labels)
         return ImageList(
             [(p, y - labels.start) for p, y in dataset.samples if y in labels], dataset.transform, dataset.strict
         )

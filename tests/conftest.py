@@ -1,6 +1,8 @@
 """Fixtures shared by the test modules: a tiny ImageNet-layout tree with a random tiny CLIP, the flags of a
 tiny train.py run on it, and a count of the optimiser steps a run takes."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -74,3 +76,22 @@ def optimizer_steps():
     handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.append(type(optimizer).__name__))
     yield steps
     handle.remove()
+
+
+@pytest.fixture(scope="session")
+def at_alpha():
+    """Independent reference for the merge at alpha: at_alpha(model, alpha) is an unmerged copy whose
+    update is scaled in the method's own parameters (R-Adapter's W_adp or up factor B, LoRA's B, SSF's
+    gamma - 1 and beta)."""
+
+    def scaled(model, alpha):
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if name.endswith((".adapter.W_adp", ".adapter.B", ".lora_B", ".beta")):
+                    p.mul_(alpha)
+                elif name.endswith(".gamma"):
+                    p.copy_(1 + alpha * (p - 1))
+        return ref
+
+    return scaled

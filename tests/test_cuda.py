@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import r_adapter
+import reparam
 import train
 from clip_model import CLIP, PRESETS, tokenize
 
@@ -47,22 +48,21 @@ def features(model, images, tokens):
     return torch.cat([model.encode_image(images, True), model.encode_text(tokens, True)])
 
 
-def merge_error(dtype, device, preset="ViT-B-16", alpha=0.5):
+def merge_error(at_alpha, dtype, device, preset="ViT-B-16", alpha=0.5):
     """max |merged - unmerged (re-scaled)| of the normalised features with the weights in dtype; the
-    merge itself folds in fp32 and casts once (r_adapter.merge)."""
+    merge itself folds in fp32 and casts once (reparam.merge)."""
     model = adapted_clip(preset, device).to(dtype)
     images, tokens = inputs(preset, 4, device)
     images = images.to(dtype)
-    with r_adapter.rescaled(model, alpha):
-        unmerged = features(model, images, tokens).float()
-    with r_adapter.merged(model, alpha):
+    unmerged = features(at_alpha(model, alpha), images, tokens).float()
+    with reparam.merged(model, alpha):
         merged = features(model, images, tokens).float()
     return (merged - unmerged).abs().max().item(), unmerged
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_merged_matches_unmerged_in_low_precision(dtype):
-    err, unmerged = merge_error(dtype, DEVICE)
+def test_merged_matches_unmerged_in_low_precision(at_alpha, dtype):
+    err, unmerged = merge_error(at_alpha, dtype, DEVICE)
     assert torch.isfinite(unmerged).all()
     assert err <= MERGE_TOL[dtype], err
 
@@ -114,11 +114,11 @@ def test_compile_with_adapters_and_after_unmerge():
 
     unmerged = evaluate(compiled)
     assert (unmerged - evaluate(twin)).abs().max() <= 1e-4
-    with r_adapter.merged(model, 0.5), r_adapter.merged(twin, 0.5):
+    with reparam.merged(model, 0.5), reparam.merged(twin, 0.5):
         merged = evaluate(compiled)
         assert (merged - evaluate(twin)).abs().max() <= 1e-4
     assert (merged - unmerged).abs().max() > 1e-3  # so a stale graph would be seen
-    assert (evaluate(compiled) - unmerged).abs().max() <= 1e-6 and not r_adapter.is_merged(model)
+    assert (evaluate(compiled) - unmerged).abs().max() <= 1e-6 and not reparam.is_merged(model)
 
 
 def test_resume_matches_an_uninterrupted_run(train_args, tmp_path, optimizer_steps, capsys):

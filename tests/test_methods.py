@@ -1,6 +1,6 @@
 """CLIPFit and the baselines: what trains (names and counts, tiny and ViT-B/16), the CLIPFit
-regulariser, LoRA merging, the per-method recipes, and a short run of every method through
-train.main on a shrunken toy world (the whole file takes a few seconds)."""
+regulariser, the per-method recipes, and a short run of every method through train.main on a
+shrunken toy world (merging LoRA and SSF: test_reparam.py)."""
 
 import csv
 import re
@@ -9,11 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import baselines
 import clipfit
 import evaluate
+import prompt_learners
 import recipes
+import reparam
+import ssf
 import train
 from clip_model import CLIP, PRESETS, tokenize
 from clip_weights import load_clip, save_clip
@@ -88,6 +92,23 @@ def lora_names(cfg, towers=("visual", "text")):
     }
 
 
+def ssf_names(cfg):
+    layers = {"visual": cfg.vision_layers, "text": cfg.text_layers}
+    ops = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+    blocks = {f"{t}.blocks.{i}.{op}" for t in layers for i in range(layers[t]) for op in ops}
+    return {f"{n}.{p}" for n in blocks | {"visual.norm_pre", "visual.norm", "text.ln_final"} for p in ("gamma", "beta")}
+
+
+def cocoop_names():
+    return {"prompt_learner.ctx"} | {f"prompt_learner.meta_net.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+
+
+def cocoop_meta_net(cfg):
+    """Linear(e, e/16) and Linear(e/16, d), with biases."""
+    hidden = cfg.embed_dim // 16
+    return cfg.embed_dim * hidden + hidden + hidden * cfg.text_width + cfg.text_width
+
+
 def test_clipfit_trains_text_ffn_biases_and_image_layernorms():
     model = fresh_tiny()
     method = setup("clipfit", model)
@@ -108,6 +129,9 @@ def test_clipfit_trains_text_ffn_biases_and_image_layernorms():
         ("prolip", {"visual.head.weight"}, TINY.embed_dim * TINY.vision_width),
         ("linear-probe", {"classification_head.weight"}, 3 * TINY.embed_dim),
         ("lora", lora_names(TINY), lora_count(TINY, 2)),
+        ("ssf", ssf_names(TINY), ssf.expected_count(TINY)),
+        ("coop", {"prompt_learner.ctx"}, 4 * TINY.text_width),
+        ("cocoop", cocoop_names(), 4 * TINY.text_width + cocoop_meta_net(TINY)),
         ("zero-shot", set(), 0),
     ],
 )
@@ -154,6 +178,17 @@ def test_vit_b16_trainable_counts():
     assert clipfit.count(model) == 12 * 512 + (1 + 2 * 12 + 1) * 2 * 768 == 46_080 == clipfit.expected_count(cfg)
     model = baselines.add_lora(meta_b16(), rank=8)
     assert n_trainable(model) == 12 * 6 * 8 * 768 + 12 * 6 * 8 * 512 == 737_280 == lora_count(cfg, 8)
+    model = ssf.add_ssf(meta_b16())
+    assert trainable(model) == ssf_names(cfg)
+    assert n_trainable(model) == 12 * 22 * (768 + 512) + 2 * 2 * 768 + 2 * 512 == 342_016 == ssf.expected_count(cfg)
+    for ctx_init, conditional, count in (
+        ("a photo of a", False, 2_048),
+        ("16", False, 8_192),
+        ("a photo of a", True, 35_360),
+    ):
+        model = meta_b16()
+        prompt_learners.add_prompt_learner(model, ctx_init, conditional)
+        assert n_trainable(model) == count  # M x 512 context (+ meta-net 512 x 32 + 32 + 32 x 512 + 512)
     model = meta_b16()
     baselines.setup_prolip(model)
     assert trainable(model) == {"visual.head.weight"} and n_trainable(model) == 768 * 512
@@ -255,14 +290,14 @@ def test_wise_ft_interpolates_every_tensor_at_alpha():
     assert after.keys() == finetuned.keys() and all(torch.equal(after[k], finetuned[k]) for k in after)
 
 
-def test_lora_merged_weight_is_w_plus_scale_b_a():
-    """At a non-zero B, each merged Linear holds W + scale B A (scale 0.5 here) and keeps its bias."""
+def test_lora_merged_weight_is_w_plus_alpha_scale_b_a():
+    """At a non-zero B, each merged Linear holds W + alpha scale B A (scale 0.5, alpha 0.6) and keeps its bias."""
     model = baselines.add_lora(fresh_tiny(), rank=4, scale=0.5)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, baselines.LoRALinear)}
     randomize([m.lora_B for m in layers.values()], seed=5, std=0.05)
-    expected = {n: (m.weight + 0.5 * m.lora_B @ m.lora_A).detach() for n, m in layers.items()}
+    expected = {n: (m.weight + 0.6 * 0.5 * m.lora_B @ m.lora_A).detach() for n, m in layers.items()}
     biases = {n: m.bias.detach().clone() for n, m in layers.items()}
-    with baselines.lora_merged(model):
+    with reparam.merged(model.eval(), 0.6):
         merged = dict(model.named_modules())
         for n, W in expected.items():
             assert type(merged[n]) is torch.nn.Linear
@@ -278,25 +313,6 @@ def test_linear_probe_starts_at_the_zero_shot_classifier():
     zs = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
     torch.testing.assert_close(method.classifier, model.logit_scale.exp() * zs)
     assert method.classifier is model.classification_head.weight
-
-
-def test_lora_merge_equals_unmerged_and_restores():
-    model = baselines.add_lora(fresh_tiny(), rank=4)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(std=0.05)  # B starts at zero: give the LoRA branch something to do
-    images, tokens = torch.randn(3, 3, 32, 32), tokenize(["a photo of a dog.", "a cat", "x"], TINY.context_length)
-    with torch.no_grad():
-        f, g, _ = model(images, tokens)
-        with baselines.lora_merged(model):
-            assert not any(isinstance(m, baselines.LoRALinear) for m in model.modules())
-            assert n_trainable(model) == 0
-            fm, gm, _ = model(images, tokens)
-        f2, _, _ = model(images, tokens)
-    torch.testing.assert_close(fm, f, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gm, g, atol=1e-5, rtol=1e-5)
-    assert torch.equal(f2, f) and n_trainable(model) == lora_count(TINY, 4)
 
 
 # ----------------------------------------------------- recipes and schedule
@@ -338,7 +354,7 @@ def test_constant_warmup_then_cosine():
 def test_every_method_trains_and_evaluates_through_main(tiny_path, tmp_path, monkeypatch):
     monkeypatch.setitem(toy.SIZES, "train_per_class", 4)  # 48 training images, 2 steps of 24
     monkeypatch.setitem(toy.SIZES, "test_per_class", 2)
-    methods = ["zero-shot", "clipfit", "linear-probe", "flyp", "prolip", "lora", "wise-ft"]
+    methods = ["zero-shot", "clipfit", "linear-probe", "flyp", "prolip", "lora", "wise-ft", "ssf", "coop", "cocoop"]
     run_dir = tmp_path / "runs"
     train.main(
         [
@@ -368,9 +384,12 @@ def test_every_method_trains_and_evaluates_through_main(tiny_path, tmp_path, mon
         "linear-probe",
         "flyp",
         "prolip",
-        "lora (r=8)",
+        "LoRA (α=1)",
         "WiSE-FT (α=1)",
         "WiSE-FT (α=0.5)",
+        "SSF (α=1)",
+        "coop",
+        "cocoop",
     }
     full = N_TINY - 1  # all but the logit scale
     image_tower = sum(p.numel() for p in fresh_tiny().visual.parameters())
@@ -379,7 +398,10 @@ def test_every_method_trains_and_evaluates_through_main(tiny_path, tmp_path, mon
         "clipfit": clipfit.expected_count(TINY),
         "linear-probe": 12 * TINY.embed_dim,
         "prolip": TINY.embed_dim * TINY.vision_width,
-        "lora (r=8)": lora_count(TINY, 8),
+        "LoRA (α=1)": lora_count(TINY, 8),
+        "SSF (α=1)": ssf.expected_count(TINY),
+        "coop": 4 * TINY.text_width,
+        "cocoop": 4 * TINY.text_width + cocoop_meta_net(TINY),
         "flyp": full,
         "WiSE-FT (α=1)": image_tower + 12 * TINY.embed_dim,
         "WiSE-FT (α=0.5)": image_tower + 12 * TINY.embed_dim,
@@ -387,12 +409,15 @@ def test_every_method_trains_and_evaluates_through_main(tiny_path, tmp_path, mon
     assert all(0 <= float(r["ood_avg"]) <= 100 for r in rows.values())
     assert (run_dir / "alpha_sweep.png").exists()  # wise-ft always sweeps
     assert (run_dir / "linear-probe" / "head.safetensors").exists()
+    for method, names in (("coop", {"ctx"}), ("cocoop", {n.removeprefix("prompt_learner.") for n in cocoop_names()})):
+        assert set(load_file(run_dir / method / "prompt_learner.safetensors")) == names
 
     base = dict(load_clip(tiny_path).named_parameters())
     for method, may_change in [
         ("clipfit", clipfit_names(TINY)),
         ("prolip", {"visual.head.weight"}),
         ("lora", {n for n in base if re.search(r"attn\.(qkv|proj)\.weight$", n)}),
+        ("ssf", {n.replace(".gamma", ".weight").replace(".beta", ".bias") for n in ssf_names(TINY)}),
     ]:
         tuned = dict(load_clip(run_dir / method / "merged.safetensors").named_parameters())
         changed = {n for n in base if not torch.equal(base[n], tuned[n])}

@@ -114,7 +114,10 @@ def test_every_method_on_the_toy_world(tmp_path, small_toy):
         "flyp",
         "linear-probe",
         "prolip",
-        "lora (r=8)",
+        "LoRA (α=1)",
+        "SSF (α=1)",
+        "coop",
+        "cocoop",
         "zero-shot",
     }
     for name, row in rows.items():

@@ -20,6 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import data
 import evaluate
 import r_adapter
+import reparam
 import train
 from clip_model import CLIP, PRESETS
 from clip_weights import load_clip, save_clip
@@ -278,9 +279,9 @@ def test_the_table_scores_the_ema_adapters(imagenet_tree, train_args, tmp_path, 
     r_adapter.load_adapters(base, run_dir / "adapters.safetensors", use_ema=False)
     saved_ema = r_adapter.load_ema(base, run_dir / "adapters.safetensors")
     with torch.no_grad():
-        with r_adapter.merged(base, 0.5, ema=saved_ema):
+        with reparam.merged(base, 0.5, ema=saved_ema):
             with_ema = base.encode_image(probe)
-        with r_adapter.merged(base, 0.5):
+        with reparam.merged(base, 0.5):
             with_live = base.encode_image(probe)
         exported = load_clip(run_dir / "merged.safetensors").encode_image(probe)
     (row,) = row_features
