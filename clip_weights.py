@@ -126,6 +126,8 @@ def to_openai_state_dict(model: CLIP):
     """Our model -> a plain OpenAI-named state dict (what OpenAI CLIP and open_clip load)."""
     out = {}
     for ours, value in model.state_dict().items():
+        if ours.split(".")[0] not in ("visual", "text", "logit_scale"):
+            continue  # not CLIP: a classification head or prompt learner, saved apart (train.export)
         head = re.match(r"(visual|text)\.blocks\.(\d+)\.(.*)", ours)
         if head:
             tower, idx, rest = head.groups()
