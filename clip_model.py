@@ -7,7 +7,9 @@ Logits are s * f(x) . g(t) on L2-normalised features, with the learned scale s =
 
   image tower : timm's `VisionTransformer` configured as CLIP (pre-norm `ln_pre`, no patch-embedding
                 bias, class token, final norm, bias-free projection head, QuickGELU for OpenAI
-                weights). The toy preset swaps the patch projection for a small conv stem.
+                weights). The toy preset swaps the patch projection for a small conv stem. Any input
+                size runs: the position embeddings are resampled (bicubic) to the patch grid, and
+                encode_dense gives every token's feature and intermediate block outputs (segment.py).
   text tower  : `TextTransformer` below, handwritten, with timm's module names (`norm1`, `attn.qkv`,
                 `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`), so that code walking the blocks of
                 either tower (r_adapter.py, clipfit.py, baselines.py) sees the same structure.
@@ -219,6 +221,7 @@ class CLIP(nn.Module):
             norm_layer=partial(nn.LayerNorm, eps=1e-5),
             act_layer=act_layer,
             embed_layer=partial(_stem_embed, cfg.conv_stem) if cfg.conv_stem else PatchEmbed,
+            dynamic_img_size=True,  # any input size: position embeddings resampled (bicubic) to the patch grid
         )
         self.visual.head = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text = TextTransformer(cfg, act_layer)
@@ -234,6 +237,16 @@ class CLIP(nn.Module):
     def encode_image(self, images, normalize=False):  # [N, 3, H, W] -> [N, embed_dim]
         x = self.visual(images)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_dense(self, images, blocks=()):
+        """Every token's image feature, for any input size (a multiple of the patch size): the final norm and
+        the projection applied to all tokens, [N, 1 + h*w, embed_dim], class token first (encode_image is token
+        0); and the outputs of the image blocks numbered in `blocks` (0-indexed), each [N, width, h, w]."""
+        if blocks:
+            x, features = self.visual.forward_intermediates(images, indices=list(blocks), output_fmt="NCHW")
+        else:
+            x, features = self.visual.forward_features(images), []
+        return self.visual.head(x), features
 
     def encode_text(self, tokens, normalize=False):  # [N, L] -> [N, embed_dim]
         x = self.text(tokens)

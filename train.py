@@ -168,6 +168,7 @@ class Method:
     ema: Optional[reparam.EMA] = None
     classifier: Optional[torch.Tensor] = None  # full-ft, linear-probe: the head's W replaces the text classifier
     classifier_for: Optional[Callable] = None  # CoOp, CoCoOp: class names -> the classifier evaluate.py scores
+    groups: Optional[list] = None  # optimiser groups [{"params", "lr_scale", "weight_decay"}] (train_seg.py)
 
 
 def setup_method(model, cfg, task):
@@ -290,12 +291,13 @@ def train(cfg, model, method, task, device, rank=0, world=1):
     run_dir = Path(cfg.run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = method.groups or [{"params": params}]
     amp = autocast_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     if cfg.optimizer == "sgd":  # CLIPFit (CoOp/Dassl)
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     sampler = StepSampler(len(task.train), cfg.batch_size, cfg.seed, rank, world)
     micro = cfg.batch_size // world // cfg.accum_steps
@@ -304,7 +306,7 @@ def train(cfg, model, method, task, device, rank=0, world=1):
     steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
         raise data.DataError(f"--batch-size {cfg.batch_size}: the train set has only {len(task.train)} images")
-    total = cfg.epochs * steps_per_epoch
+    total = getattr(cfg, "iterations", None) or cfg.epochs * steps_per_epoch  # train_seg.py counts iterations
     if cfg.warmup_epochs is not None:  # warm-up given in epochs (CLIPFit): in steps for lr_at
         cfg = dataclasses.replace(cfg, warmup=round(cfg.warmup_epochs * steps_per_epoch))
     step = 0
@@ -341,7 +343,7 @@ def train(cfg, model, method, task, device, rank=0, world=1):
         batches, seen, loss_sum, n_steps, skipped, t0 = iter(loader), 0, 0.0, 0, 0, time.perf_counter()
         while step < last and step // steps_per_epoch == epoch:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
+                group["lr"] = lr_at(step, total, cfg) * group.get("lr_scale", 1.0)
             torch.manual_seed(seed_of(cfg.seed, step, rank))  # adapter dropping, template choice
             step_loss = 0.0
             for k in range(cfg.accum_steps):

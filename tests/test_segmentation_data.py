@@ -1,0 +1,155 @@
+"""data/segmentation.py on generated trees in the real layouts, and train_seg.py's mIoU against
+torchmetrics' MulticlassJaccardIndex (the test oracle) with its bootstrap standard error."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_segmentation_tree
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torchmetrics.classification import MulticlassJaccardIndex
+
+import data
+from data import segmentation
+from data.segmentation import IGNORE, LAYOUTS
+from train_seg import bootstrap_se, iou_counts, miou
+
+CLASSES = {
+    "coco-stuff-train": 171,
+    "coco-stuff": 171,
+    "ade-150": 150,
+    "ade-847": 847,
+    "pc-59": 59,
+    "pc-459": 459,
+    "voc-20": 20,
+    "voc-20b": 21,
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_each_reader_on_its_layout(tmp_path, name):
+    written = write_segmentation_tree(tmp_path, [name])[name]
+    ds = segmentation.build(name, tmp_path, segmentation.eval_transform())
+    assert len(ds) == 3 and ds.classes == CLASSES[name]
+    assert len(ds.names) == (59 if name == "voc-20b" else CLASSES[name])
+    for (_, label), (image, read) in zip(written, ds):
+        assert image.shape == (3, *label.shape) and image.dtype == torch.float32
+        expected = torch.from_numpy(label.astype(np.int64))
+        expected[expected == LAYOUTS[name].ignore] = IGNORE
+        assert torch.equal(read, expected)  # labels read exactly, the set's ignore value mapped to IGNORE
+        assert (read[:, :3] == IGNORE).all()
+
+
+def test_voc_20b_prompts_its_background_with_pascal_context_names():
+    layout = LAYOUTS["voc-20b"]
+    assert (
+        layout.names[:20] == LAYOUTS["voc-20"].names and len(set(layout.names[20:]) & set(LAYOUTS["pc-59"].names)) == 39
+    )
+    assert layout.prompt_class == list(range(20)) + [20] * 39
+
+
+def test_train_transform_crops_image_and_label_alike(tmp_path):
+    write_segmentation_tree(tmp_path, ["coco-stuff-train"])
+    ds = segmentation.build("coco-stuff-train", tmp_path, segmentation.train_transform(size=24))
+    raw = segmentation.build("coco-stuff-train", tmp_path, segmentation.eval_transform())
+    torch.manual_seed(0)
+    image, label = ds[0]
+    assert image.shape == (3, 24, 24) and label.shape == (24, 24) and label.dtype == torch.long
+    assert set(label.unique().tolist()) <= set(raw[0][1].unique().tolist())  # nearest: no new label values
+
+
+def test_test_sets_skip_absent_ones_and_refuse_unknown_names(tmp_path, capsys):
+    write_segmentation_tree(tmp_path, ["ade-150"])
+    found = segmentation.test_sets(["ade-150", "pc-59"], tmp_path)
+    assert [s.name for s in found] == ["ade-150"] and "pc-59 not found" in capsys.readouterr().out
+    with pytest.raises(data.DataError, match="--test nope"):
+        segmentation.test_sets(["nope"], tmp_path)
+
+
+def test_unreadable_image_is_skipped_and_counted_or_an_error_with_strict(tmp_path):
+    written = write_segmentation_tree(tmp_path, ["ade-150"])["ade-150"]
+    written[1][0].write_bytes(b"not a jpeg")
+    ds = segmentation.build("ade-150", tmp_path, segmentation.eval_transform())
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert ds[1] is None
+    assert data.collate_skip([ds[1]])[2] == 1 and data.collate_skip([ds[0]])[2] == 0  # counted per batch
+    strict = segmentation.build("ade-150", tmp_path, segmentation.eval_transform(), strict=True)
+    with pytest.raises(data.DataError, match="cannot read image"):
+        strict[1]
+
+
+def test_unknown_label_values_are_warned_once_and_kept(tmp_path):
+    written = write_segmentation_tree(tmp_path, ["pc-59"])["pc-59"]
+    label = written[0][1].copy()
+    label[5, 5:9] = 200  # neither a class (0..58) nor the ignore value 255
+    path = tmp_path / LAYOUTS["pc-59"].labels / "pc-59_0000.png"
+    Image.fromarray(label.astype(np.uint8)).save(path)
+    ds = segmentation.build("pc-59", tmp_path, segmentation.eval_transform())
+    with pytest.warns(UserWarning, match="label values 200 are neither classes"):
+        _, read = ds[0]
+    assert (read == 200).sum() == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds[0]  # once per file
+
+
+def test_bad_trees_are_one_line_errors(tmp_path):
+    with pytest.raises(data.DataError, match="ADEChallengeData2016/images/validation: folder not found"):
+        segmentation.build("ade-150", tmp_path, segmentation.eval_transform())
+    written = write_segmentation_tree(tmp_path, ["voc-20"])["voc-20"]
+    small = np.zeros((10, 12), dtype=np.uint8)
+    Image.fromarray(small).save(tmp_path / LAYOUTS["voc-20"].labels / "voc-20_0002.png")
+    ds = segmentation.build("voc-20", tmp_path, segmentation.eval_transform())
+    with pytest.raises(data.DataError, match=r"voc-20_0002.png: label is 12x10, image 48x34") as e:
+        ds[2]
+    assert "\n" not in str(e.value)
+    written[0][0].unlink()
+    with pytest.raises(data.DataError, match="voc-20_0000.jpg: image not found for label"):
+        segmentation.build("voc-20", tmp_path, segmentation.eval_transform())
+
+
+# ---------------------------------------------------------------------- mIoU
+def random_maps(rng, n, C, used, size=(6, 7)):
+    """n (pred, target) pairs over the first `used` of C classes (the rest absent from both), with IGNORE."""
+    pred = torch.from_numpy(rng.integers(0, used, (n, *size)))
+    target = torch.from_numpy(rng.integers(0, used, (n, *size)))
+    target[torch.from_numpy(rng.random((n, *size)) < 0.2)] = IGNORE
+    return pred, target
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 12), st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_miou_is_torchmetrics_macro_jaccard(C, n, seed):
+    rng = np.random.default_rng(seed)
+    pred, target = random_maps(rng, n, C, used=int(rng.integers(1, C + 1)))
+    oracle = MulticlassJaccardIndex(num_classes=C, average="macro", ignore_index=IGNORE)
+    oracle.update(pred, target)
+    counts = torch.stack([iou_counts(p, t, C) for p, t in zip(pred, target)]).sum(0)
+    torch.testing.assert_close(miou(counts).float() / 100, oracle.compute(), rtol=1e-6, atol=1e-6)
+    per_class = MulticlassJaccardIndex(num_classes=C, average="none", ignore_index=IGNORE)(pred, target)
+    present = (counts[1] + counts[2]) > 0
+    seen = [c for c in range(C) if c % 2 == 0]  # a seen / unseen split: the mean over the present seen classes
+    expected = per_class[present & (torch.arange(C) % 2 == 0)].mean()
+    if not torch.isnan(expected):
+        torch.testing.assert_close(miou(counts, seen).float() / 100, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_labels_that_are_no_class_are_left_out():
+    pred, target = torch.tensor([[0, 1, 1, 2]]), torch.tensor([[0, 1, 9, -1]])
+    counts = iou_counts(pred, target, 3)
+    assert counts.tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 0]]  # class 2 was predicted on unlabelled pixels only
+    assert miou(counts).item() == 100.0
+
+
+def test_bootstrap_se_is_the_spread_over_resampled_images():
+    rng = np.random.default_rng(0)
+    pred, target = random_maps(rng, 20, 5, used=5)
+    counts = torch.stack([iou_counts(p, t, 5) for p, t in zip(pred, target)])
+    picks = torch.randint(20, (200, 20), generator=torch.Generator().manual_seed(3))
+    naive = torch.stack([miou(counts[p].sum(0)) for p in picks]).std()
+    torch.testing.assert_close(torch.tensor(bootstrap_se(counts, samples=200, seed=3)), naive.float())
+    same = counts[:1].expand(20, -1, -1)
+    assert bootstrap_se(same) < 1e-9 < bootstrap_se(counts) < 10

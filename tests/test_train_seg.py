@@ -1,0 +1,124 @@
+"""train_seg.py end to end on a tiny CLIP and generated trees in the real layouts: one training step per
+method, what each trains, resume, --print-config, and one-line errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_segmentation_tree
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_seg
+from clip_model import CLIP, PRESETS
+from clip_weights import load_clip, save_clip
+from data.segmentation import LAYOUTS
+
+TINY = PRESETS["tiny"]
+QV = 2 * (TINY.vision_layers * TINY.vision_width**2 + TINY.text_layers * TINY.text_width**2)  # W_q, W_v
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip") / "tiny.safetensors"
+    save_clip(CLIP(TINY), path)
+    return path
+
+
+def command(tiny_path, root, run_dir, *extra):
+    return [
+        *("--model", str(tiny_path), "--data-root", str(root), "--run-dir", str(run_dir)),
+        *("--crop", "32", "--batch-size", "2", "--iterations", "1", "--workers", "0", "--test", "voc-20b"),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "method, count, changes",
+    [
+        ("frozen", 0, lambda k: False),
+        ("catseg", QV, lambda k: k.endswith("attn.in_proj_weight")),
+        ("full", sum(p.numel() for p in CLIP(TINY).parameters()) - 1, lambda k: k != "logit_scale"),
+        ("r-adapter", QV + 2 * (TINY.vision_layers + TINY.text_layers), lambda k: "out_proj" in k or "c_proj" in k),
+        (
+            "lora",
+            8 * 6 * (TINY.vision_layers * TINY.vision_width + TINY.text_layers * TINY.text_width),
+            lambda k: "attn" in k,
+        ),
+    ],
+)
+def test_one_training_step_per_method(tiny_path, segmentation_root, tmp_path, method, count, changes):
+    run_dir = tmp_path / "runs"
+    train_seg.main(command(tiny_path, segmentation_root, run_dir, "--method", method))
+    with open(run_dir / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert int(row["trainable"]) == count and 0 <= float(row["voc-20b"]) <= 100 and row["skipped"] == "0"
+    base = load_file(str(tiny_path))
+    tuned = load_file(str(run_dir / method / "merged.safetensors"))
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert all(changes(k) for k in changed) and bool(changed) == (method != "frozen"), changed
+    if method == "catseg":  # W_k (the middle rows) and the bias never moved
+        for k in changed:
+            d = base[k].shape[1]
+            assert torch.equal(base[k][d : 2 * d], tuned[k][d : 2 * d])
+            assert torch.equal(base[k.replace("weight", "bias")], tuned[k.replace("weight", "bias")])
+    head = load_file(str(run_dir / method / "head.safetensors"))
+    assert head and not any(k.startswith("clip.") for k in head)
+    assert (run_dir / method / "adapters.safetensors").exists() == (method == "r-adapter")
+
+
+def test_resume_ends_where_a_straight_run_ends(tiny_path, segmentation_root, tmp_path):
+    args = ("--method", "r-adapter", "--iterations", "2", "--save-every", "1")
+    train_seg.main(command(tiny_path, segmentation_root, tmp_path / "straight", *args))
+    train_seg.main(command(tiny_path, segmentation_root, tmp_path / "resumed", *args, "--max-steps", "1"))
+    train_seg.main(command(tiny_path, segmentation_root, tmp_path / "resumed", *args, "--resume", "latest"))
+    a, b = (
+        torch.load(tmp_path / r / "r-adapter" / "checkpoint.pt", weights_only=True) for r in ("straight", "resumed")
+    )
+    assert a["step"] == b["step"] == 2
+    for k in a["trainable"]:
+        assert torch.equal(a["trainable"][k], b["trainable"][k]), k
+    for k in a["ema"]["shadow"]:
+        assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
+
+
+def test_print_config_shows_catsegs_recipe_with_sources(capsys):
+    train_seg.main(["--data-root", "anywhere", "--method", "catseg,r-adapter", "--print-config"])
+    configs = json.loads(capsys.readouterr().out)
+    assert [c["method"]["value"] for c in configs] == ["catseg", "r-adapter"]
+    expected = dict(
+        data="coco-stuff", crop=384, batch_size=4, iterations=80_000, lr=2e-4, clip_lr_scale=0.01, weight_decay=1e-4,
+        warmup=0, min_lr=0.0, grad_clip=0.01, prompts="A photo of a {} in the scene",
+        test="ade-847,pc-459,ade-150,pc-59,voc-20,voc-20b",
+    )  # fmt: skip
+    assert {k: configs[0][k]["value"] for k in expected} == expected
+    assert "configs/vitb_384.yaml SOLVER.MAX_ITER" in configs[0]["iterations"]["source"]
+    assert configs[0]["data_root"]["source"] == "flag" and configs[1]["method"]["source"] == "flag"
+
+
+def test_bad_flags_and_bad_trees_are_one_line_errors(tiny_path, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(["--data-root", str(tmp_path), "--method", "bogus"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(command(tiny_path, tmp_path / "nowhere", tmp_path / "runs"))
+    assert e.value.code == "error: " + str(tmp_path / "nowhere/coco-stuff/images/train2017") + ": folder not found " + (
+        "(coco-stuff-train; layouts in data/segmentation.py)"
+    )
+    root = tmp_path / "root"
+    write_segmentation_tree(root, ["coco-stuff-train", "voc-20b"], n=2)
+    label = root / LAYOUTS["coco-stuff-train"].labels / "coco-stuff-train_0001.png"
+    Image.fromarray(np.zeros((5, 6), dtype=np.uint8)).save(label)
+    for workers in ("0", "1"):  # in the process, and re-raised from a DataLoader worker
+        with pytest.raises(SystemExit) as e:
+            train_seg.main(command(tiny_path, root, tmp_path / "runs", "--workers", workers))
+        assert e.value.code == f"error: {label}: label is 6x5, image 44x32", workers
+
+
+def test_exported_clip_loads_as_a_plain_clip(tiny_path, segmentation_root, tmp_path):
+    train_seg.main(command(tiny_path, segmentation_root, tmp_path, "--method", "catseg"))
+    clip = load_clip(tmp_path / "catseg" / "merged.safetensors")
+    assert clip.config == TINY

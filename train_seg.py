@@ -1,0 +1,374 @@
+"""Open-vocabulary segmentation, R-Adapter's fifth task (Kim et al., ECCV 2024): CAT-Seg (segment.py) on
+our CLIP, trained on COCO-Stuff with CLIP fine-tuned by a method, mIoU on the six benchmarks.
+
+    python train_seg.py --data-root DATASETS --model ViT-B-16:openai --method catseg,r-adapter
+    python train_seg.py ... --resume latest | --print-config
+
+R-Adapter's paper gives no segmentation recipe; this is CAT-Seg's (--print-config shows each value's
+source). What of CLIP trains (the CAT-Seg head always trains):
+  frozen     nothing
+  catseg     W_q and W_v of every attention block of both towers (CAT-Seg's default; segment.tune_qv)
+  full       every weight but the logit scale (baselines.full_finetune)
+  r-adapter  adapters after W_O and W_2 of every block of both towers (r_adapter.py); evaluated with the
+             EMA adapters merged at --alpha, so inference costs what plain CAT-Seg costs
+  lora       LoRA on qkv and W_O of both towers (baselines.add_lora, rank 8), merged for evaluation
+CLIP's own weights train at lr x --clip-lr-scale (CAT-Seg: 0.01); the head and the new weights of
+r-adapter and lora at lr (R-Adapter trains its adapters at a full learning rate). Norm layers and
+embeddings have no weight decay (detectron2's defaults, kept by CAT-Seg). Training is train.py's loop
+(checkpoints, --resume latest, DDP); evaluation is CAT-Seg's sliding window and mIoU with a bootstrap SE.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import baselines
+import data
+import evaluate
+import r_adapter
+import recipes
+import reparam
+import segment
+import train
+from clip_model import autocast_dtype, count_trainable
+from clip_weights import WeightsError, load_clip, save_clip
+from data import segmentation, toy
+
+METHODS = ("frozen", "catseg", "full", "r-adapter", "lora")
+CATSEG = "CAT-Seg release"  # github.com/cvlab-kaist/CAT-Seg
+SOURCES = {  # where each recipe value comes from
+    "data": f"{CATSEG}, configs/config.yaml DATASETS.TRAIN (COCO-Stuff, 171 classes)",
+    "test": f"{CATSEG}, eval.sh (the six benchmarks)",
+    "method": f"{CATSEG}, configs/config.yaml CLIP_FINETUNE 'attention' (W_q, W_v)",
+    "prompts": f"{CATSEG}, configs/vitb_384.yaml PROMPT_ENSEMBLE_TYPE 'single'",
+    "crop": f"{CATSEG}, configs/vitb_384.yaml INPUT.CROP.SIZE",
+    "batch_size": f"{CATSEG}, configs/vitb_384.yaml SOLVER.IMS_PER_BATCH",
+    "iterations": f"{CATSEG}, configs/vitb_384.yaml SOLVER.MAX_ITER",
+    "lr": f"{CATSEG}, configs/vitb_384.yaml SOLVER.BASE_LR (AdamW)",
+    "clip_lr_scale": f"{CATSEG}, configs/vitb_384.yaml SOLVER.CLIP_MULTIPLIER",
+    "weight_decay": f"{CATSEG}, configs/config.yaml SOLVER.WEIGHT_DECAY",
+    "warmup": f"{CATSEG}, configs/config.yaml SOLVER.WARMUP_ITERS (WarmupCosineLR: cosine to 0)",
+    "min_lr": f"{CATSEG}, configs/config.yaml WarmupCosineLR",
+    "grad_clip": f"{CATSEG}, configs/config.yaml SOLVER.CLIP_GRADIENTS (full model, L2)",
+    "alpha": "R-Adapter paper, its classification value (no segmentation value published)",
+    "m": "R-Adapter paper",
+    "p": "R-Adapter paper",
+}
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SegConfig:
+    data: str = arg("coco-stuff", "training set: coco-stuff (COCO-Stuff-171 train2017)")
+    data_root: Optional[str] = arg(None, "folder holding the datasets (layouts: data/segmentation.py)")
+    test: str = arg(",".join(segmentation.TEST), "comma separated test sets (coco-stuff: its val2017)")
+    strict: bool = arg(False, "an unreadable image or label is an error (default: skipped and counted)")
+    model: str = arg("ViT-B-16:openai", "CLIP checkpoint file, hub name or toy (the shipped toy CLIP)")
+    method: str = arg("catseg", f"comma separated, from: {', '.join(METHODS)}")
+    rank: Optional[int] = arg(None, "r-adapter: adapter rank (default: full); lora: its rank (default 8)")
+    p: float = arg(0.2, "r-adapter: adapter drop probability")
+    drop_mode: str = arg("sample", "r-adapter: sample (the paper) | token (the released code)")
+    m: float = arg(0.999, "r-adapter: EMA momentum of the adapters")
+    alpha: float = arg(0.5, "r-adapter: re-scaling coefficient at merge")
+    prompts: str = arg("A photo of a {} in the scene", "class prompt: a template with {}, or imagenet-80 (ensemble)")
+    crop: int = arg(384, "training crop and sliding-window size (px)")
+    batch_size: int = arg(4, "global batch (all GPUs, all accumulation steps)")
+    accum_steps: int = arg(1, "gradient accumulation steps per optimiser step")
+    iterations: int = arg(80_000, "optimiser steps")
+    lr: float = arg(2e-4, "peak learning rate (AdamW) of the head and of new weights")
+    clip_lr_scale: float = arg(0.01, "learning rate multiplier of CLIP's own weights")
+    min_lr: float = arg(0.0, "learning rate at the end of the cosine")
+    weight_decay: float = arg(1e-4, "decoupled weight decay (none on norm layers and embeddings)")
+    warmup: int = arg(0, "warm-up steps")
+    grad_clip: float = arg(0.01, "max L2 norm of all gradients together; 0 = no clipping")
+    precision: str = arg("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (+ GradScaler) | fp32")
+    compile: bool = arg(False, "torch.compile the model")
+    grad_checkpointing: bool = arg(False, "recompute each CLIP block in backward: far less activation memory")
+    workers: int = arg(8, "data loader worker processes")
+    seed: int = arg(0, "seed of every random choice")
+    run_dir: Optional[str] = arg(None, "output folder (default runs/seg-<data>); each method in a subfolder")
+    save_every: int = arg(1000, "checkpoint every N steps")
+    resume: Optional[str] = arg(None, "latest | PATH: continue from a checkpoint")
+    max_steps: Optional[int] = arg(None, "stop after N steps (smoke tests); the schedule still spans --iterations")
+    # fixed for segmentation; train.train reads them
+    optimizer = "adamw"
+    warmup_epochs = None
+    warmup_lr = None
+
+
+RANGES = {
+    "iterations": (lambda v: v >= 1, ">= 1"),
+    "crop": (lambda v: v >= 1, ">= 1"),
+    "clip_lr_scale": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def check(cfg):
+    """What is wrong with a config, as one line naming the flag, or None (recipes.py's checks where shared)."""
+    shared = {k: v for k, v in recipes.RANGES.items() if k in SegConfig.__dataclass_fields__}
+    for name, (ok, want) in {**shared, **RANGES}.items():
+        if not ok(getattr(cfg, name)):
+            return f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {want}"
+    for name in ("drop_mode", "precision"):
+        if getattr(cfg, name) not in recipes.CHOICES[name]:
+            return (
+                f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of {', '.join(recipes.CHOICES[name])}"
+            )
+    if cfg.method not in METHODS:
+        return f"--method {cfg.method}: expected one of {', '.join(METHODS)}"
+    if cfg.data != "coco-stuff":
+        return f"--data {cfg.data}: expected coco-stuff"
+    if cfg.data_root is None:
+        return "--data-root DIR: the folder holding the datasets is needed"
+    tests = [t for t in cfg.test.split(",") if t not in segmentation.LAYOUTS or t == "coco-stuff-train"]
+    if tests:
+        return f"--test {tests[0]}: expected some of {', '.join(segmentation.TEST)}, coco-stuff"
+    if cfg.prompts != recipes.IMAGENET_80 and "{}" not in cfg.prompts:
+        return f"--prompts {cfg.prompts!r}: expected imagenet-80 or a template with {{}}"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % (world * cfg.accum_steps):
+        return f"--batch-size {cfg.batch_size}: expected a multiple of --accum-steps {cfg.accum_steps} x {world} GPUs"
+    return None
+
+
+def parse_args(argv=None):
+    """One SegConfig per method of the command, flags checked; and whether --print-config was given."""
+    parser = recipes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(SegConfig):
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=f.metadata["help"])
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            kind = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(f.type, f.type)
+            parser.add_argument(flag, type=recipes.rank if f.name == "rank" else kind, **kw)
+    parser.add_argument("--print-config", action="store_true", help="print each method's recipe with sources, exit")
+    given = vars(parser.parse_args(argv))
+    show = given.pop("print_config")
+    cfgs = [SegConfig(**{**given, "method": m}) for m in given.get("method", SegConfig.method).split(",")]
+    for cfg in cfgs:
+        problem = check(cfg)
+        if problem:
+            parser.error(problem)
+    return cfgs, show, given
+
+
+def describe(cfg, given):
+    """--print-config: every value with where it comes from."""
+    source = lambda k: "flag" if k in given else SOURCES.get(k, "this repository")
+    return {k: {"value": v, "source": source(k)} for k, v in asdict(cfg).items()}
+
+
+# ---------------------------------------------------------------------- methods
+class ClipEMA(reparam.EMA):
+    """The adapters' EMA, kept on the segmenter's CLIP; train.train updates it with the whole segmenter."""
+
+    def update(self, model):
+        super().update(model.clip)
+
+
+def optimizer_groups(model, cfg):
+    """CLIP's own weights at lr x clip_lr_scale, the rest (head, adapters, LoRA) at lr; no weight decay on
+    norm layers and embeddings."""
+    groups = {}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            new = ".adapter." in f"{module_name}.{name}" or name.startswith("lora_")
+            scale = cfg.clip_lr_scale if module_name.startswith("clip.") and not new else 1.0
+            decay = not isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.Embedding))
+            groups.setdefault((scale, decay), []).append(p)
+    return [
+        {"params": ps, "lr_scale": scale, **({} if decay else {"weight_decay": 0.0})}
+        for (scale, decay), ps in groups.items()
+    ]
+
+
+def setup_method(model, cfg, tokens):
+    """Make the method's CLIP weights (and the head) trainable; the loss and the evaluation weights."""
+    clip = model.clip
+    rows, weights, ema = [(cfg.method, None)], lambda alpha: nullcontext(), None
+    if cfg.method == "catseg":
+        segment.tune_qv(clip)
+    elif cfg.method == "full":
+        baselines.full_finetune(clip)
+    elif cfg.method == "r-adapter":
+        r_adapter.add_adapters(clip, rank=cfg.rank, drop_p=cfg.p, drop_mode=cfg.drop_mode)
+        ema = ClipEMA(clip, m=cfg.m)
+        rows, weights = [(f"R-Adapter (α={cfg.alpha:g})", cfg.alpha)], lambda a: reparam.merged(clip, a, ema=ema)
+    elif cfg.method == "lora":
+        baselines.add_lora(clip, rank=cfg.rank or 8)
+        weights = lambda alpha: reparam.merged(clip, 1.0)  # LoRA's whole update (train_seg has no LoRA alpha)
+    else:  # frozen
+        clip.requires_grad_(False)
+
+    def loss(net, images, labels, _):  # the text tower runs in every step: it may be training
+        return segment.bce_loss(net(images, tokens.to(images.device)), labels)
+
+    return train.Method(loss, rows, weights, ema=ema, groups=optimizer_groups(model, cfg))
+
+
+# ---------------------------------------------------------------------- metrics
+def iou_counts(pred, target, classes):
+    """[3, C] counts of one image: intersection, predicted area and labelled area of each class, over the
+    pixels whose label is a class (IGNORE and unknown values left out). pred, target: [H, W] long."""
+    known = (target >= 0) & (target < classes)
+    pred, target = pred[known], target[known]
+    counts = [target[pred == target], pred, target]
+    return torch.stack([torch.bincount(c, minlength=classes) for c in counts])
+
+
+def miou(counts, classes=None):
+    """Mean IoU (%) from summed counts [..., 3, C], over the classes (or the subset `classes`) whose union
+    of prediction and label is not empty; a class in neither does not count (torchmetrics' macro average
+    and detectron2's SemSegEvaluator alike)."""
+    inter, pred, label = counts.double().unbind(-2)
+    union = pred + label - inter
+    present = union > 0
+    if classes is not None:
+        present &= torch.isin(torch.arange(counts.shape[-1]), torch.as_tensor(classes))
+    iou = torch.where(present, inter / union.clamp(min=1), 0.0)
+    return 100 * iou.sum(-1) / present.sum(-1)
+
+
+def bootstrap_se(counts, classes=None, samples=1000, seed=0):
+    """Standard error of miou over images: its spread over `samples` resamplings of the images (with
+    replacement). counts: [N, 3, C], one row per image."""
+    n = len(counts)
+    picks = torch.randint(n, (samples, n), generator=torch.Generator().manual_seed(seed))
+    times = torch.zeros(samples, n, dtype=torch.float64).scatter_add_(
+        1, picks, torch.ones(samples, n, dtype=torch.float64)
+    )
+    return miou(torch.einsum("sn,nkc->skc", times, counts.double()), classes).std().item()
+
+
+@torch.no_grad()
+def evaluate_sets(model, test_sets, templates, cfg, device):
+    """{set: mIoU, set_se: bootstrap SE, 'skipped': unreadable files, 'unknown_pixels': ...} by sliding window."""
+    model.eval()
+    amp = autocast_dtype(device, cfg.precision)
+    L, scores, skipped, unknown = model.config.context_length, {}, 0, 0
+    for test_set in test_sets:
+        tokens = segment.class_tokens(test_set.names, templates, L).to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            text = torch.cat([model.embed_text(t) for t in tokens.split(64)])  # [C, P, e], 64 classes at a time
+        loader = DataLoader(test_set, batch_size=1, num_workers=cfg.workers, collate_fn=data.collate_skip)
+        counts = []
+        for images, labels, n_bad in tqdm(loader, desc=test_set.name, leave=False, disable=None):
+            skipped += n_bad
+            if len(images) == 0:
+                continue
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                probs = segment.sliding_window(model, images[0].to(device), text, cfg.crop, size=cfg.crop * 5 // 3)
+            pred = probs.argmax(0).cpu()
+            if test_set.prompt_class is not None:  # VOC-20b: a background name's pixels are background
+                pred = test_set.prompt_class[pred]
+            counts.append(iou_counts(pred, labels[0], test_set.classes))
+            unknown += (labels[0] >= test_set.classes).sum().item()
+        if not counts:
+            raise data.DataError(f"test set {test_set.name!r} has no readable images")
+        counts = torch.stack(counts)
+        scores[test_set.name], scores[f"{test_set.name}_se"] = miou(counts.sum(0)).item(), bootstrap_se(counts)
+    return {**scores, "skipped": skipped, "unknown_pixels": unknown}
+
+
+# ------------------------------------------------------------------- the driver
+def run(cfgs, device, rank=0, world=1):
+    rows, out = [], Path(cfgs[0].run_dir or f"runs/seg-{cfgs[0].data}")
+    for cfg in cfgs:
+        cfg = dataclasses.replace(cfg, run_dir=str(out / cfg.method))
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        clip = toy.load_toy_clip(device) if cfg.model == "toy" else load_clip(cfg.model, device=device)
+        head = segment.HeadConfig() if clip.config.vision_width >= 768 else segment.SMALL
+        templates = recipes.templates(cfg.prompts, [])
+        torch.manual_seed(cfg.seed)  # the same head for every method
+        model = segment.CATSeg(clip, len(templates), head).to(device)
+        train_set = segmentation.build(
+            "coco-stuff-train", cfg.data_root, segmentation.train_transform(cfg.crop), cfg.strict
+        )
+        test_sets = segmentation.test_sets(cfg.test.split(","), cfg.data_root, cfg.strict)
+        tokens = segment.class_tokens(train_set.names, templates, clip.config.context_length)
+        method = setup_method(model, cfg, tokens)
+        clip.set_grad_checkpointing(cfg.grad_checkpointing)
+        n_clip, n_head = count_trainable(clip), count_trainable(model) - count_trainable(clip)
+        if rank == 0:
+            print(f"{cfg.method}: {n_clip:,} trainable CLIP parameters, {n_head:,} in the CAT-Seg head")
+            (Path(cfg.run_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        train.train(cfg, model, method, SimpleNamespace(train=train_set), device, rank, world)
+        if rank != 0:
+            continue
+        for name, alpha in method.rows:
+            with method.weights(alpha):
+                scores = evaluate_sets(model, test_sets, templates, cfg, device)
+            rows.append({"method": name, "trainable": n_clip, **scores})
+        export(cfg, model, method)
+    if rank == 0 and rows:
+        print("\n" + evaluate.format_table([{k: v for k, v in r.items() if k != "unknown_pixels"} for r in rows]))
+        evaluate.write_results(rows, out / "results")
+        print(f"mIoU (%) ± bootstrap SE over images; wrote {out / 'results.csv'}")
+    return rows
+
+
+def export(cfg, model, method):
+    """Under the evaluation weights (EMA adapters merged at alpha, LoRA merged): merged.safetensors, a plain
+    CLIP (OpenAI's names; open_clip loads it), and head.safetensors, the CAT-Seg head; r-adapter also
+    writes adapters.safetensors."""
+    out = Path(cfg.run_dir)
+    if method.ema is not None:
+        r_adapter.save_adapters(model.clip, out / "adapters.safetensors", ema=method.ema)
+    with method.weights(method.rows[0][1]):
+        save_clip(model.clip, out / "merged.safetensors")
+        head = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}
+    save_file(head, str(out / "head.safetensors"))
+
+
+def one_line(e):
+    """The message of e; for an error re-raised from a DataLoader worker, the original error's line."""
+    line = str(e).strip().splitlines()[-1]
+    return line.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ").removeprefix(f"{type(e).__name__}: ")
+
+
+def main(argv=None):
+    cfgs, show, given = parse_args(argv)
+    if show:
+        print(json.dumps([describe(cfg, given) for cfg in cfgs], indent=2))
+        return
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    try:
+        run(cfgs, device, rank, world)
+    except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
+        sys.exit(f"error: {one_line(e)}")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
