@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.transforms import Normalize
+from torchvision.transforms import Compose, Normalize, RandomHorizontalFlip
 from tqdm import tqdm
 
 from clip_model import CLIP, CLIP_MEAN, CLIP_STD, PRESETS, tokenize
@@ -40,15 +40,16 @@ TOY_CLIP = Path(__file__).resolve().parents[1] / "assets" / "toy-clip.safetensor
 TOY_CLIP_SHA256 = "50e99c226e5808b3e26d3ebb76d603d68a03a7aa34fb5c05956a4055f65ae6bd"
 
 
-def task(shots=None, seed=0):
-    """--data toy: generated in memory, deterministic; 32 px images, already tensors."""
+def task(shots=None, seed=0, flip=False):
+    """--data toy: generated in memory, deterministic; 32 px images, already tensors; flip: --flip in training."""
     normalize = Normalize(CLIP_MEAN, CLIP_STD)
 
-    def split(style, part, per_class=SIZES["test_per_class"]):
-        return toy_world.ToySplit(style, per_class, seed=seed, split=part, transform=normalize)
+    def split(style, part, per_class=SIZES["test_per_class"], transform=normalize):
+        return toy_world.ToySplit(style, per_class, seed=seed, split=part, transform=transform)
 
     ood = [EvalSet(name, split(style, "test")) for style, name in OOD.items()]
-    train = split("photo", "train", shots or SIZES["train_per_class"])
+    augment = Compose([RandomHorizontalFlip(), normalize]) if flip else normalize  # a mirrored shape keeps its class
+    train = split("photo", "train", shots or SIZES["train_per_class"], augment)
     return TaskData(
         list(toy_world.CLASSNAMES), list(toy_world.TEMPLATES), train, EvalSet("toy-photo", split("photo", "test")), ood
     )
