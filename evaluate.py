@@ -270,7 +270,7 @@ def plot_curves(curves, path, x, y, xlabel, ylabel):
     shaded = "; shaded: ±1 SE" if any(f"{y}_se" in rows[0] for rows in curves.values()) else ""
     ax.set_title(f"Re-scaling coefficient α from 0 (zero-shot) to 1 (fine-tuned){shaded}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3, frameon=False)  # off the data
     fig.tight_layout()
     lines = np.concatenate([along(rows, [x, y], 0)[0] for rows in curves.values()])  # [P, 2] on every curve
     place_labels(ax, labels, ax.transData.transform(lines))
