@@ -1,8 +1,8 @@
 """What a training run reports as it goes: the progress bar, log.jsonl and, if asked, TensorBoard.
 
-Every --log-every steps log.jsonl gets one line (kind "step": the step, epoch, mean loss and
-samples/s over those steps, learning rate, images skipped, peak CUDA memory), and at each epoch's
-end one summary line of the same fields over the epoch (kind "epoch"). With --report-to
+Every --log-every steps log.jsonl gets one line (kind "step": the step, epoch, learning rate, and
+the mean loss, samples/s and images skipped since the previous line; peak CUDA memory), and at each
+epoch's end one line of the same fields over the whole epoch (kind "epoch"). With --report-to
 tensorboard the same scalars go to <run dir>/tensorboard through torch.utils.tensorboard, as
 open_clip reports them. The loss is summed on its device and read once per line, so logging adds
 no host sync to a step. The bar redraws at most every 5 s (its loss and lr change with each line),
