@@ -345,7 +345,8 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/eval", help="output folder for the table and the plot")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parser.add_argument("--workers", type=int, default=min(4, cores), help="data loader worker processes")
+    workers = min(4, cores)  # more than the cores this process may use only makes the DataLoader warn
+    parser.add_argument("--workers", type=int, default=workers, help=f"data loader worker processes ({workers})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=device, help=f"where the model runs: cpu, cuda, cuda:1, ... ({device})")
     args = parser.parse_args(argv)
