@@ -413,9 +413,9 @@ def main(argv=None):
             model = load_clip(args.model)
         except (DataError, WeightsError, OSError) as e:
             sys.exit(f"error: {e}")
-        torch.set_grad_enabled(False)
         dtype = torch.bfloat16 if cuda else torch.float32
-        return bench_r_adapter(model, args.model, args.batch or (128 if cuda else 4), device, dtype, args.repeats)
+        with torch.no_grad():
+            return bench_r_adapter(model, args.model, args.batch or (128 if cuda else 4), device, dtype, args.repeats)
     if args.train:
         args.preset = args.preset or ("ViT-B-16" if cuda else "tiny")
         args.batch = args.batch or (256 if cuda else 32)

@@ -58,6 +58,7 @@ def test_every_entry_point_takes_toy_and_files(entry, tree, files, tmp_path, cap
     run = entry_points(tree, tmp_path)[entry]
     for model in ("toy", str(files["safetensors"]), str(files["pt"])):
         run(model)
+    assert torch.is_grad_enabled()  # bench.main leaves the process as it found it
     out = capsys.readouterr().out
     if entry == "evaluate.py":  # one line of top classes per image
         assert out.count(str(tree / "val" / "cat")) == 3 * 2
