@@ -2,6 +2,7 @@
 
     python bench.py                 # inference: CPU, plus CUDA when a GPU is present
     python bench.py --device cpu --repeats 5
+    python bench.py --model toy     # merged / unmerged R-Adapter on one CLIP (toy, a file, ViT-B-16, ARCH:TAG)
     python bench.py --train         # the paper's training step on the GPU (ViT-B/16, batch 256)
     python bench.py --train --preset tiny --batch 32 --jpegs 200     # the same on a CPU, small
 
@@ -21,6 +22,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -38,10 +40,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import baselines
 import r_adapter
+import recipes
 import reparam
 from clip_model import CLIP_MEAN, CLIP_STD, PRESETS, image_transform, tokenize
-from clip_weights import load_clip
-from data import ImageList, collate_skip
+from clip_weights import WeightsError, load_clip
+from data import DataError, ImageList, collate_skip
 from mpm_nce import mpm_nce_loss
 
 
@@ -97,8 +100,8 @@ def ours_from(ref, path):
     return load_clip(path)
 
 
-def inputs(preset, batch, device, dtype):
-    c = PRESETS[preset]
+def inputs(c, batch, device, dtype):
+    """Random images and captions in the shapes of CLIPConfig c."""
     images = torch.randn(batch, 3, c.image_size, c.image_size, device=device, dtype=dtype)
     tokens = tokenize([f"a photo of a number {i}, the best one." for i in range(batch)], c.context_length)
     return images, tokens.to(device)
@@ -109,7 +112,7 @@ def bench_clip(preset, batch, device, dtype, repeats, tmp):
     ref = open_clip_reference(preset)
     ours = ours_from(ref, tmp)
     ref, ours = ref.to(device, dtype), ours.to(device, dtype)
-    images, tokens = inputs(preset, batch, device, dtype)
+    images, tokens = inputs(PRESETS[preset], batch, device, dtype)
     medians = interleaved(
         {
             "open_clip": lambda: (ref.encode_image(images), ref.encode_text(tokens)),
@@ -121,15 +124,15 @@ def bench_clip(preset, batch, device, dtype, repeats, tmp):
     report(f"CLIP {preset} b{batch} {device.type} {str(dtype)[6:]}", medians)
 
 
-def bench_r_adapter(preset, batch, device, dtype, repeats, tmp):
+def bench_r_adapter(vanilla, name, batch, device, dtype, repeats):
     """Vanilla CLIP vs the adapted CLIP unmerged (eval) vs merged: merging should cost nothing."""
-    vanilla = ours_from(open_clip_reference(preset), tmp).to(device, dtype)
+    vanilla = vanilla.to(device, dtype)
     unmerged = r_adapter.add_adapters(copy.deepcopy(vanilla))
     with torch.no_grad():
         for _, p in r_adapter.adapter_parameters(unmerged):
             p.normal_(0, 0.02)
     merged = reparam.merge(copy.deepcopy(unmerged).eval(), alpha=0.5)
-    images, tokens = inputs(preset, batch, device, dtype)
+    images, tokens = inputs(vanilla.config, batch, device, dtype)
     medians = interleaved(
         {
             "vanilla": lambda: (vanilla.encode_image(images), vanilla.encode_text(tokens)),
@@ -139,7 +142,7 @@ def bench_r_adapter(preset, batch, device, dtype, repeats, tmp):
         repeats,
         device,
     )
-    report(f"R-Adapter {preset} b{batch} {device.type} {str(dtype)[6:]}", medians)
+    report(f"R-Adapter {name} b{batch} {device.type} {str(dtype)[6:]}", medians)
 
 
 # ------------------------------------------------------------------ --train
@@ -386,37 +389,46 @@ def bench_pipeline(args, device, step_rate, step_name):
         print("(on a CPU the loader and the step share the cores; measured one at a time here)")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--repeats", type=int, default=10)
+def main(argv=None):
+    parser = recipes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = "cpu, cuda, or all: both when a GPU is present (--train, --model: cuda if present, else cpu)"
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all", help=where)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each contender; the median is shown")
+    parser.add_argument("--model", help="time R-Adapter on this CLIP (toy, a file, ViT-B-16, ARCH:TAG), not on presets")
     parser.add_argument("--train", action="store_true", help="the training-step table and the input pipeline")
     parser.add_argument("--preset", choices=list(PRESETS), help="--train: default ViT-B-16 on CUDA, tiny on CPU")
-    parser.add_argument("--batch", type=int, help="--train: default 256 on CUDA, 32 on CPU")
+    parser.add_argument("--batch", type=int, help="--train: default 256 on CUDA, 32 on CPU; --model: 128, 4")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="--train: default on for CUDA only")
     parser.add_argument("--jpegs", type=int, default=2000, help="--train: synthetic JPEGs for the input pipeline")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="--train: DataLoader workers")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    recipes.at_least(parser, ("--repeats", args.repeats, 1), ("--batch", args.batch, 1), ("--jpegs", args.jpegs, 1))
+    recipes.at_least(parser, ("--workers", args.workers, 0))
+    if args.model and args.train:
+        parser.error(f"--model {args.model}: --train times the --preset shapes against open_clip, not a given CLIP")
     args.tmp = "/tmp/bench_clip.pt"
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    cuda = device.type == "cuda"
+    if args.model:
+        try:
+            model = load_clip(args.model)
+        except (DataError, WeightsError, OSError) as e:
+            sys.exit(f"error: {e}")
+        dtype = torch.bfloat16 if cuda else torch.float32
+        with torch.no_grad():
+            return bench_r_adapter(model, args.model, args.batch or (128 if cuda else 4), device, dtype, args.repeats)
     if args.train:
-        device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-        args.preset = args.preset or ("ViT-B-16" if device.type == "cuda" else "tiny")
-        args.batch = args.batch or (256 if device.type == "cuda" else 32)
+        args.preset = args.preset or ("ViT-B-16" if cuda else "tiny")
+        args.batch = args.batch or (256 if cuda else 32)
         step_rate, step_name = bench_train(args, device)
         torch.set_grad_enabled(False)
         print()
-        bench_r_adapter(
-            args.preset,
-            args.batch,
-            device,
-            torch.bfloat16 if device.type == "cuda" else torch.float32,
-            args.repeats,
-            args.tmp,
-        )
+        vanilla = ours_from(open_clip_reference(args.preset), args.tmp)
+        dtype = torch.bfloat16 if cuda else torch.float32
+        bench_r_adapter(vanilla, args.preset, args.batch, device, dtype, args.repeats)
         bench_pipeline(args, device, step_rate, step_name)
         return
     torch.set_grad_enabled(False)
-    tmp = args.tmp
     runs = []
     if args.device in ("cpu", "all"):
         runs += [("tiny", 64, torch.device("cpu"), torch.float32), ("ViT-B-16", 4, torch.device("cpu"), torch.float32)]
@@ -428,9 +440,10 @@ def main():
             ("ViT-B-16", 128, cuda, torch.bfloat16),
         ]
     for preset, batch, device, dtype in runs:
-        bench_clip(preset, batch, device, dtype, args.repeats, tmp)
+        bench_clip(preset, batch, device, dtype, args.repeats, args.tmp)
     for preset, batch, device, dtype in runs:
-        bench_r_adapter(preset, batch, device, dtype, args.repeats, tmp)
+        vanilla = ours_from(open_clip_reference(preset), args.tmp)
+        bench_r_adapter(vanilla, preset, batch, device, dtype, args.repeats)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ tensor shapes. Formats: OpenAI's TorchScript archives (`ViT-B-16.pt`), open_clip
 (`.bin`, `.pt`, `.pth`, with or without a `state_dict` wrapper or `module.` prefix) and safetensors.
 Loading never runs code from a checkpoint: state dicts are read with `torch.load(weights_only=True)`
 or safetensors, and a TorchScript archive by an unpickler that rebuilds tensors and nothing else.
-A hub name ('ViT-B-16', 'ViT-B-16:laion2b_s34b_b88k') downloads once to ~/.cache/r-adapter
-($RADAPTER_CACHE); offline it fails at once with the URL and the path to put the file at.
+`load_clip` is the one model resolver of every entry point: `toy` (the shipped toy CLIP, checked
+against its published SHA-256), a file, or a hub name ('ViT-B-16', 'ViT-B-16:laion2b_s34b_b88k'),
+which downloads once to ~/.cache/r-adapter ($RADAPTER_CACHE); offline it fails at once with the
+URL and the path to put the file at.
 """
 
 import io
@@ -31,6 +33,13 @@ CACHE_DIR = Path(os.environ.get("RADAPTER_CACHE", Path.home() / ".cache" / "r-ad
 
 class WeightsError(ValueError):
     """A weights, adapter or checkpoint file that is not what was expected; the message names it."""
+
+
+def cause(e):
+    """'Type: first clause' of an exception, for a one-line message: torch explains a damaged file over
+    many lines, and its advice to load with weights_only=False would run the file's code."""
+    first = re.split(r"\.\s|\n", str(e).strip(), maxsplit=1)[0].rstrip(".")
+    return f"{type(e).__name__}: {first}" if first and "weights_only" not in first else type(e).__name__
 
 
 @contextmanager
@@ -297,8 +306,7 @@ def read_state_dict(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(
-            f"{path}: cannot read it as a CLIP checkpoint (truncated, or not a PyTorch/"
-            f"safetensors file?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"{path}: cannot read it as a CLIP checkpoint (truncated, or not a PyTorch/safetensors file?): {cause(e)}"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
@@ -315,10 +323,8 @@ def _resolve_name(name):
     arch, _, tag = name.partition(":")
     tag = tag or "openai"
     if arch not in PRESETS or arch in ("tiny", "toy"):
-        raise WeightsError(
-            f"--model {name!r}: no such file, and not a known model name "
-            f"(use one of {[p for p in PRESETS if p not in ('tiny', 'toy')]}, optionally ':tag')"
-        )
+        hub = [p for p in PRESETS if p not in ("tiny", "toy")]
+        raise WeightsError(f"--model {name!r}: no such file, and not a known model name (toy, or one of {hub}[:tag])")
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     if not cfg:
         raise WeightsError(f"--model {name!r}: unknown pretrained tag {tag!r}; see open_clip.list_pretrained()")
@@ -346,12 +352,16 @@ def _resolve_name(name):
 def load_clip(source, device="cpu", config=None, quick_gelu=None) -> CLIP:
     """Build our CLIP from public weights.
 
-    source:     a checkpoint path (OpenAI TorchScript `.pt`, a state dict `.pt/.pth/.bin`
-                with or without a 'state_dict' wrapper or 'module.' prefix, `.safetensors`)
-                or a hub name ('ViT-B-16', 'ViT-B-16:openai', 'ViT-B-32:laion2b_s34b_b79k').
+    source:     'toy' (the shipped toy CLIP, data/toy.py), a checkpoint path (OpenAI TorchScript `.pt`,
+                a state dict `.pt/.pth/.bin` with or without a 'state_dict' wrapper or 'module.' prefix,
+                `.safetensors`) or a hub name ('ViT-B-16', 'ViT-B-16:openai', 'ViT-B-32:laion2b_s34b_b79k').
     config:     a preset name or CLIPConfig the file must match (error otherwise).
     quick_gelu: activation; default from the file's metadata or hub tag, else True (OpenAI).
     """
+    if str(source) == "toy":
+        from data import toy  # data.toy builds on this module
+
+        return toy.load_toy_clip(device)
     path, hub_quick_gelu = Path(source), None
     if not path.exists():
         path, hub_quick_gelu = _resolve_name(str(source))

@@ -1,4 +1,4 @@
-"""Evaluation: zero-shot classifiers, the robustness table, retrieval recall, alpha sweeps, plots.
+r"""Evaluation: zero-shot classifiers, the robustness table, retrieval recall, alpha sweeps, plots.
 
 Protocol (R-Adapter Sec. 4.1, inherited from WiSE-FT): the classifier is built from the (adapted)
 text encoder, one row per class = the normalised mean of the normalised embeddings of every prompt
@@ -14,16 +14,19 @@ merge time, so a sweep over alpha needs no retraining: merge, evaluate, unmerge 
         --data imagenet --data-root DIR --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1   # sweep + PNG
     python evaluate.py --model ViT-B-16.pt --finetuned runs/imagenet/full-ft/merged.safetensors --alpha 0.5
     python evaluate.py --model ViT-B-16.pt --images photos/ --classes cat,dog,car       # top-k per image
+    python evaluate.py --model toy --images photo.png --classes circle,square           # the shipped toy CLIP
 """
 
 import argparse
 import csv
 import json
 import math
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -240,18 +243,19 @@ def write_results(rows, stem):
 
 
 def report(rows, curves, out, cfg, task):
-    """The table (results.csv/.json), the sweeps and their plot, and for the toy job the paper's claims."""
+    """The table (results.csv/.json), the sweeps and their plot (its OOD axis names the task's OOD sets),
+    and for the toy job the paper's claims."""
+    ood = [s.name for s in getattr(task, "ood", [])]
     out.mkdir(parents=True, exist_ok=True)
     print("\n" + format_table(rows))
     write_results(rows, out / "results")
     print(f"wrote {out / 'results.csv'}")
     if curves:
-        plot(curves, out / "alpha_sweep.png", rows)
+        plot(curves, out / "alpha_sweep.png", rows, ood)
         write_results([{"method": m, **r} for m, rs in curves.items() for r in rs], out / "alpha_sweep")
         print(f"wrote {out / 'alpha_sweep.png'}")
     runs = {r["run"] for r in rows}
     if cfg.data == "toy" and not cfg.split and {"zero-shot", "full-ft", "r-adapter"} <= runs:
-        ood = [s.name for s in task.ood]
         checked = claims.paper_claims(rows, curves, task.test.name, ood, cfg.alpha)
         (out / "claims.json").write_text(json.dumps(checked, indent=2))
         print("\nThe paper's claims, checked (delta and se in points; 'within noise' when |delta| < 2 se):")
@@ -260,15 +264,16 @@ def report(rows, curves, out, cfg, task):
         print(f"wrote {out / 'claims.json'}")
 
 
-def plot(curves, path, rows):
-    """The sweeps as curves over alpha: ID vs OOD avg (classification), base vs new (base-to-novel),
-    and for retrieval the first test set's rsum against the second's (or against alpha)."""
+def plot(curves, path, rows, ood=()):
+    """The sweeps as curves over alpha: ID vs OOD avg (classification; ood: the names of the sets it
+    averages), base vs new (base-to-novel), and for retrieval the first test set's rsum against the
+    second's (or against alpha)."""
     keys = [k for k in rows[0] if k not in ("method", "run", "trainable", "alpha")]
     if "rsum" not in keys:
-        x, y = ("base", "new") if "hm" in keys else (keys[0], "ood_avg")
-        return plot_curves(
-            curves, path, x, y, f"{x} accuracy (%)", "OOD avg accuracy (%)" if y == "ood_avg" else "new (%)"
-        )
+        if "hm" in keys:
+            return plot_curves(curves, path, "base", "new", "base classes accuracy (%)", "new classes accuracy (%)")
+        ylabel = f"OOD accuracy (%): mean of\n{', '.join(ood)}" if ood else "OOD avg accuracy (%)"
+        return plot_curves(curves, path, keys[0], "ood_avg", f"ID accuracy (%): {keys[0]}", ylabel)
     tests = list(dict.fromkeys(r["test"] for rs in curves.values() for r in rs))
     alphas = {m: dict.fromkeys(r["alpha"] for r in rs) for m, rs in curves.items()}
     points = {
@@ -282,48 +287,71 @@ def plot(curves, path, rows):
 
 
 def plot_curves(curves, path, x, y, xlabel, ylabel):
-    """r[y] against r[x] over alpha, one curve per method (curves: {method: rows with 'alpha', x, y});
-    alpha=0 (zero-shot) and alpha=1 (fine-tuned) end points marked."""
+    """r[y] against r[x] over alpha, one curve per method (curves: {method: rows with 'alpha', x, y}).
+    alpha = 0 is the zero-shot model of every curve: one legend entry. Where a row has '<x>_se' and
+    '<y>_se', a shaded region covers each point's 1-SE ellipse, so clustered points stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import PathPatch
+    from matplotlib.path import Path as Shape
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    labels, zero_shot = [], []
     for name, rows in curves.items():
-        (line,) = ax.plot([r[x] for r in rows], [r[y] for r in rows], "o-", ms=3, label=name)
-        if f"{y}_se" in rows[0]:  # one standard error each way
-            ax.errorbar(
-                [r[x] for r in rows],
-                [r[y] for r in rows],
-                fmt="none",
-                ecolor=line.get_color(),
-                alpha=0.5,
-                xerr=[r.get(f"{x}_se", 0) for r in rows],
-                yerr=[r[f"{y}_se"] for r in rows],
-                elinewidth=0.8,
-            )
-        for r in rows:
-            if r["alpha"] in (0, 0.5, 1):
-                ax.annotate(
-                    f"α={r['alpha']:g}",
-                    (r[x], r[y]),
-                    fontsize=7,
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                    color=line.get_color(),
-                )
-        ends = [r for r in rows if r["alpha"] in (0, 1)]
-        ax.plot([r[x] for r in ends], [r[y] for r in ends], "s", ms=7, mfc="none", color=line.get_color())
+        (line,) = ax.plot([r[x] for r in rows], [r[y] for r in rows], "o-", ms=3, lw=1.2, label=name)
+        color = line.get_color()
+        if f"{x}_se" in rows[0] and f"{y}_se" in rows[0]:  # one compound path: overlaps are shaded once
+            circle = Shape.unit_circle()
+            ellipses = [Shape(circle.vertices * se + xy, circle.codes) for xy, se in zip(*along(rows, [x, y], 2))]
+            ax.add_patch(PathPatch(Shape.make_compound_path(*ellipses), fc=color, ec="none", alpha=0.15))
+        zero_shot += [(r[x], r[y]) for r in rows if r["alpha"] == 0]
+        labels += [(f"α={r['alpha']:g}", (r[x], r[y]), color) for r in rows if r["alpha"] in (0.5, 1)]
+    if zero_shot:
+        ax.plot(*zip(*zero_shot), "k*", ms=12, ls="none", label="zero-shot (α=0 of every curve)", zorder=3)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    bars = "; bars: ±1 SE" if any(f"{y}_se" in rows[0] for rows in curves.values()) else ""
-    ax.set_title(f"Re-scaling coefficient α (□: zero-shot α=0, fine-tuned α=1{bars})", fontsize=9)
+    shaded = "; shaded: ±1 SE" if any(f"{y}_se" in rows[0] for rows in curves.values()) else ""
+    ax.set_title(f"Re-scaling coefficient α from 0 (zero-shot) to 1 (fine-tuned){shaded}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3, frameon=False)  # off the data
     fig.tight_layout()
+    lines = np.concatenate([along(rows, [x, y], 0)[0] for rows in curves.values()])  # [P, 2] on every curve
+    place_labels(ax, labels, ax.transData.transform(lines))
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def along(rows, keys, n_se, steps=8):
+    """Points along a curve, `steps` per segment: rows' keys and, for n_se keys, their '<key>_se'
+    interpolated -> ([P, len(keys)] values, [P, n_se] standard errors)."""
+    v = np.array([[r[k] for k in keys] + [r[f"{k}_se"] for k in keys[:n_se]] for r in rows])  # [N, K + n_se]
+    t = np.linspace(0, 1, steps, endpoint=False)[:, None]
+    dense = np.concatenate([a + t * (b - a) for a, b in zip(v[:-1], v[1:])] + [v[-1:]])
+    return dense[:, : len(keys)], dense[:, len(keys) :]
+
+
+def place_labels(ax, labels, points):
+    """Each (text, xy, color) at the first nearby offset whose box meets no earlier label, no point of a
+    curve (points: display coordinates) and not the legend, with a thin line back to its point."""
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    offsets = [(8, 8), (8, -16), (-40, 8), (-40, -16), (14, 26), (14, -34), (-46, 26), (-46, -34), (40, 0), (-70, 0)]
+    taken = [ax.get_legend().get_window_extent(renderer)]
+    for text, xy, color in labels:
+        for dx, dy in offsets:
+            arrow = dict(arrowstyle="-", color=color, lw=0.6, shrinkA=0, shrinkB=3)
+            note = ax.annotate(text, xy, (dx, dy), textcoords="offset points", size=8, color=color, arrowprops=arrow)
+            note.update_positions(renderer)
+            box = Text.get_window_extent(note, renderer).padded(5)  # the text alone, not its line
+            if any(box.overlaps(b) for b in taken) or any(box.contains(*p) for p in points):
+                if (dx, dy) != offsets[-1]:
+                    note.remove()
+                    continue
+            taken.append(box)
+            break
 
 
 @torch.no_grad()
@@ -347,7 +375,7 @@ def predict_images(model, paths, classnames, templates, topk=5):
 def main(argv=None):
     doc = argparse.RawDescriptionHelpFormatter
     parser = recipes.ArgumentParser(description=__doc__, formatter_class=doc, allow_abbrev=False)
-    parser.add_argument("--model", required=True, help="CLIP checkpoint file or hub name (the zero-shot base)")
+    parser.add_argument("--model", required=True, help="the zero-shot CLIP: toy, a file, ViT-B-16 or ARCH:TAG")
     parser.add_argument("--adapters", help="R-Adapter weights saved by train.py (adapters.safetensors)")
     parser.add_argument("--finetuned", help="a fully fine-tuned CLIP export, for WiSE-FT interpolation")
     parser.add_argument("--alpha", default="0.5", help="re-scaling coefficient(s) in [0, 1], comma separated")
@@ -361,8 +389,11 @@ def main(argv=None):
     parser.add_argument("--topk", type=int, default=5, help="classes printed per image")
     parser.add_argument("--out", default="runs/eval", help="output folder for the table and the plot")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--workers", type=int, default=4, help="data loader worker processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(4, cores)  # more than the cores this process may use only makes the DataLoader warn
+    parser.add_argument("--workers", type=int, default=workers, help=f"data loader worker processes ({workers})")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=device, help=f"where the model runs: cpu, cuda, cuda:1, ... ({device})")
     args = parser.parse_args(argv)
     try:
         alphas = [float(a) for a in args.alpha.split(",")]
@@ -372,12 +403,29 @@ def main(argv=None):
         parser.error(f"--alpha {args.alpha}: expected values in [0, 1]")
     if args.images and not args.classes:
         parser.error("--images needs --classes a,b,c")
+    if args.classes and not args.images:
+        parser.error("--classes needs --images FILE|DIR, the images to classify")
     if args.data not in data.names():
         parser.error(f"--data {args.data}: expected one of {', '.join(data.names())}")
+    recipes.at_least(
+        parser, ("--workers", args.workers, 0), ("--batch-size", args.batch_size, 1), ("--topk", args.topk, 1)
+    )
     try:
+        check_paths(args)
         run(args, alphas)
     except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
         sys.exit(f"error: {e}")
+
+
+def check_paths(args):
+    """The input checks that cost nothing, made before any download or data read."""
+    if args.images and not Path(args.images).exists():
+        raise data.DataError(f"--images {args.images}: no such file or folder")
+    if not args.images:
+        data.check_root(args.data, args.data_root)
+    for flag, path in (("--adapters", args.adapters), ("--finetuned", args.finetuned)):
+        if path and not Path(path).is_file():
+            raise data.DataError(f"{flag} {path}: no such file")
 
 
 def run(args, alphas):
@@ -407,7 +455,7 @@ def run(args, alphas):
     out = Path(args.out)
     write_results(rows, out / "results")
     if len(alphas) > 1:
-        plot({name: rows}, out / "alpha_sweep.png", rows)
+        plot({name: rows}, out / "alpha_sweep.png", rows, [s.name for s in getattr(task, "ood", [])])
         print(f"wrote {out / 'alpha_sweep.png'}")
     print(f"wrote {out / 'results.csv'} and .json")
 

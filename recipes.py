@@ -1,11 +1,13 @@
 """Every training recipe: what a command resolves to, and where each value comes from.
 
 TrainConfig's defaults (train.py) are R-Adapter's ImageNet recipe (paper Sec. 4.1 and its released
-ImageNet script). A command's --data, --shots and --split pick a setting; then every field that is
-not given on the command line resolves by one rule, later entries winning:
+ImageNet script). A command's --data, --shots and --split pick a setting; then every field
+resolves by one rule, later entries winning (`layers`; --print-config names each value's source):
 
-    TrainConfig default < SETTINGS[setting]['*'] < METHODS[method] < SETTINGS[setting][method]
-                        < DATASETS[(data, method)] < the flags given
+    TrainConfig default < SETTINGS[setting]['*'] < METHODS[method] < SETTINGS[setting]['all']
+        < SETTINGS[setting][method] < DATASETS[(data, method)] < --config FILE < the flags given
+
+('*' holds a setting's values under each method's own recipe, 'all' those over it.)
 
 "R-Adapter release" is github.com/tjddus9597/R-Adapter-ECCV2024 (its run scripts); "CLIPFit
 release" is github.com/minglllli/CLIPFit (configs/trainers/ClipFit and scripts). Prompts name a
@@ -14,12 +16,20 @@ dataset), 'imagenet-80' (the 80 OpenAI ImageNet templates), or one literal templ
 """
 
 import argparse
+import dataclasses
+import importlib.util
+import json
 import os
+import shlex
+import sys
+import typing
 from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from data import coop, imagenet, toy_world
+from data import DataError, check_root, coop, imagenet, names, toy_world
 
 IMAGENET_80 = "imagenet-80"
 RETRIEVAL = ("coco", "flickr30k")
@@ -151,8 +161,8 @@ SETTINGS = {
     # over one grid, committed as docs/toy_lr_selection.csv; methods not in that table keep their own.
     "toy": {
         "*": dict(model="toy", method="zero-shot,full-ft,r-adapter", workers=0, save_every=200, sweep=True),
-        **dict.fromkeys(("r-adapter", *METHODS), TOY_BUDGET),
-        **{method: {**TOY_BUDGET, "lr": lr} for method, lr in TOY_LR.items()},
+        "all": TOY_BUDGET,
+        **{method: {"lr": lr} for method, lr in TOY_LR.items()},
     },
 }
 
@@ -171,6 +181,43 @@ DATASETS = {
 }
 
 
+# Where each entry above comes from (the README's recipe table is `python recipes.py`).
+SOURCES = {
+    ("method", "clipfit"): "CLIPFit release",
+    ("method", "flyp"): "FLYP paper",
+    ("method", "full-ft"): "WiSE-FT release",
+    ("method", "wise-ft"): "WiSE-FT release",
+    ("method", "coop"): "CoOp release",
+    ("method", "cocoop"): "CLIPFit release (CoCoOp config)",
+    ("method", "ssf"): "SSF release",
+    ("retrieval", "full-ft"): "FLYP paper (no retrieval FT recipe is published)",
+    ("retrieval", "wise-ft"): "FLYP paper (no retrieval FT recipe is published)",
+    ("toy", "full-ft"): "toy lr rule: docs/toy_lr_selection.csv",
+    ("toy", "wise-ft"): "toy lr rule: docs/toy_lr_selection.csv (full-ft's)",
+    ("toy", "r-adapter"): "toy lr rule: docs/toy_lr_selection.csv",
+    ("imagenet", "coop"): "CoOp release",
+    ("method", "prolip"): "ProLIP release",
+    ("method", "linear-probe"): "our choice",
+    ("method", "lora"): "our choice, after CLIP-LoRA",
+    ("few-shot", "r-adapter"): "R-Adapter release",
+    ("few-shot", "clipfit"): "CLIPFit release, paper",
+    ("base-to-novel", "*"): "R-Adapter release",
+    ("base-to-novel", "r-adapter"): "R-Adapter release",
+    ("base-to-novel", "clipfit"): "CLIPFit release",
+    ("retrieval", "*"): "R-Adapter paper, release",
+    ("toy", "*"): "this repository",
+    ("toy", "all"): "this repository",
+    ("imagenet", "clipfit"): "CLIPFit release",
+    ("food101", "clipfit"): "CLIPFit release",
+    ("dtd", "clipfit"): "CLIPFit release, paper",
+    ("sun397", "clipfit"): "CLIPFit paper",
+}
+
+
+class ConfigError(ValueError):
+    """A --config file that is not a run's config.json; the message names it."""
+
+
 def rank(text):
     """--rank: an integer r, or full (d x d adapters)."""
     return None if text == "full" else int(text)
@@ -186,19 +233,72 @@ def setting(data, split=None, shots=None):
     return "few-shot" if shots else "full"
 
 
-def recipe(data, split=None, shots=None, method=None):
-    """The values a command's setting, method and dataset set (without method: the setting's '*')."""
-    rules = SETTINGS[setting(data, split, shots)]
-    out = dict(rules.get("*", {}))
+def layers(data, split=None, shots=None, method=None):
+    """[(source, values)] that a command's setting, method and dataset set, in the order they apply
+    (without method: the setting's '*' only)."""
+    name = setting(data, split, shots)
+    rules = SETTINGS[name]
+    out = [(f"setting {name}", rules.get("*", {}))]
     if method is not None:
-        out |= METHODS.get(method, {}) | rules.get(method, {}) | DATASETS.get((data, method), {})
+        out += [
+            (f"method {method}", METHODS.get(method, {})),
+            (f"setting {name}, every method", rules.get("all", {})),
+            (f"setting {name}, method {method}", rules.get(method, {})),
+            (f"dataset {data}, method {method}", DATASETS.get((data, method), {})),
+        ]
+    return [(source, values) for source, values in out if values]
+
+
+def recipe(data, split=None, shots=None, method=None):
+    """The values a command's setting, method and dataset set, later layers winning."""
+    return {k: v for _, values in layers(data, split, shots, method) for k, v in values.items()}
+
+
+def resolve(chosen, defaults):
+    """One ({field: value}, {field: source}) per method of a command: `chosen` = [(source, {field:
+    value})] of --config FILE and the flags, applied over `defaults` and the command's `layers`."""
+    given = {k: v for _, values in chosen for k, v in values.items()}
+    where = dict(data=given.get("data", defaults["data"]), split=given.get("split"), shots=given.get("shots"))
+    out = []
+    for method in {**defaults, **recipe(**where), **given}["method"].split(","):
+        applied = [("default", defaults), *layers(**where, method=method), *chosen]
+        values = {k: v for _, layer in applied for k, v in layer.items()}
+        sources = {k: source for source, layer in applied for k in layer}  # the last layer that set k
+        out.append(({**values, "method": method, "ood": tuple(values["ood"])}, sources))
     return out
+
+
+def read_config(path, types):
+    """--config FILE: a run's config.json as {field: value}, each value checked against types[field]."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"--config {path}: not JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a run's config.json, one object of fields")
+    for name, value in values.items():
+        if name not in types:
+            raise ConfigError(f"--config {path}: unknown field {name!r}")
+        kinds = typing.get_args(types[name]) or (types[name],)  # Optional[int] -> (int, NoneType)
+        kinds += (int,) if float in kinds else (list,) if tuple in kinds else ()  # JSON's 1 and [..]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ConfigError(f"--config {path}: {name} = {json.dumps(value)} is not of type {types[name]}")
+    return values
 
 
 # ---------------------------------------------------------------- checks
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line naming the flag, not the usage of forty flags
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def at_least(parser, *checks):
+    """parser.error for the first (flag, value, least) with value < least; a value of None was not given."""
+    for flag, value, least in checks:
+        if value is not None and value < least:
+            parser.error(f"{flag} {value}: expected >= {least}")
 
 
 RANGES = {  # flag: (check, what it must be)
@@ -220,6 +320,7 @@ RANGES = {  # flag: (check, what it must be)
     "min_lr": (lambda v: v >= 0, ">= 0"),
     "max_steps": (lambda v: v is None or v >= 1, ">= 1"),
     "seeds": (lambda v: v >= 1, ">= 1"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
 }
 CHOICES = {
     "loss": ("mpm-nce", "infonce", "ce"),
@@ -227,11 +328,14 @@ CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "split": (None, "base"),
+    "report_to": (None, "tensorboard"),
 }
 
 
 def check(cfg):
     """What is wrong with a resolved config, as one line naming the flag, or None."""
+    if cfg.data not in names():
+        return f"--data {cfg.data}: expected one of {', '.join(names())}"
     for name, (ok, want) in RANGES.items():
         if not ok(getattr(cfg, name)):
             return f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {want}"
@@ -243,6 +347,8 @@ def check(cfg):
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
     if cfg.batch_size % (world * cfg.accum_steps):
         return f"--batch-size {cfg.batch_size}: expected a multiple of --accum-steps {cfg.accum_steps} x {world} GPUs"
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        return "--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard)"
     if cfg.data != "toy" and cfg.data_root is None:
         return f"--data {cfg.data} needs --data-root DIR"
     retrieval_task = cfg.data in RETRIEVAL
@@ -271,6 +377,47 @@ def check(cfg):
     return None
 
 
+def parse(config_class, methods, description, argv=None):
+    """train.py's command line: one flag per field of config_class (its help in the field's metadata),
+    --config FILE and --print-config; returns one checked config_class per method of the command."""
+    doc = argparse.RawDescriptionHelpFormatter
+    parser = ArgumentParser(description=description, formatter_class=doc, allow_abbrev=False)
+    fields = dataclasses.fields(config_class)
+    for f in fields:
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=f.metadata["help"])
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "ood":
+            parser.add_argument(flag, action="append", metavar="NAME=DIR", **kw)
+        else:
+            kind = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(f.type, f.type)
+            parser.add_argument(flag, type=rank if f.name == "rank" else kind, **kw)
+    parser.add_argument("--config", metavar="FILE", help="replay a run's config.json; the flags given override it")
+    parser.add_argument("--print-config", action="store_true", help="print each method's config, each value's source")
+    flags = vars(parser.parse_args(argv))
+    config, print_config = flags.pop("config", None), flags.pop("print_config")
+    try:
+        chosen = [(f"config {config}", read_config(config, {f.name: f.type for f in fields}))] if config else []
+    except ConfigError as e:
+        parser.exit(1, f"error: {e}\n")
+    resolved = resolve([*chosen, ("flag", flags)], defaults={f.name: f.default for f in fields})
+    cfgs = [config_class(**values) for values, _ in resolved]
+    for cfg in cfgs:
+        problem = (
+            check(cfg) if cfg.method in methods else f"--method {cfg.method}: expected one of {', '.join(methods)}"
+        )
+        if problem:
+            parser.error(problem)
+    if print_config:
+        print("\n\n".join(describe(cfg, sources) for cfg, (_, sources) in zip(cfgs, resolved)))
+        try:
+            check_root(cfgs[0].data, cfgs[0].data_root)
+        except DataError as e:  # the config is still worth seeing
+            print(f"warning: {e}", file=sys.stderr)
+        parser.exit(0)
+    return cfgs
+
+
 def templates(name, task_templates):
     """A prompt set (TrainConfig.prompts) as a list of templates."""
     if name == "task":
@@ -278,8 +425,9 @@ def templates(name, task_templates):
     return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] if name == IMAGENET_80 else [name]
 
 
-def describe(cfg):
-    """--print-config: every field, and the prompt sets as the number of templates they hold."""
+def describe(cfg, sources):
+    """--print-config: each field's value and where it came from (`layers`, 'config FILE', 'flag'
+    or 'default'), and how many templates the prompt sets hold."""
     own = {
         "toy": len(toy_world.TEMPLATES),
         "folder": len(imagenet.FOLDER_TEMPLATES),
@@ -291,4 +439,42 @@ def describe(cfg):
         name: own if getattr(cfg, name) == "task" else len(templates(getattr(cfg, name), []))
         for name in ("prompts", "eval_prompts")
     }
-    return {**asdict(cfg), "train_templates": count["prompts"], "eval_templates": count["eval_prompts"]}
+    values = {name: json.dumps(value) for name, value in asdict(cfg).items()}
+    width, value_width = max(map(len, values)), max(map(len, values.values()))
+    lines = [f"# {cfg.method}: {count['prompts']} training templates, {count['eval_prompts']} evaluation templates"]
+    for name, value in values.items():
+        lines.append(f"{name:<{width}}  {value:<{value_width}}  {sources.get(name, 'default')}")
+    return "\n".join(lines)
+
+
+def as_flags(values):
+    """{field: value} as the flags that give it: --batch-size 256 --no-flip --prompts 'a photo of a {}'."""
+    out = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(out)
+
+
+def table():
+    """The README's recipe table: every entry above as the flags it amounts to, with its source."""
+    where = {
+        "few-shot": "`--shots K`",
+        "base-to-novel": "`--split base`",
+        "retrieval": "`--data coco`, `flickr30k`",
+        "toy": "`--data toy`",
+    }
+    who = {"*": "all, under their own recipe", "all": "all, over their own recipe"}
+    entries = [(("method", m), "any", m, values) for m, values in METHODS.items()]
+    entries += [((s, m), where[s], who.get(m, m), v) for s, rules in SETTINGS.items() for m, v in rules.items()]
+    entries += [((d, m), f"`--data {d}`", m, values) for (d, m), values in DATASETS.items()]
+    lines = ["| setting | method | differs from the defaults by | source |", "|---|---|---|---|"]
+    lines += [f"| {s} | {m} | `{as_flags(values)}` | {SOURCES[key]} |" for key, s, m, values in entries]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())

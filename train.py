@@ -4,6 +4,7 @@
     python train.py --data imagenet --data-root DIR --model ViT-B-16:openai
     torchrun --nproc-per-node 8 -- train.py --data imagenet --data-root DIR --model ViT-B-16.pt
     python train.py ... --resume latest | --print-config
+    python train.py --config runs/toy/r-adapter/config.json --epochs 4   # replay a run, one value changed
 
 Per method: setup_method decides what trains, the loss and the evaluation weights; the loop pairs
 each image with its class name in a random template (Sec. 3.4) or its caption, steps the optimiser
@@ -13,13 +14,11 @@ alpha by reparam.py, WiSE-FT at alpha, CoOp's and CoCoOp's learned prompts for t
 classes). Which values a command gets is recipes.py's business.
 """
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import baselines
 import clipfit
@@ -44,9 +42,10 @@ import recipes
 import reparam
 import ssf
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
-from clip_weights import WeightsError, atomic, load_clip, save_clip
-from data import SeededAugment, StepSampler, coop, retrieval, seed_of, shared_randint, toy
+from clip_weights import WeightsError, atomic, cause, load_clip, save_clip
+from data import SeededAugment, StepSampler, coop, retrieval, seed_of, shared_randint
 from mpm_nce import gather_features, infonce_loss, mpm_nce_loss
+from run_log import RunLog
 
 # Re-parameterisable methods: each wraps layers by its one rule; reparam.py merges any of them alike,
 # evaluated at alpha (recipes.py: 0.5 for R-Adapter, 1 for LoRA and SSF). A fourth one is one line here.
@@ -67,12 +66,12 @@ def arg(default, help):
 class TrainConfig:
     data: str = arg("toy", "imagenet | folder | toy | coco | flickr30k | a CoOp dataset (data/coop.py)")
     data_root: Optional[str] = arg(None, "dataset root (layouts: data/imagenet.py, coop.py, retrieval.py)")
-    ood: list = arg((), "NAME=DIR: an extra or relocated evaluation set (repeatable)")
+    ood: tuple = arg((), "NAME=DIR: an extra or relocated evaluation set (repeatable)")
     shots: Optional[int] = arg(None, "train on K images per class (seeded)")
     split: Optional[str] = arg(None, "base: train on the base classes, report base / new / HM (CoCoOp)")
     strict: bool = arg(False, "an unreadable image is an error (default: skipped and counted)")
     classnames: Optional[str] = arg(None, "--data folder: JSON file {folder: class name}")
-    model: str = arg("ViT-B-16:openai", "checkpoint file, hub name (ViT-B-16:openai) or toy (the shipped toy CLIP)")
+    model: str = arg("ViT-B-16:openai", "toy (the shipped toy CLIP), a checkpoint file, or ViT-B-16 | ARCH:TAG")
     method: str = arg("r-adapter", f"comma separated, from: {', '.join(METHODS)}")
     loss: str = arg("mpm-nce", "mpm-nce | infonce | ce (class logits)")
     prompts: str = arg("task", "training prompts: task | imagenet-80 | one template with {}")
@@ -112,39 +111,14 @@ class TrainConfig:
     sweep: bool = arg(False, "also evaluate alpha = 0, 0.1, ..., 1 and plot ID against OOD")
     max_steps: Optional[int] = arg(None, "stop after N steps (smoke tests); the schedule still spans all epochs")
     seeds: int = arg(1, "run each method with seeds --seed, --seed + 1, ...; one table pools them (SEs add the spread)")
+    log_every: int = arg(50, "a log.jsonl line (loss, lr, samples/s, ...) every N steps, and one per epoch")
+    report_to: Optional[str] = arg(None, "tensorboard: also write log.jsonl's scalars to <run dir>/tensorboard")
 
 
 def parse_args(argv=None) -> list[TrainConfig]:
-    """One fully resolved TrainConfig per method of the command (recipes.py's rule), flags checked."""
-    doc = argparse.RawDescriptionHelpFormatter
-    parser = recipes.ArgumentParser(description=__doc__, formatter_class=doc, allow_abbrev=False)
-    for f in dataclasses.fields(TrainConfig):
-        flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=f.metadata["help"])
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "ood":
-            parser.add_argument(flag, action="append", metavar="NAME=DIR", **kw)
-        else:
-            kind = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(f.type, f.type)
-            parser.add_argument(flag, type=recipes.rank if f.name == "rank" else kind, **kw)
-    parser.add_argument("--print-config", action="store_true", help="print each method's resolved config and exit")
-    given = vars(parser.parse_args(argv))
-    given.pop("print_config")
-    data_name = given.get("data", TrainConfig.data)
-    where = dict(data=data_name, split=given.get("split"), shots=given.get("shots"))
-    if data_name not in data.names():
-        parser.error(f"--data {data_name}: expected one of {', '.join(data.names())}")
-    methods = {**recipes.recipe(**where), **given}.get("method", TrainConfig.method).split(",")
-    cfgs = []
-    for method in methods:
-        if method not in METHODS:
-            parser.error(f"--method {method}: expected one of {', '.join(METHODS)}")
-        cfgs.append(TrainConfig(**{**recipes.recipe(**where, method=method), **given, "method": method}))
-    for cfg in cfgs:
-        problem = recipes.check(cfg)
-        if problem:
-            parser.error(problem)
-    return cfgs
+    """One fully resolved TrainConfig per method of the command (recipes.py's rule), flags checked.
+    --print-config prints them, each value with its source, and exits, as --help does."""
+    return recipes.parse(TrainConfig, METHODS, __doc__, argv)
 
 
 # --------------------------------------------------------------------- schedule
@@ -171,6 +145,15 @@ class Method:
     groups: Optional[list] = None  # optimiser groups [{"params", "lr_scale", "weight_decay"}] (train_seg.py)
 
 
+def in_random_templates(prompts, labels, ddp=(0, 1)):
+    """Each label's class name in a template drawn at random: prompts [T, C, L], labels [B] -> [B, L].
+    The draw is made for world_size x B labels at once, as one process would draw it for the global
+    batch, and rank ddp_rank takes its slice: ddp = (ddp_rank, world_size)."""
+    (ddp_rank, world_size), B = ddp, len(labels)
+    picks = shared_randint(len(prompts), B * world_size)[ddp_rank * B : (ddp_rank + 1) * B]  # [B] template indices
+    return prompts[picks, labels]
+
+
 def setup_method(model, cfg, task):
     """Make the method's parameters (and only those) trainable; the only per-method branch."""
     tau = cfg.tau or 1 / model.logit_scale.exp().item()
@@ -182,18 +165,17 @@ def setup_method(model, cfg, task):
         prompts = tokenize([t.format(c) for t in train_templates for c in names], L).view(len(train_templates), -1, L)
 
     def contrastive(net, images, labels, tokens):  # MPM-NCE (Sec. 3.4) or InfoNCE over the global batch
-        if tokens is None:  # each image with its class name in a template drawn for the global batch: [B, L]
-            B, (r, w) = len(labels), (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-            tokens = prompts[shared_randint(len(prompts), B * w)[r * B : (r + 1) * B], labels.cpu()]
+        if tokens is None:  # each image with its class name in a template drawn for the global batch
+            ddp = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            tokens = in_random_templates(prompts, labels.cpu(), ddp)
         f, g, _ = net(images, tokens.to(images.device))
         f, g, labels = gather_features(f, g, labels)
         if cfg.loss == "infonce":
             return infonce_loss(f, g, tau)
         return mpm_nce_loss(f, g, labels, tau=tau, delta=cfg.delta, epsilon=cfg.epsilon)
 
-    def class_ce(net, images, labels, tokens):  # every class, each in a random template: [C, L]
-        T, C, _ = prompts.shape
-        f, g, _ = net(images, prompts[shared_randint(T, C), torch.arange(C)].to(images.device))
+    def class_ce(net, images, labels, tokens):  # every class, each in a random template (the same on every rank)
+        f, g, _ = net(images, in_random_templates(prompts, torch.arange(prompts.shape[1])).to(images.device))
         return F.cross_entropy((f @ g.T).float() / tau, labels)
 
     loss = class_ce if cfg.loss == "ce" else contrastive
@@ -203,25 +185,27 @@ def setup_method(model, cfg, task):
         attach(model, cfg)
         ema = reparam.EMA(model, m=cfg.m) if cfg.m > 0 else None
         merged = lambda a: reparam.merged(model, a, ema=ema)
-        return Method(loss, [(f"{name} (α={cfg.alpha:g})", cfg.alpha)], merged, name, ema=ema)
+        rows = [(f"{name} (α={cfg.alpha:g})", cfg.alpha)]
+        return Method(loss=loss, rows=rows, weights=merged, curve=name, ema=ema)
     if cfg.method == "clipfit":  # text FFN W_2 biases + image LayerNorms; CE + text distillation
-        return Method(clipfit.prepare(model, prompts[0], tau, cfg.clipfit_lambda), plain)
+        return Method(loss=clipfit.prepare(model, prompts[0], tau, cfg.clipfit_lambda), rows=plain)
     if cfg.method in ("coop", "cocoop"):  # a learned context (CoCoOp: shifted per image) before each class name
         learner = prompt_learners.add_prompt_learner(model, cfg.ctx_init, conditional=cfg.method == "cocoop")
-        return Method(learner.loss(model, names, tau), plain, classifier_for=lambda c: learner.classifier(model, c))
+        classifier_for = lambda c: learner.classifier(model, c)
+        return Method(loss=learner.loss(model, names, tau), rows=plain, classifier_for=classifier_for)
     head = None  # full-ft, wise-ft and linear-probe: WiSE-FT's head, initialised from the zero-shot classifier
     if names and cfg.method in ("full-ft", "wise-ft", "linear-probe", "prolip"):
         classifier = evaluate.zero_shot_classifier(model, names, recipes.templates(cfg.eval_prompts, task.templates))
         if cfg.method == "prolip":
             lam = baselines.prolip_weight(cfg.shots, len(task.train), len(names))
-            return Method(baselines.prolip(model, classifier, tau, lam), plain)
+            return Method(loss=baselines.prolip(model, classifier, tau, lam), rows=plain)
         head = baselines.add_classification_head(model, classifier)
         loss = baselines.head_loss(head)
     if cfg.method == "linear-probe":
-        return Method(loss, plain, classifier=head.weight)
+        return Method(loss=loss, rows=plain, classifier=head.weight)
     if cfg.method == "flyp":
         baselines.full_finetune(model)
-        return Method(loss, plain)
+        return Method(loss=loss, rows=plain)
     if cfg.method in ("full-ft", "wise-ft"):  # WiSE-FT's end-to-end fine-tuning (both towers on retrieval)
         if head is None:
             baselines.full_finetune(model)
@@ -231,9 +215,10 @@ def setup_method(model, cfg, task):
         name = "full-ft" if cfg.method == "full-ft" else "WiSE-FT (α=1)"
         rows = [(name, 1.0), (f"WiSE-FT (α={cfg.alpha:g})", cfg.alpha)]
         weights = lambda a: baselines.wise_ft(model, zero_shot, a)
-        return Method(loss, rows, weights, "WiSE-FT", classifier=None if head is None else head.weight)
+        classifier = None if head is None else head.weight
+        return Method(loss=loss, rows=rows, weights=weights, curve="WiSE-FT", classifier=classifier)
     model.requires_grad_(False)  # zero-shot
-    return Method(loss, plain)
+    return Method(loss=loss, rows=plain)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -259,8 +244,7 @@ def read_checkpoint(path, latest):
             if i + 1 < len(candidates) and candidates[i + 1].exists():
                 print(f"--resume: {candidate} is unreadable ({type(e).__name__}); resuming from {candidates[i + 1]}")
                 continue
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"  # torch explains over many lines
-            raise WeightsError(f"--resume: {candidate} is not a readable checkpoint ({why})") from None
+            raise WeightsError(f"--resume: {candidate} is not a readable checkpoint ({cause(e)})") from None
         return ckpt, candidate
     raise WeightsError(f"--resume {'latest' if latest else path}: no checkpoint at {path}")
 
@@ -286,7 +270,7 @@ def restore(ckpt, path, cfg, model, method, optimizer, scaler):
 
 
 # -------------------------------------------------------------------- the loop
-def train(cfg, model, method, task, device, rank=0, world=1):
+def train(cfg, model, method, task, device, ddp_rank=0, world_size=1):
     """Fine-tune the trainable parameters of `model` (set by setup_method) with method.loss."""
     run_dir = Path(cfg.run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -299,8 +283,8 @@ def train(cfg, model, method, task, device, rank=0, world=1):
     else:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    sampler = StepSampler(len(task.train), cfg.batch_size, cfg.seed, rank, world)
-    micro = cfg.batch_size // world // cfg.accum_steps
+    sampler = StepSampler(len(task.train), cfg.batch_size, cfg.seed, ddp_rank, world_size)
+    micro = cfg.batch_size // world_size // cfg.accum_steps
     kw = dict(num_workers=cfg.workers, collate_fn=data.collate_skip, drop_last=True, pin_memory=device.type == "cuda")
     loader = DataLoader(SeededAugment(task.train, cfg.seed), micro, sampler=sampler, **kw)
     steps_per_epoch = sampler.steps_per_epoch
@@ -313,54 +297,50 @@ def train(cfg, model, method, task, device, rank=0, world=1):
     if cfg.resume:
         path = ckpt_path if cfg.resume == "latest" else Path(cfg.resume)
         ckpt, path = read_checkpoint(path, latest=cfg.resume == "latest")
-        if rank == 0 and path != ckpt_path and cfg.resume == "latest":  # set the damaged latest aside
+        if ddp_rank == 0 and path != ckpt_path and cfg.resume == "latest":  # set the damaged latest aside
             os.replace(ckpt_path, ckpt_path.with_suffix(".damaged.pt"))
         step = restore(ckpt, path, cfg, model, method, optimizer, scaler)
-        if rank == 0:
+        if ddp_rank == 0:
             print(f"resumed from {path} at step {step}/{total}")
 
     captions = isinstance(task, retrieval.RetrievalData)  # a row is a caption; its label is its image id
     net = model
-    if world > 1:
+    if world_size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
 
     def save():
-        if rank == 0:
+        if ddp_rank == 0:
             trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
             state = dict(config=asdict(cfg), clip_config=asdict(model.config), step=step, trainable=trainable)
             state |= dict(optimizer=optimizer.state_dict(), ema=method.ema and method.ema.state_dict())
             save_checkpoint({**state, "scaler": scaler and scaler.state_dict()}, ckpt_path)
 
     last = min(total, cfg.max_steps or total)
-    log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
-    bar = tqdm(total=last, initial=step, desc=cfg.method, disable=rank != 0, mininterval=5, dynamic_ncols=True)
+    log = RunLog(cfg, total=last, start=step, device=device, enabled=ddp_rank == 0)
     model.train()
     while step < last:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, step % steps_per_epoch)
-        batches, seen, loss_sum, n_steps, skipped, t0 = iter(loader), 0, 0.0, 0, 0, time.perf_counter()
+        batches = iter(loader)
         while step < last and step // steps_per_epoch == epoch:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, cfg) * group.get("lr_scale", 1.0)
-            torch.manual_seed(seed_of(cfg.seed, step, rank))  # adapter dropping, template choice
-            step_loss = 0.0
+            torch.manual_seed(seed_of(cfg.seed, step, ddp_rank))  # adapter dropping, template choice
             for k in range(cfg.accum_steps):
                 images, labels, n_bad = next(batches)
-                skipped += n_bad
                 tokens = None
                 if captions:
                     tokens, labels = task.row_tokens[labels], task.row_image_id[labels]
                 images, labels = images.to(device, non_blocking=True), labels.to(device)
-                sync = net.no_sync() if world > 1 and k < cfg.accum_steps - 1 else nullcontext()
+                sync = net.no_sync() if world_size > 1 and k < cfg.accum_steps - 1 else nullcontext()
                 with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss = method.loss(net, images, labels, tokens) / cfg.accum_steps
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss {loss.item()} at step {step}; --resume latest from {ckpt_path}")
                 (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.item()
-                seen += len(labels) * world
+                log.add(loss, samples=len(labels) * world_size, skipped=n_bad)
             if scaler:
                 scaler.unscale_(optimizer)
             if cfg.grad_clip > 0:
@@ -374,17 +354,11 @@ def train(cfg, model, method, task, device, rank=0, world=1):
             if method.ema is not None:
                 method.ema.update(model)
             step += 1
-            loss_sum, n_steps = loss_sum + step_loss, n_steps + 1
-            rate = seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_at(step - 1, total, cfg):.2e}", samples_s=f"{rate:.0f}")
-            bar.update()
+            log.step(step, epoch, lr=optimizer.param_groups[0]["lr"])
             if step % cfg.save_every == 0 or step % steps_per_epoch == 0 or step == last:
                 save()
-        if log:
-            stats = dict(epoch=epoch, step=step, loss=loss_sum / max(1, n_steps), lr=lr_at(step - 1, total, cfg))
-            log.write(json.dumps({**stats, "samples_per_s": rate, "skipped_images": skipped}) + "\n")
-            log.flush()
-    bar.close()
+        log.end_epoch(step, epoch, lr=optimizer.param_groups[0]["lr"])
+    log.close()
     model.eval()
 
 
@@ -394,48 +368,60 @@ def build_data(cfg, model):
     ood = dict(o.split("=", 1) for o in cfg.ood)
     kw = dict(context_length=model.config.context_length, shots=cfg.shots, seed=cfg.seed, ood=ood, strict=cfg.strict)
     eval_transform = image_transform(model.config.image_size)
-    task = data.build_task(cfg.data, cfg.data_root, train_transform, eval_transform, classnames=cfg.classnames, **kw)
+    kw |= dict(classnames=cfg.classnames, flip=cfg.flip)
+    task = data.build_task(cfg.data, cfg.data_root, train_transform, eval_transform, **kw)
     if cfg.split:  # train on the base classes; evaluate base and new, each among its own classes
         return coop.base_new(task)
     return task, task
 
 
-def run(cfgs, device, rank=0, world=1):
+def check_paths(cfg):
+    """The input checks that cost nothing, made before any download or data read."""
+    data.check_root(cfg.data, cfg.data_root)
+    for flag, path in (("--classnames", cfg.classnames), ("--resume", cfg.resume)):
+        if path not in (None, "latest") and not Path(path).is_file():
+            raise data.DataError(f"{flag} {path}: no such file")
+
+
+def run(cfgs, device, ddp_rank=0, world_size=1):
     """Train and evaluate each method in turn, once per seed; one table (and alpha sweep) for all of them,
     pooled over the seeds (evaluate.pool_seeds)."""
+    for cfg in cfgs:
+        check_paths(cfg)
     out = Path(cfgs[0].run_dir or f"runs/{cfgs[0].data}")
     seeds = [cfgs[0].seed + s for s in range(cfgs[0].seeds)]
     runs = []
     for seed in seeds:
         seed_dir = out / f"seed{seed}" if len(seeds) > 1 else out
-        runs.append(run_methods([dataclasses.replace(c, seed=seed) for c in cfgs], seed_dir, device, rank, world))
-    if rank != 0 or not runs[0][0]:
+        seeded = [dataclasses.replace(c, seed=seed) for c in cfgs]
+        runs.append(run_methods(seeded, seed_dir, device, ddp_rank, world_size))
+    if ddp_rank != 0 or not runs[0][0]:
         return [], {}
     rows, curves = evaluate.pool_seeds([r for r, _, _ in runs], [c for _, c, _ in runs])
     evaluate.report(rows, curves, out, cfgs[0], runs[0][2])
     return rows, curves
 
 
-def run_methods(cfgs, out, device, rank=0, world=1):
+def run_methods(cfgs, out, device, ddp_rank=0, world_size=1):
     """One seed: each method trained (unless zero-shot), exported and evaluated. Returns its table rows,
     alpha sweeps and the evaluation task."""
     rows, curves = [], {}
-    for cfg in cfgs:
-        cfg = dataclasses.replace(cfg, run_dir=str(out / cfg.method))
+    for given in cfgs:
+        cfg = dataclasses.replace(given, run_dir=str(out / given.method))
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        model = toy.load_toy_clip(device) if cfg.model == "toy" else load_clip(cfg.model, device=device)
+        model = load_clip(cfg.model, device=device)
         task, eval_task = build_data(cfg, model)
         if task.train is None and cfg.method != "zero-shot":
             raise data.DataError(f"--data-root {cfg.data_root}: no train/ folder, so only --method zero-shot can run")
         method = setup_method(model, cfg, task)
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         n_train = count_trainable(model)
-        if rank == 0:
+        if ddp_rank == 0:
             print(f"{cfg.method}: {n_train:,} trainable parameters")
-            (Path(cfg.run_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            (Path(cfg.run_dir) / "config.json").write_text(json.dumps(asdict(given), indent=2))  # for --config
         if cfg.method != "zero-shot":
-            train(cfg, model, method, task, device, rank, world)
-        if rank != 0:
+            train(cfg, model, method, task, device, ddp_rank, world_size)
+        if ddp_rank != 0:
             continue
         prompts = recipes.templates(cfg.eval_prompts, getattr(eval_task, "templates", []))
         classifier = method.classifier if method.classifier_for is None else method.classifier_for(eval_task.classnames)
@@ -476,24 +462,21 @@ def export(cfg, model, method):
 
 def main(argv=None):
     cfgs = parse_args(argv)
-    if "--print-config" in (sys.argv[1:] if argv is None else argv):
-        print(json.dumps([recipes.describe(cfg) for cfg in cfgs], indent=2))
-        return
-    rank, world = 0, 1
+    ddp_rank, world_size = 0, 1
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+        ddp_rank, world_size = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     try:
-        run(cfgs, device, rank, world)
+        run(cfgs, device, ddp_rank, world_size)
     except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
         sys.exit(f"error: {e}")
     finally:
-        if world > 1:
+        if world_size > 1:
             dist.destroy_process_group()
 
 

@@ -163,6 +163,14 @@ def names():
     return ("imagenet", "folder", "toy", *retrieval.DATASETS, *coop.DATASETS)
 
 
+def check_root(name, root):
+    """The checks of build_task that cost nothing, for entry points to make before any download."""
+    if name != "toy" and root is None:
+        raise DataError(f"--data {name} needs --data-root DIR")
+    if name != "toy" and not os.path.isdir(root):
+        raise DataError(f"--data-root {root}: folder not found")
+
+
 def build_task(
     name,
     root=None,
@@ -175,21 +183,20 @@ def build_task(
     ood=None,
     strict=False,
     classnames=None,
+    flip=False,
 ):
     """TaskData (classification) or RetrievalData (coco, flickr30k) of --data `name` under `root`.
 
     shots: K training images per class (seeded). ood: {set name: directory}, extra or relocated
-    evaluation sets. classnames: a JSON file {folder: name} for --data folder."""
+    evaluation sets. classnames: a JSON file {folder: name} for --data folder. flip: the toy world's
+    random horizontal flip (its images are tensors already; every other task flips in train_transform)."""
     from data import coop, imagenet, retrieval, toy
 
     if shots is not None and shots < 1:
         raise DataError(f"--shots {shots}: expected a positive number of images per class")
     if name == "toy":
-        return toy.task(shots)
-    if root is None:
-        raise DataError(f"--data {name} needs --data-root DIR")
-    if not os.path.isdir(root):
-        raise DataError(f"--data-root {root}: folder not found")
+        return toy.task(shots, flip=flip)
+    check_root(name, root)
     if name in retrieval.DATASETS:
         if shots is not None:
             raise DataError(f"--shots: --data {name} trains on every caption (no classes to draw K shots of)")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import Normalize
+from torchvision.transforms import Compose, Normalize, RandomHorizontalFlip
 from tqdm import tqdm
 
 from clip_model import CLIP, CLIP_MEAN, CLIP_STD, PRESETS, tokenize
@@ -44,11 +44,13 @@ TOY_CLIP = Path(__file__).resolve().parents[1] / "assets" / "toy-clip.safetensor
 TOY_CLIP_SHA256 = "50e99c226e5808b3e26d3ebb76d603d68a03a7aa34fb5c05956a4055f65ae6bd"
 
 
-def task(shots=None):
-    """--data toy: generated in memory, deterministic; 32 px images, already tensors. The world is fixed
-    (seed 0): --seed changes the training run, never the images, so rows of different seeds are scored
-    on the same test images."""
-    train = _split("photo", "train", shots or SIZES["train_per_class"])
+def task(shots=None, flip=False):
+    """--data toy: generated in memory, deterministic; 32 px images, already tensors; flip: --flip in
+    training. The world is fixed (seed 0): --seed changes the training run, never the images, so rows
+    of different seeds are scored on the same test images."""
+    normalize = Normalize(CLIP_MEAN, CLIP_STD)
+    augment = Compose([RandomHorizontalFlip(), normalize]) if flip else normalize  # a mirrored shape keeps its class
+    train = _split("photo", "train", shots or SIZES["train_per_class"], transform=augment)
     ood = [EvalSet(name, _split(style, "test")) for style, name in OOD.items()]
     test = EvalSet("toy-photo", _split("photo", "test"))
     return TaskData(list(toy_world.CLASSNAMES), list(toy_world.TEMPLATES), train, test, ood)
@@ -59,8 +61,9 @@ def validation():
     return EvalSet("toy-photo-val", _split("photo", "val"))
 
 
-def _split(style, part, per_class=SIZES["test_per_class"]):
-    return toy_world.ToySplit(style, per_class, seed=0, split=part, transform=Normalize(CLIP_MEAN, CLIP_STD))
+def _split(style, part, per_class=SIZES["test_per_class"], transform=None):
+    transform = transform or Normalize(CLIP_MEAN, CLIP_STD)
+    return toy_world.ToySplit(style, per_class, seed=0, split=part, transform=transform)
 
 
 def sha256(path):

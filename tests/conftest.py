@@ -1,6 +1,6 @@
-"""Fixtures shared by the test modules: a tiny ImageNet-layout tree with a random tiny CLIP, the flags of a
-tiny train.py run on it, a count of the optimiser steps a run takes, the merge reference at alpha, and the
-segmentation datasets in their prepared layouts."""
+"""Fixtures shared by the test modules: a tiny ImageNet-layout tree and a two-class folder task, each with a
+random tiny CLIP; the flags of a tiny train.py run; a count of the optimiser steps a run takes; the merge
+reference at alpha; the segmentation datasets in their prepared layouts."""
 
 import copy
 
@@ -132,4 +132,20 @@ def segmentation_root(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("datasets")
     write_segmentation_tree(root, list(LAYOUTS))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tree(tmp_path_factory):
+    """A two-class folder task (train/ and val/, --data folder) and a random tiny CLIP at tree/tiny.safetensors."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for label, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (36, 36, 3), dtype=np.uint8) + np.uint8(120 * label)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+    torch.manual_seed(0)
+    save_clip(CLIP(PRESETS["tiny"]), root / "tiny.safetensors")
     return root

@@ -1,5 +1,5 @@
-"""Bad input ends train.py and evaluate.py with one line naming the flag or the path, never a traceback:
-exit code 2 for flags, 1 for everything else (data trees, model, adapter and checkpoint files)."""
+"""Bad input ends train.py, evaluate.py and bench.py with one line naming the flag or the path, never a
+traceback: exit code 2 for flags, 1 for everything else (data trees, model, adapter and checkpoint files)."""
 
 import dataclasses
 import pickle
@@ -9,11 +9,11 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+import bench
+import clip_weights
 import evaluate
 import recipes
 import train
@@ -21,22 +21,6 @@ from clip_model import CLIP, PRESETS
 from clip_weights import WeightsError, load_clip, save_clip
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    """A two-class folder task (train/ and val/) and a random tiny CLIP."""
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("val", 2)):
-        for label, name in enumerate(("cat", "dog")):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 60, (36, 36, 3), dtype=np.uint8) + np.uint8(120 * label)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
-    torch.manual_seed(0)
-    save_clip(CLIP(PRESETS["tiny"]), root / "tiny.safetensors")
-    return root
 
 
 def argv(tree, tmp_path, *extra):
@@ -133,6 +117,7 @@ BAD = {
     "workers": -1,
     "min_lr": -1.0,
     "max_steps": 0,
+    "log_every": 0,
 }
 
 
@@ -259,3 +244,71 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
     assert proc.returncode == 2 and proc.stderr == (
         "train.py: error: --batch-size 0: expected >= 1 (--help lists the flags)\n"
     )
+
+
+def one_line(main, args, capsys):
+    """(exit code, the one line) of a main() that refused its input: exactly one line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    code, err = e.value.code, capsys.readouterr().err
+    if isinstance(code, str):  # sys.exit(message): the interpreter prints it to stderr and exits with 1
+        code, err = 1, err + code + "\n"
+    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+    return code, err.strip()
+
+
+# The bad inputs a new user met (issue 21), each ending in one line.
+@pytest.mark.parametrize("flag, value", [("--repeats", "-1"), ("--batch", "0"), ("--jpegs", "0")])
+def test_bench_flags_out_of_range(flag, value, capsys):
+    code, line = one_line(bench.main, [flag, value], capsys)
+    assert code == 2 and line.endswith(f" error: {flag} {value}: expected >= 1 (--help lists the flags)")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "code"])
+def test_damaged_checkpoint_names_the_file_and_the_first_clause_only(tree, tmp_path, capsys, damage):
+    ckpt = tmp_path / "checkpoint.pt"
+    if damage == "truncated":
+        torch.save({"step": 1, "trainable": {"w": torch.zeros(1000)}}, ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:2000])
+        cause = "RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central directory)"
+    else:  # torch's message for this one advises weights_only=False, which would run the payload
+        torch.save({"step": Payload(tmp_path / "pwned")}, ckpt)
+        cause = "UnpicklingError: Weights only load failed)"
+    code, line = one_line(train.main, argv(tree, tmp_path, "--method", "r-adapter", "--resume", str(ckpt)), capsys)
+    assert code == 1 and line == f"error: --resume: {ckpt} is not a readable checkpoint ({cause}"
+    assert "weights_only" not in line and not (tmp_path / "pwned").exists()
+
+
+def test_evaluate_images_missing_or_classes_alone(tree, tmp_path, capsys):
+    model = ["--model", str(tree / "tiny.safetensors")]
+    missing = tmp_path / "photos"
+    code, line = one_line(evaluate.main, [*model, "--images", str(missing), "--classes", "a,b"], capsys)
+    assert (code, line) == (1, f"error: --images {missing}: no such file or folder")
+    code, line = one_line(evaluate.main, [*model, "--classes", "a,b"], capsys)
+    assert code == 2 and "--classes needs --images" in line
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and an empty download cache; returns the hosts a download tried to reach."""
+    tried = []
+
+    def refuse(address, *args, **kwargs):
+        tried.append(address[0])
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(clip_weights.socket, "create_connection", refuse)
+    monkeypatch.setattr(clip_weights, "CACHE_DIR", tmp_path / "cache")
+    return tried
+
+
+def test_cheap_checks_come_before_a_download(tree, tmp_path, capsys, offline):
+    missing = tmp_path / "imagenett"  # a mistyped --data-root, and a model that would be downloaded
+    args = ["--data", "imagenet", "--data-root", str(missing), "--model", "ViT-B-16"]
+    assert one_line(train.main, args, capsys) == (1, f"error: --data-root {missing}: folder not found")
+    assert one_line(evaluate.main, args, capsys) == (1, f"error: --data-root {missing}: folder not found")
+    images = ["--model", "ViT-B-16", "--images", str(missing), "--classes", "a,b"]
+    assert one_line(evaluate.main, images, capsys) == (1, f"error: --images {missing}: no such file or folder")
+    resume = [*argv(tree, tmp_path, "--resume", str(missing / "checkpoint.pt")), "--model", "ViT-B-16"]
+    assert one_line(train.main, resume, capsys) == (1, f"error: --resume {missing / 'checkpoint.pt'}: no such file")
+    assert offline == []  # no download was attempted

@@ -173,3 +173,50 @@ def test_curve_gap_interpolates_and_leaves_out_alpha_0():
     ours = _curve("r-adapter", [(0, 50.0, 0.0), (0.5, 55.0, 45.0), (1, 80.0, 30.0)], 100)
     delta, se = claims.curve_gap(ours, wise, ID, OOD)
     assert delta == pytest.approx(10.0) and 0 < se < 5
+def drawn_plot(monkeypatch, tmp_path, curves, ood):
+    """evaluate.plot's figure, kept after it is saved and closed, and a renderer for it."""
+    import matplotlib.figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    kept, save = [], matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        kept.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    table = [{"method": "zero-shot", "trainable": 0, "toy-photo": 50.0, **dict.fromkeys(ood, 40.0), "ood_avg": 40.0}]
+    evaluate.plot(curves, tmp_path / "alpha_sweep.png", table, ood)
+    assert (tmp_path / "alpha_sweep.png").stat().st_size > 1000
+    return kept[0], FigureCanvasAgg(kept[0]).get_renderer()
+
+
+def test_alpha_plot_reads_when_points_cluster(monkeypatch, tmp_path):
+    """Two curves bunched within a third of one SE: the alpha labels collide neither with each other
+    nor with a point, the shared zero-shot point has a legend entry, and the axes name the splits."""
+    from matplotlib.text import Text
+
+    def curve(dx, dy):
+        return [
+            {"alpha": a, "toy-photo": 50 + dx * a, "ood_avg": 40 + dy * a, "toy-photo_se": 0.9, "ood_avg_se": 0.4}
+            for a in evaluate.ALPHAS
+        ]
+
+    curves = {"WiSE-FT": curve(0.3, 0.1), "R-Adapter": curve(-0.2, 0.2)}
+    ood = ["toy-v2", "toy-sketch", "toy-r", "toy-a", "toy-c"]
+    fig, renderer = drawn_plot(monkeypatch, tmp_path, curves, ood)
+    (ax,) = fig.axes
+    for t in ax.texts:
+        t.update_positions(renderer)
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text, without its leader line
+    assert sorted(t.get_text() for t in ax.texts) == ["α=0.5", "α=0.5", "α=1", "α=1"]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    points = ax.transData.transform([(r["toy-photo"], r["ood_avg"]) for rows in curves.values() for r in rows])
+    assert not any(box.contains(*p) for box in boxes for p in points)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["WiSE-FT", "R-Adapter", "zero-shot (α=0 of every curve)"]
+    assert all(name in ax.get_ylabel() for name in ood) and "toy-photo" in ax.get_xlabel()
+
+
+def test_help_examples_keep_their_line_continuation():
+    assert "adapters.safetensors \\\n        --data imagenet" in evaluate.__doc__

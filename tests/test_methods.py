@@ -422,3 +422,20 @@ def test_every_method_trains_and_evaluates_through_main(tiny_path, tmp_path, mon
         tuned = dict(load_clip(run_dir / method / "merged.safetensors").named_parameters())
         changed = {n for n in base if not torch.equal(base[n], tuned[n])}
         assert changed and changed <= may_change, method
+
+
+def test_in_random_templates_draws_for_the_global_batch():
+    """Each label's class in some template; the ranks' slices are the single process's draw."""
+    T, C, L = 5, 4, 7
+    prompts = torch.arange(T * C * L).view(T, C, L)
+    labels = torch.tensor([0, 3, 1, 1, 2, 0])
+    torch.manual_seed(0)
+    one = train.in_random_templates(prompts, labels)
+    assert one.shape == (6, L)
+    for row, label in zip(one, labels):  # row = prompts[t, label] for some template t
+        assert any(torch.equal(row, prompts[t, label]) for t in range(T))
+    ranks = []
+    for ddp_rank in range(2):
+        torch.manual_seed(0)  # every rank draws as rank 0 does (data.shared_randint)
+        ranks.append(train.in_random_templates(prompts, labels[3 * ddp_rank : 3 * ddp_rank + 3], (ddp_rank, 2)))
+    assert torch.equal(torch.cat(ranks), one)

@@ -1,13 +1,16 @@
 """Every documented command resolves to the released recipe (recipes.py), checked through train.parse_args."""
 
 import csv
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import recipes
 import train
 from data import toy
 
@@ -147,30 +150,101 @@ def test_the_rest_of_each_setting():
     assert (given.grad_clip, given.alpha) == (1.0, 0.5)  # flags given always win
 
 
+def printed(text):
+    """--print-config's output -> {method: {field: (value, source)}} and {method: its header line}."""
+    fields, headers = {}, {}
+    for block in text.strip().split("\n\n"):
+        header, *lines = block.splitlines()
+        method = header.removeprefix("# ").split(":")[0]
+        headers[method] = header
+        fields[method] = {}
+        for line in lines:
+            name, value, source = re.split(r"\s{2,}", line, maxsplit=2)
+            fields[method][name] = (json.loads(value), source)
+    return fields, headers
+
+
+def print_config(*argv, cwd):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *argv, "--print-config"], capture_output=True, text=True, cwd=cwd
+    )
+
+
 def test_print_config_reads_nothing_and_counts_templates(tmp_path):
     missing = tmp_path / "not-there"
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "--data",
-            "imagenet",
-            "--data-root",
-            str(missing),
-            "--shots",
-            "16",
-            "--method",
-            "r-adapter,clipfit",
-            "--print-config",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,
-    )
-    ra, fit = json.loads(out.stdout)
-    assert (ra["method"], ra["epochs"], ra["batch_size"], ra["warmup"]) == ("r-adapter", 50, 256, 0)
-    assert (ra["train_templates"], ra["eval_templates"]) == (1, 80)
-    assert (fit["method"], fit["epochs"], fit["train_templates"], fit["eval_templates"]) == ("clipfit", 10, 1, 1)
-    assert set(ra) >= set(FIELDS) | {"m", "delta", "epsilon", "rank", "precision"}
+    argv = ["--data", "imagenet", "--data-root", str(missing), "--shots", "16", "--method", "r-adapter,clipfit"]
+    proc = print_config(*argv, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == f"warning: --data-root {missing}: folder not found\n"
+    fields, headers = printed(proc.stdout)
+    ra, fit = fields["r-adapter"], fields["clipfit"]
+    assert [ra[k][0] for k in ("method", "epochs", "batch_size", "warmup")] == ["r-adapter", 50, 256, 0]
+    assert headers["r-adapter"] == "# r-adapter: 1 training templates, 80 evaluation templates"
+    assert headers["clipfit"] == "# clipfit: 1 training templates, 1 evaluation templates"
+    assert (fit["epochs"][0], fit["optimizer"][0]) == (10, "sgd")
+    assert set(ra) == {f.name for f in dataclasses.fields(train.TrainConfig)}
     assert not missing.exists() and not (tmp_path / "runs").exists()
+
+
+def test_print_config_names_each_source(tmp_path):
+    argv = ["--data", "dtd", "--data-root", str(tmp_path), "--shots", "16", "--split", "base"]
+    proc = print_config(*argv, "--method", "r-adapter,clipfit", "--epochs", "7", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == ""  # the root exists: no warning
+    fields, _ = printed(proc.stdout)
+    ra, fit = fields["r-adapter"], fields["clipfit"]
+    assert ra["data"] == fit["data"] == ("dtd", "flag")
+    assert ra["epochs"] == fit["epochs"] == (7, "flag")
+    assert ra["p"] == (0.2, "default")
+    assert ra["m"] == (0.9, "setting base-to-novel")  # the setting's '*', under each method's recipe
+    assert ra["rank"] == (4, "setting base-to-novel, method r-adapter")
+    assert fit["optimizer"] == ("sgd", "method clipfit")
+    assert fit["prompts"] == ("a photo of a {}, a type of texture.", "dataset dtd, method clipfit")
+    assert fit["clipfit_lambda"] == (8.0, "dataset dtd, method clipfit")
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_the_toy_budget_holds_for_every_method(method):
+    (cfg,) = train.parse_args(["--method", method])
+    assert {k: getattr(cfg, k) for k in recipes.TOY_BUDGET} == recipes.TOY_BUDGET
+    (_, sources), *_ = recipes.resolve([("flag", {"method": method})], {"data": "toy", "method": "x", "ood": ()})
+    assert {sources[k] for k in recipes.TOY_BUDGET} == {"setting toy, every method"}
+
+
+def test_readme_recipe_table_is_recipes_table():
+    """The README shows `python recipes.py`'s table, and every entry of recipes.py has its source."""
+    assert recipes.table() in (ROOT / "README.md").read_text()
+    entries = {("method", m) for m in recipes.METHODS} | set(recipes.DATASETS)
+    entries |= {(s, m) for s, rules in recipes.SETTINGS.items() for m in rules}
+    assert entries == set(recipes.SOURCES)
+
+
+def test_config_replays_a_run(tree, tmp_path):
+    argv = ["--data", "folder", "--data-root", str(tree), "--model", str(tree / "tiny.safetensors")]
+    argv += ["--method", "zero-shot", "--workers", "0", "--ood", f"again={tree / 'val'}", "--run-dir", str(tmp_path)]
+    train.main(argv)
+    config = tmp_path / "zero-shot" / "config.json"
+    (replayed,) = train.parse_args(["--config", str(config)])
+    assert replayed == train.parse_args(argv)[0]  # the same configuration, run directory included
+    (changed,) = train.parse_args(["--config", str(config), "--epochs", "3"])
+    assert changed == dataclasses.replace(replayed, epochs=3)  # flags override the file
+    fields, _ = printed(print_config("--config", str(config), "--epochs", "3", cwd=tmp_path).stdout)
+    assert fields["zero-shot"]["data_root"] == (str(tree), f"config {config}")
+    assert fields["zero-shot"]["epochs"] == (3, "flag")
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "expected a run's config.json, one object of fields"),
+        ('{"epochz": 3}', "unknown field 'epochz'"),
+        ('{"epochs": "3"}', "epochs = \"3\" is not of type <class 'int'>"),
+        ('{"flip": 1}', "flip = 1 is not of type <class 'bool'>"),
+    ],
+)
+def test_a_bad_config_file_is_one_line(tmp_path, capsys, content, problem):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f"error: --config {path}: {problem}") and err.count("\n") == 1

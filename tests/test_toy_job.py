@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,3 +128,18 @@ def test_every_method_on_the_toy_world(tmp_path, small_toy):
     assert (
         int(rows["zero-shot"]["trainable"]) == 0 < int(rows["clipfit"]["trainable"]) < int(rows["full-ft"]["trainable"])
     )
+
+
+def test_flip_is_honoured_on_the_toy_world(small_toy):
+    """--flip (CLIPFit's recipe sets it) mirrors about half the toy training images; without it none."""
+    model = SimpleNamespace(config=PRESETS["toy"])
+    (fit,) = train.parse_args(["--method", "clipfit"])
+    plain, flipped = train.build_data(train.TrainConfig(), model)[0], train.build_data(fit, model)[0]
+    x = plain.train[0][0]
+    seen = []
+    for seed in range(16):
+        torch.manual_seed(seed)
+        y, z = flipped.train[0][0], plain.train[0][0]
+        assert torch.equal(z, x)
+        seen.append("same" if torch.equal(y, x) else "mirrored" if torch.equal(y, x.flip(-1)) else "other")
+    assert set(seen) == {"same", "mirrored"}
