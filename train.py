@@ -22,13 +22,13 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -37,10 +37,11 @@ import baselines
 import clipfit
 import data
 import evaluate
+import faults
 import r_adapter
 import recipes
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
-from clip_weights import WeightsError, atomic, load_clip, save_clip
+from clip_weights import WeightsError, atomic, load_clip, save_clip, save_safetensors
 from data import SeededAugment, StepSampler, coop, retrieval, seed_of, shared_randint, toy
 from mpm_nce import gather_features, infonce_loss, mpm_nce_loss
 
@@ -93,6 +94,7 @@ class TrainConfig:
     seed: int = arg(0, "seed of every random choice")
     run_dir: Optional[str] = arg(None, "output folder (default runs/<data>); each method in a subfolder")
     save_every: int = arg(1000, "checkpoint every N steps (and at each epoch end)")
+    log_every: int = arg(50, "report the loss (and check it is finite) every N steps")
     resume: Optional[str] = arg(None, "latest | PATH: continue from a checkpoint")
     sweep: bool = arg(False, "also evaluate alpha = 0, 0.1, ..., 1 and plot ID against OOD")
     max_steps: Optional[int] = arg(None, "stop after N steps (smoke tests); the schedule still spans all epochs")
@@ -216,8 +218,8 @@ def save_checkpoint(state, path):
         with atomic(path.with_suffix(".prev.pt")) as prev:
             prev.unlink(missing_ok=True)  # left by a run killed between the link and the rename
             os.link(path, prev)
-    with atomic(path) as tmp:
-        torch.save(state, tmp)
+    with atomic(path) as tmp, open(tmp, "wb") as f:  # via Python: a full disk is an OSError (not a RuntimeError)
+        torch.save(state, f)
 
 
 def read_checkpoint(path, latest):
@@ -282,7 +284,12 @@ def train(cfg, model, method, task, device, rank=0, world=1):
     if cfg.warmup_epochs is not None:  # warm-up given in epochs (CLIPFit): in steps for lr_at
         cfg = dataclasses.replace(cfg, warmup=round(cfg.warmup_epochs * steps_per_epoch))
     step = 0
-    if cfg.resume:
+    resume = cfg.resume
+    if resume == "latest" and not (ckpt_path.exists() or ckpt_path.with_suffix(".prev.pt").exists()):
+        resume = None  # as open_clip's: a method the command had not reached yet starts afresh
+        if rank == 0:
+            print(f"--resume latest: no checkpoint in {run_dir}, starting at step 0")
+    if resume:
         path = ckpt_path if cfg.resume == "latest" else Path(cfg.resume)
         ckpt, path = read_checkpoint(path, latest=cfg.resume == "latest")
         if rank == 0 and path != ckpt_path and cfg.resume == "latest":  # set the damaged latest aside
@@ -306,57 +313,66 @@ def train(cfg, model, method, task, device, rank=0, world=1):
             save_checkpoint({**state, "scaler": scaler and scaler.state_dict()}, ckpt_path)
 
     last = min(total, cfg.max_steps or total)
+    good = f"{path} (step {step})" if resume else "none written yet"  # the last good checkpoint
+    meter = faults.LossMeter(device, total, fatal=scaler is None)  # on the device: no host sync per step
     log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=last, initial=step, desc=cfg.method, disable=rank != 0, mininterval=5, dynamic_ncols=True)
     model.train()
-    while step < last:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, step % steps_per_epoch)
-        batches, seen, loss_sum, n_steps, skipped, t0 = iter(loader), 0, 0.0, 0, 0, time.perf_counter()
-        while step < last and step // steps_per_epoch == epoch:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
-            torch.manual_seed(seed_of(cfg.seed, step, rank))  # adapter dropping, template choice
-            step_loss = 0.0
-            for k in range(cfg.accum_steps):
-                images, labels, n_bad = next(batches)
-                skipped += n_bad
-                tokens = None
-                if captions:
-                    tokens, labels = task.row_tokens[labels], task.row_image_id[labels]
-                images, labels = images.to(device, non_blocking=True), labels.to(device)
-                sync = net.no_sync() if world > 1 and k < cfg.accum_steps - 1 else nullcontext()
-                with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = method.loss(net, images, labels, tokens) / cfg.accum_steps
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss {loss.item()} at step {step}; --resume latest from {ckpt_path}")
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.item()
-                seen += len(labels) * world
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if method.ema is not None:
-                method.ema.update(model)
-            step += 1
-            loss_sum, n_steps = loss_sum + step_loss, n_steps + 1
-            rate = seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_at(step - 1, total, cfg):.2e}", samples_s=f"{rate:.0f}")
-            bar.update()
-            if step % cfg.save_every == 0 or step % steps_per_epoch == 0 or step == last:
-                save()
-        if log:
-            stats = dict(epoch=epoch, step=step, loss=loss_sum / max(1, n_steps), lr=lr_at(step - 1, total, cfg))
-            log.write(json.dumps({**stats, "samples_per_s": rate, "skipped_images": skipped}) + "\n")
-            log.flush()
-    bar.close()
+    with bar, faults.StopSignal() as stop:  # SIGTERM, SIGUSR1: finish the step, save, exit (faults.py)
+        while step < last:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch, step % steps_per_epoch)
+            batches, seen, n_steps, skipped_images, t0 = iter(loader), 0, 0, 0, time.perf_counter()
+            meter.reset()
+            while step < last and step // steps_per_epoch == epoch:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, cfg)
+                torch.manual_seed(seed_of(cfg.seed, step, rank))  # adapter dropping, template choice
+                for k in range(cfg.accum_steps):
+                    images, labels, n_bad = next(batches)
+                    skipped_images += n_bad
+                    tokens = None
+                    if captions:
+                        tokens, labels = task.row_tokens[labels], task.row_image_id[labels]
+                    images, labels = images.to(device, non_blocking=True), labels.to(device)
+                    sync = net.no_sync() if world > 1 and k < cfg.accum_steps - 1 else nullcontext()
+                    with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        loss = method.loss(net, images, labels, tokens) / cfg.accum_steps
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    meter.add(loss, step)
+                    seen += len(labels) * world
+                if scaler:
+                    scaler.unscale_(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)  # inf: measure only
+                if scaler:
+                    meter.skip(norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if method.ema is not None:
+                    method.ema.update(model)
+                step, n_steps = step + 1, n_steps + 1
+                bar.update()
+                signum = stop.agreed()  # one all-reduce per step under torchrun
+                epoch_end = step % steps_per_epoch == 0 or step == last
+                saving = step % cfg.save_every == 0 or epoch_end or signum
+                if step % cfg.log_every == 0 or saving:  # raises on a non-finite loss: no checkpoint after one
+                    loss_sum, skipped = meter.look(last_good=good)
+                    lr, rate = lr_at(step - 1, total, cfg), seen / (time.perf_counter() - t0)
+                    stats = dict(loss=loss_sum / n_steps, lr=lr, samples_per_s=rate, skipped_steps=skipped)
+                    bar.set_postfix(
+                        loss=f"{loss_sum / n_steps:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", skipped=skipped
+                    )
+                if epoch_end and log:
+                    log.write(json.dumps(dict(epoch=epoch, step=step, **stats, skipped_images=skipped_images)) + "\n")
+                    log.flush()
+                if saving:
+                    save()
+                    good = f"{ckpt_path} (step {step})"
+                if signum:
+                    stop.stop(signum, step, total)
     model.eval()
 
 
@@ -390,12 +406,10 @@ def run(cfgs, device, rank=0, world=1):
             (Path(cfg.run_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         if cfg.method != "zero-shot":
             train(cfg, model, method, task, device, rank, world)
-        if rank != 0:
-            continue
         prompts = recipes.templates(cfg.eval_prompts, getattr(eval_task, "templates", []))
         kwargs = dict(split=cfg.split, prompts=prompts, classifier=method.classifier, workers=cfg.workers)
         kwargs["autocast_dtype"] = autocast_dtype(device)
-        if method.curve and cfg.sweep:
+        if method.curve and cfg.sweep:  # every rank scores its shard of each set (evaluate.shard)
             curves[method.curve] = evaluate.sweep(model, eval_task, evaluate.ALPHAS, method.weights, **kwargs)
         first = len(rows)
         for name, alpha in method.rows:
@@ -404,8 +418,9 @@ def run(cfgs, device, rank=0, world=1):
                 scores = done or evaluate.score(model, eval_task, **kwargs)
             for score in scores:
                 rows.append({"method": name, "trainable": n_train, **{k: v for k, v in score.items() if k != "alpha"}})
-        print(evaluate.format_table(rows[first:]))
-        export(cfg, model, method)
+        if rank == 0:
+            print(evaluate.format_table(rows[first:]))
+            export(cfg, model, method)
     if rank == 0 and rows:
         evaluate.report(rows, curves, out, cfgs[0])
     return rows, curves
@@ -417,7 +432,7 @@ def export(cfg, model, method):
     if method.ema is not None:
         r_adapter.save_adapters(model, out / "adapters.safetensors", ema=method.ema)
     if method.classifier is not None:
-        save_file({"weight": method.classifier.detach().cpu().contiguous()}, str(out / "linear_probe.safetensors"))
+        save_safetensors({"weight": method.classifier.detach().cpu().contiguous()}, out / "linear_probe.safetensors")
     elif cfg.method != "zero-shot":
         with method.weights(method.rows[0][1]):
             save_clip(model, out / "merged.safetensors")
@@ -429,8 +444,8 @@ def main(argv=None):
         print(json.dumps([recipes.describe(cfg) for cfg in cfgs], indent=2))
         return
     rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # README, "Several GPUs": why 30 minutes is safe
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
         rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -439,6 +454,12 @@ def main(argv=None):
         device = torch.device("cpu")
     try:
         run(cfgs, device, rank, world)
+    except faults.Preempted as e:  # every rank, after the checkpoint
+        if rank == 0:
+            print(e)
+        sys.exit(e.code)
+    except faults.NonFiniteLoss as e:  # every rank, at the same step
+        sys.exit(f"error: {e}" if rank == 0 else 1)
     except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
         sys.exit(f"error: {e}")
     finally:
