@@ -8,8 +8,9 @@
 Per method: setup_method decides what trains, the loss and the evaluation weights; the loop pairs
 each image with its class name in a random template (Sec. 3.4) or its caption, steps the optimiser
 and the adapters' EMA (Sec. 3.3); every random choice is a function of (seed, step), so --resume
-ends bit-identical; each table row is evaluated under its weights (merged EMA adapters at alpha,
-WiSE-FT at alpha, merged LoRA). Which values a command gets is recipes.py's business.
+ends bit-identical, also after a preemption signal, which ends the step with a checkpoint (faults.py);
+each table row is evaluated under its weights (merged EMA adapters at alpha, WiSE-FT at alpha,
+merged LoRA), on every rank's shard of the sets. Which values a command gets is recipes.py's business.
 """
 
 import argparse

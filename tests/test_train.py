@@ -199,7 +199,7 @@ def test_lr_schedule():
     assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
 
 
-def test_bad_inputs_are_clear_errors(tree, tmp_path, monkeypatch, capsys):
+def test_bad_inputs_are_clear_errors(tree, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--data", "imagenet", "--model", str(tree / "tiny.safetensors")])
     assert "needs --data-root" in capsys.readouterr().err
@@ -217,20 +217,6 @@ def test_bad_inputs_are_clear_errors(tree, tmp_path, monkeypatch, capsys):
     save_clip(CLIP(PRESETS["tiny"].__class__(**{**PRESETS["tiny"].__dict__, "text_layers": 3})), other)
     with pytest.raises(SystemExit, match="written by a run with --model .*tiny.safetensors, this one has .*other"):
         train.main([*args(tree, run_dir, "--epochs", "2", "--resume", "latest"), "--model", str(other)])
-
-    # a non-finite loss stops with the step number and keeps the last good checkpoint
-    calls = {"n": 0}
-    real = train.mpm_nce_loss
-
-    def poisoned(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k) * (float("nan") if calls["n"] == 3 else 1.0)
-
-    monkeypatch.setattr(train, "mpm_nce_loss", poisoned)
-    nan_dir = tmp_path / "nan"
-    with pytest.raises(FloatingPointError, match="at step 2"):
-        train.main(args(tree, nan_dir, "--epochs", "2", "--save-every", "1"))
-    assert torch.load(nan_dir / "r-adapter" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def test_full_ft_and_zero_shot_rows(tree, tmp_path):
