@@ -43,22 +43,6 @@ from data import coop, retrieval
 ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
 
-@torch.no_grad()
-def zero_shot_classifier(model, classnames, templates, batch_size=1000):
-    """[C, embed]: per class, the normalised mean of normalised template embeddings (each rank
-    encodes its shard of the prompts under torch.distributed)."""
-    device = next(model.parameters()).device
-    texts = [t.format(c) for c in classnames for t in templates]  # class-major: [C*T]
-    tokens = tokenize(texts, model.config.context_length)
-    mine = shard(len(tokens), batch_size)
-    feats = [torch.zeros(0, model.config.embed_dim)]
-    for i in range(mine.start, mine.stop, batch_size):
-        feats.append(model.encode_text(tokens[i : min(i + batch_size, mine.stop)].to(device), normalize=True).cpu())
-    feats = torch.cat(gather(torch.cat(feats))).to(device)
-    feats = feats.view(len(classnames), len(templates), -1).mean(dim=1)  # [C, embed]
-    return torch.nn.functional.normalize(feats, dim=-1)
-
-
 def shard(n, batch_size):
     """This rank's slice of range(n) under torch.distributed (all of it in one process): contiguous
     whole batches of the single-process order, so every forward is one a single process makes."""
@@ -79,6 +63,22 @@ def gather(part):
 def _main():
     """Whether this process prints: rank 0, or the only process."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates, batch_size=1000):
+    """[C, embed]: per class, the normalised mean of normalised template embeddings (each rank
+    encodes its shard of the prompts under torch.distributed)."""
+    device = next(model.parameters()).device
+    texts = [t.format(c) for c in classnames for t in templates]  # class-major: [C*T]
+    tokens = tokenize(texts, model.config.context_length)
+    mine = shard(len(tokens), batch_size)
+    feats = [torch.zeros(0, model.config.embed_dim)]
+    for i in range(mine.start, mine.stop, batch_size):
+        feats.append(model.encode_text(tokens[i : min(i + batch_size, mine.stop)].to(device), normalize=True).cpu())
+    feats = torch.cat(gather(torch.cat(feats))).to(device)
+    feats = feats.view(len(classnames), len(templates), -1).mean(dim=1)  # [C, embed]
+    return torch.nn.functional.normalize(feats, dim=-1)
 
 
 @torch.no_grad()
