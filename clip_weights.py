@@ -20,7 +20,7 @@ import re
 import socket
 import urllib.parse
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -45,10 +45,27 @@ def cause(e):
 @contextmanager
 def atomic(path):
     """Write to <path>.tmp inside the block, then move it over `path` in one step: a crash or an
-    interrupt leaves the old file or the new one, never half of one."""
+    interrupt leaves the old file or the new one, never half of one. A block that fails (a full disk,
+    a read-only folder) removes the .tmp and raises OSError(errno, strerror, path)."""
     tmp = Path(f"{path}.tmp")
-    yield tmp
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """{name: tensor} -> a .safetensors file, atomically. Serialised in memory and written by Python, so
+    that a failed write raises OSError (safetensors' save_file raises its own error, without the path)."""
+    from safetensors.torch import save
+
+    with atomic(path) as tmp:
+        tmp.write_bytes(save(tensors, metadata))
 
 
 # ------------------------------------------------- OpenAI key names <-> ours
@@ -393,10 +410,7 @@ def save_clip(model: CLIP, path, dtype=None):
     """Write a plain OpenAI-named CLIP (safetensors or torch), atomically; `dtype` casts the tensors."""
     path = Path(path)
     tensors = {k: v.detach().cpu().to(dtype or v.dtype) for k, v in to_openai_state_dict(model).items()}
-    with atomic(path) as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(tmp), metadata={"quick_gelu": str(model.config.quick_gelu).lower()})
-        else:
-            torch.save(tensors, tmp)
+    if path.suffix == ".safetensors":
+        return save_safetensors(tensors, path, metadata={"quick_gelu": str(model.config.quick_gelu).lower()})
+    with atomic(path) as tmp, open(tmp, "wb") as f:  # via Python: a full disk is an OSError (not a RuntimeError)
+        torch.save(tensors, f)

@@ -8,6 +8,8 @@ first, and "OOD avg" is the plain mean over the OOD sets. Every accuracy carries
 Base-to-novel (CoCoOp) scores base and new each among its own classes and reports their harmonic
 mean; retrieval reports R@1/5/10 both ways (Sec. 4). Re-scaling alpha (Sec. 3.3) only enters at
 merge time, so a sweep over alpha needs no retraining: merge, evaluate, unmerge for each value.
+Under torchrun every rank scores its shard of each set and the parts are gathered in dataset order,
+so every rank holds the numbers one process computes (shard, gather).
 
     python evaluate.py --model ViT-B-16:openai --data imagenet --data-root DIR             # zero-shot
     python evaluate.py --model ViT-B-16.pt --adapters runs/imagenet/r-adapter/adapters.safetensors \
@@ -28,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import baselines
@@ -44,18 +47,40 @@ from data import coop, retrieval
 ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
 
+def shard(n, batch_size):
+    """This rank's slice of range(n) under torch.distributed (all of it in one process): contiguous
+    whole batches of the single-process order, so every forward is one a single process makes."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batches = math.ceil(n / batch_size)
+    return range(min(n, batches * rank // world * batch_size), min(n, batches * (rank + 1) // world * batch_size))
+
+
+def gather(part):
+    """[every rank's part] in rank order, which for shard()'s slices is the dataset order ([part] in one process)."""
+    if not dist.is_initialized():
+        return [part]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def _main():
+    """Whether this process prints: rank 0, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 @torch.no_grad()
 def zero_shot_classifier(model, classnames, templates, batch_size=1000):
-    """[C, embed]: per class, the normalised mean of normalised template embeddings."""
+    """[C, embed]: per class, the normalised mean of normalised template embeddings (each rank
+    encodes its shard of the prompts under torch.distributed)."""
     device = next(model.parameters()).device
     texts = [t.format(c) for c in classnames for t in templates]  # class-major: [C*T]
     tokens = tokenize(texts, model.config.context_length)
-    feats = torch.cat(
-        [
-            model.encode_text(tokens[i : i + batch_size].to(device), normalize=True)
-            for i in range(0, len(tokens), batch_size)
-        ]
-    )
+    mine = shard(len(tokens), batch_size)
+    feats = [torch.zeros(0, model.config.embed_dim)]
+    for i in range(mine.start, mine.stop, batch_size):
+        feats.append(model.encode_text(tokens[i : min(i + batch_size, mine.stop)].to(device), normalize=True).cpu())
+    feats = torch.cat(gather(torch.cat(feats))).to(device)
     feats = feats.view(len(classnames), len(templates), -1).mean(dim=1)  # [C, embed]
     return torch.nn.functional.normalize(feats, dim=-1)
 
@@ -64,11 +89,14 @@ def zero_shot_classifier(model, classnames, templates, batch_size=1000):
 def accuracy(model, classifier, evalset, batch_size=256, workers=4, autocast_dtype=None):
     """Per-image top-1 correctness on one EvalSet, in the order of its images ([n] bool, unreadable
     images left out), and the number of images skipped as unreadable. classifier: [C, embed], or a
-    function of the normalised image features [B, embed] -> [B, C] (CoCoOp's per-image classifier)."""
+    function of the normalised image features [B, embed] -> [B, C] (CoCoOp's per-image classifier).
+    Under torch.distributed each rank scores its shard() and every rank returns the whole, identical
+    to one process's."""
     device = next(model.parameters()).device
-    loader = DataLoader(evalset.dataset, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_skip)
-    correct, bad = [], 0
-    for images, labels, n_bad in tqdm(loader, desc=evalset.name, leave=False, disable=None):
+    images_of_rank = Subset(evalset.dataset, shard(len(evalset.dataset), batch_size))
+    loader = DataLoader(images_of_rank, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_skip)
+    correct, bad = [torch.zeros(0, dtype=torch.bool)], 0
+    for images, labels, n_bad in tqdm(loader, desc=evalset.name, leave=False, disable=None if _main() else True):
         bad += n_bad
         if len(images) == 0:
             continue
@@ -76,9 +104,11 @@ def accuracy(model, classifier, evalset, batch_size=256, workers=4, autocast_dty
             f = model.encode_image(images.to(device), normalize=True)
             logits = classifier(f).float() if callable(classifier) else f.float() @ classifier.float().T
         correct.append(evalset.project_logits(logits).argmax(dim=-1).cpu() == labels)
-    if not correct:
+    parts = gather((torch.cat(correct), bad))
+    correct, bad = torch.cat([c for c, _ in parts]), sum(b for _, b in parts)
+    if len(correct) == 0:
         raise data.DataError(f"evaluation set {evalset.name!r} has no readable images")
-    return torch.cat(correct), bad
+    return correct, bad
 
 
 def standard_error(acc, n):
@@ -133,12 +163,15 @@ def evaluate_retrieval(model, test_set, batch_size=256, workers=4, autocast_dtyp
     """recall_at_k of `model` on one retrieval.RetrievalSet: every image and caption encoded once."""
     model.eval()
     device = next(model.parameters()).device
-    loader = DataLoader(test_set.images, batch_size=batch_size, num_workers=workers)
+    images = Subset(test_set.images, shard(len(test_set.images), batch_size))
+    captions = shard(len(test_set.tokens), batch_size)
+    f, g = [torch.zeros(0, model.config.embed_dim)], [torch.zeros(0, model.config.embed_dim)]  # this rank's
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        f = torch.cat([model.encode_image(x.to(device), normalize=True).float() for x, _ in loader])  # [I, D]
-        g = torch.cat(
-            [model.encode_text(t.to(device), normalize=True).float() for t in test_set.tokens.split(batch_size)]
-        )
+        for x, _ in DataLoader(images, batch_size=batch_size, num_workers=workers):
+            f.append(model.encode_image(x.to(device), normalize=True).float().cpu())
+        for t in test_set.tokens[captions.start : captions.stop].split(batch_size):
+            g.append(model.encode_text(t.to(device), normalize=True).float().cpu())
+    f, g = torch.cat(gather(torch.cat(f))).to(device), torch.cat(gather(torch.cat(g))).to(device)  # [I, D], [T, D]
     return recall_at_k(f, g, test_set.text_to_image)
 
 
@@ -206,7 +239,8 @@ def sweep(model, task, alphas, weights, **kwargs):
     for alpha in alphas:
         with weights(alpha):
             new = [{"alpha": alpha, **s} for s in score(model, task, **kwargs)]
-        print(format_table(new, header=not rows))
+        if _main():
+            print(format_table(new, header=not rows))
         rows += new
     return rows
 

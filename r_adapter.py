@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 import reparam
 from clip_model import CLIPConfig, count_trainable
-from clip_weights import WeightsError, atomic
+from clip_weights import WeightsError, save_safetensors
 
 TOWERS = ("visual", "text")
 DROP_MODES = ("sample", "token")
@@ -165,8 +164,7 @@ def save_adapters(model, path, ema=None):
         ema.live(model, "save_adapters")
         tensors.update({f"ema.{n}": w.cpu().contiguous() for n, w in ema.shadow.items()})
     info = dict(config=model.r_adapter_config, clip=asdict(model.config), ema_m=None if ema is None else ema.m)
-    with atomic(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"r_adapter": json.dumps(info)})
+    save_safetensors(tensors, path, metadata={"r_adapter": json.dumps(info)})
 
 
 def _read(path):

@@ -315,12 +315,12 @@ RANGES = {  # flag: (check, what it must be)
     "delta": (lambda v: v >= 0, ">= 0"),
     "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "save_every": (lambda v: v >= 1, ">= 1"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
     "rank": (lambda v: v is None or v >= 1, ">= 1 or full"),
     "workers": (lambda v: v >= 0, ">= 0"),
     "min_lr": (lambda v: v >= 0, ">= 0"),
     "max_steps": (lambda v: v is None or v >= 1, ">= 1"),
     "seeds": (lambda v: v >= 1, ">= 1"),
-    "log_every": (lambda v: v >= 1, ">= 1"),
 }
 CHOICES = {
     "loss": ("mpm-nce", "infonce", "ce"),

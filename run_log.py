@@ -1,7 +1,8 @@
 """What a training run reports as it goes: the progress bar, log.jsonl and, if asked, TensorBoard.
 
 Every --log-every steps log.jsonl gets one line (kind "step": the step, epoch, learning rate, and
-the mean loss, samples/s and images skipped since the previous line; peak CUDA memory), and at each
+the mean loss, samples/s and images skipped since the previous line; steps an fp16 GradScaler skipped
+in the epoch so far; peak CUDA memory), and at each
 epoch's end one line of the same fields over the whole epoch (kind "epoch"). With --report-to
 tensorboard the same scalars go to <run dir>/tensorboard through torch.utils.tensorboard, as
 open_clip reports them. The loss is summed on its device and read once per line, so logging adds
@@ -43,6 +44,7 @@ class RunLog:
             self.writer = SummaryWriter(str(Path(cfg.run_dir) / "tensorboard"))
         self.bar = tqdm(total=total, initial=start, desc=cfg.method, disable=not enabled, mininterval=5)
         self.window, self.epoch = Window(device), Window(device)
+        self.skipped_steps = 0  # steps the GradScaler skipped this epoch (train.py sets it at each look)
 
     def add(self, loss, samples, skipped):
         """One micro-batch: its loss (a 0-dim tensor, left on its device), images trained on (all
@@ -66,13 +68,17 @@ class RunLog:
     def write(self, kind, step, epoch, lr, window):
         if not self.enabled:
             return
-        line = dict(kind=kind, step=step, epoch=epoch, lr=lr, **window.read())
+        line = dict(kind=kind, step=step, epoch=epoch, lr=lr, **window.read(), skipped_steps=self.skipped_steps)
         if self.device.type == "cuda":
             line["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.file.write(json.dumps(line) + "\n")
         self.file.flush()
         self.bar.set_postfix(
-            loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{line['samples_per_s']:.0f}", refresh=False
+            loss=f"{line['loss']:.4f}",
+            lr=f"{lr:.2e}",
+            samples_s=f"{line['samples_per_s']:.0f}",
+            skipped=self.skipped_steps,
+            refresh=False,
         )
         if self.writer is not None:
             for name, value in line.items():

@@ -9,9 +9,10 @@
 Per method: setup_method decides what trains, the loss and the evaluation weights; the loop pairs
 each image with its class name in a random template (Sec. 3.4) or its caption, steps the optimiser
 and the adapters' EMA (Sec. 3.3); every random choice is a function of (seed, step), so --resume
-ends bit-identical; each table row is evaluated under its weights (R-Adapter, LoRA and SSF merged at
-alpha by reparam.py, WiSE-FT at alpha, CoOp's and CoCoOp's learned prompts for the evaluation's
-classes). Which values a command gets is recipes.py's business.
+ends bit-identical, also after a preemption signal, which ends the step with a checkpoint (faults.py);
+each table row is evaluated under its weights (R-Adapter, LoRA and SSF merged at alpha by reparam.py,
+WiSE-FT at alpha, CoOp's and CoCoOp's learned prompts for the evaluation's classes), on every rank's
+shard of the sets. Which values a command gets is recipes.py's business.
 """
 
 import dataclasses
@@ -22,13 +23,13 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -36,13 +37,14 @@ import baselines
 import clipfit
 import data
 import evaluate
+import faults
 import prompt_learners
 import r_adapter
 import recipes
 import reparam
 import ssf
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
-from clip_weights import WeightsError, atomic, cause, load_clip, save_clip
+from clip_weights import WeightsError, atomic, cause, load_clip, save_clip, save_safetensors
 from data import SeededAugment, StepSampler, coop, retrieval, seed_of, shared_randint
 from mpm_nce import gather_features, infonce_loss, mpm_nce_loss
 from run_log import RunLog
@@ -111,7 +113,9 @@ class TrainConfig:
     sweep: bool = arg(False, "also evaluate alpha = 0, 0.1, ..., 1 and plot ID against OOD")
     max_steps: Optional[int] = arg(None, "stop after N steps (smoke tests); the schedule still spans all epochs")
     seeds: int = arg(1, "run each method with seeds --seed, --seed + 1, ...; one table pools them (SEs add the spread)")
-    log_every: int = arg(50, "a log.jsonl line (loss, lr, samples/s, ...) every N steps, and one per epoch")
+    log_every: int = arg(
+        50, "a log.jsonl line (loss, lr, samples/s, ...) every N steps, one per epoch; loss checked finite"
+    )
     report_to: Optional[str] = arg(None, "tensorboard: also write log.jsonl's scalars to <run dir>/tensorboard")
 
 
@@ -228,8 +232,8 @@ def save_checkpoint(state, path):
         with atomic(path.with_suffix(".prev.pt")) as prev:
             prev.unlink(missing_ok=True)  # left by a run killed between the link and the rename
             os.link(path, prev)
-    with atomic(path) as tmp:
-        torch.save(state, tmp)
+    with atomic(path) as tmp, open(tmp, "wb") as f:  # via Python: a full disk is an OSError (not a RuntimeError)
+        torch.save(state, f)
 
 
 def read_checkpoint(path, latest):
@@ -294,7 +298,12 @@ def train(cfg, model, method, task, device, ddp_rank=0, world_size=1):
     if cfg.warmup_epochs is not None:  # warm-up given in epochs (CLIPFit): in steps for lr_at
         cfg = dataclasses.replace(cfg, warmup=round(cfg.warmup_epochs * steps_per_epoch))
     step = 0
-    if cfg.resume:
+    resume = cfg.resume
+    if resume == "latest" and not (ckpt_path.exists() or ckpt_path.with_suffix(".prev.pt").exists()):
+        resume = None  # as open_clip's: a method the command had not reached yet starts afresh
+        if ddp_rank == 0:
+            print(f"--resume latest: no checkpoint in {run_dir}, starting at step 0")
+    if resume:
         path = ckpt_path if cfg.resume == "latest" else Path(cfg.resume)
         ckpt, path = read_checkpoint(path, latest=cfg.resume == "latest")
         if ddp_rank == 0 and path != ckpt_path and cfg.resume == "latest":  # set the damaged latest aside
@@ -318,46 +327,58 @@ def train(cfg, model, method, task, device, ddp_rank=0, world_size=1):
             save_checkpoint({**state, "scaler": scaler and scaler.state_dict()}, ckpt_path)
 
     last = min(total, cfg.max_steps or total)
+    good = f"{path} (step {step})" if resume else "none written yet"  # the last good checkpoint
+    meter = faults.LossMeter(device, total, fatal=scaler is None)  # on the device: no host sync per step
     log = RunLog(cfg, total=last, start=step, device=device, enabled=ddp_rank == 0)
     model.train()
-    while step < last:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, step % steps_per_epoch)
-        batches = iter(loader)
-        while step < last and step // steps_per_epoch == epoch:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg) * group.get("lr_scale", 1.0)
-            torch.manual_seed(seed_of(cfg.seed, step, ddp_rank))  # adapter dropping, template choice
-            for k in range(cfg.accum_steps):
-                images, labels, n_bad = next(batches)
-                tokens = None
-                if captions:
-                    tokens, labels = task.row_tokens[labels], task.row_image_id[labels]
-                images, labels = images.to(device, non_blocking=True), labels.to(device)
-                sync = net.no_sync() if world_size > 1 and k < cfg.accum_steps - 1 else nullcontext()
-                with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = method.loss(net, images, labels, tokens) / cfg.accum_steps
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss {loss.item()} at step {step}; --resume latest from {ckpt_path}")
-                (scaler.scale(loss) if scaler else loss).backward()
-                log.add(loss, samples=len(labels) * world_size, skipped=n_bad)
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if method.ema is not None:
-                method.ema.update(model)
-            step += 1
-            log.step(step, epoch, lr=optimizer.param_groups[0]["lr"])
-            if step % cfg.save_every == 0 or step % steps_per_epoch == 0 or step == last:
-                save()
-        log.end_epoch(step, epoch, lr=optimizer.param_groups[0]["lr"])
+    with faults.StopSignal() as stop:  # SIGTERM, SIGUSR1: finish the step, save, exit (faults.py)
+        while step < last:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch, step % steps_per_epoch)
+            batches = iter(loader)
+            meter.reset()
+            while step < last and step // steps_per_epoch == epoch:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, cfg) * group.get("lr_scale", 1.0)
+                torch.manual_seed(seed_of(cfg.seed, step, ddp_rank))  # adapter dropping, template choice
+                for k in range(cfg.accum_steps):
+                    images, labels, n_bad = next(batches)
+                    tokens = None
+                    if captions:
+                        tokens, labels = task.row_tokens[labels], task.row_image_id[labels]
+                    images, labels = images.to(device, non_blocking=True), labels.to(device)
+                    sync = net.no_sync() if world_size > 1 and k < cfg.accum_steps - 1 else nullcontext()
+                    with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        loss = method.loss(net, images, labels, tokens) / cfg.accum_steps
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    meter.add(loss, step)
+                    log.add(loss, samples=len(labels) * world_size, skipped=n_bad)
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.grad_clip > 0 or scaler:  # with a scaler, a non-finite norm is a step it skips
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+                if scaler:
+                    meter.skip(norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if method.ema is not None:
+                    method.ema.update(model)
+                step += 1
+                signum = stop.agreed()  # one all-reduce per step under torchrun
+                epoch_end = step % steps_per_epoch == 0 or step == last
+                saving = step % cfg.save_every == 0 or epoch_end or signum
+                if step % cfg.log_every == 0 or saving:  # raises on a non-finite loss: no checkpoint after one
+                    log.skipped_steps = meter.look(last_good=good)[1]
+                log.step(step, epoch, lr=optimizer.param_groups[0]["lr"])
+                if saving:
+                    save()
+                    good = f"{ckpt_path} (step {step})"
+                if signum:
+                    stop.stop(signum, step, total)
+            log.end_epoch(step, epoch, lr=optimizer.param_groups[0]["lr"])
     log.close()
     model.eval()
 
@@ -421,13 +442,11 @@ def run_methods(cfgs, out, device, ddp_rank=0, world_size=1):
             (Path(cfg.run_dir) / "config.json").write_text(json.dumps(asdict(given), indent=2))  # for --config
         if cfg.method != "zero-shot":
             train(cfg, model, method, task, device, ddp_rank, world_size)
-        if ddp_rank != 0:
-            continue
         prompts = recipes.templates(cfg.eval_prompts, getattr(eval_task, "templates", []))
         classifier = method.classifier if method.classifier_for is None else method.classifier_for(eval_task.classnames)
         kwargs = dict(split=cfg.split, prompts=prompts, classifier=classifier, workers=cfg.workers)
         kwargs["autocast_dtype"] = autocast_dtype(device)
-        if method.curve and cfg.sweep:
+        if method.curve and cfg.sweep:  # every rank scores its shard of each set (evaluate.shard)
             curves[method.curve] = evaluate.sweep(model, eval_task, evaluate.ALPHAS, method.weights, **kwargs)
         first = len(rows)
         for name, alpha in method.rows:
@@ -437,8 +456,9 @@ def run_methods(cfgs, out, device, ddp_rank=0, world_size=1):
             for score in scores:
                 row = dict(method=name, run=cfg.method, alpha=alpha, trainable=n_train)
                 rows.append(row | {k: v for k, v in score.items() if k != "alpha"})
-        print(evaluate.format_table(rows[first:]))
-        export(cfg, model, method)
+        if ddp_rank == 0:
+            print(evaluate.format_table(rows[first:]))
+            export(cfg, model, method)
     return rows, curves, eval_task
 
 
@@ -451,11 +471,12 @@ def export(cfg, model, method):
         r_adapter.save_adapters(model, out / "adapters.safetensors", ema=method.ema)
     if method.classifier_for is not None:  # CLIP itself is unchanged
         tensors = {k: v.cpu().contiguous() for k, v in model.prompt_learner.state_dict().items()}
-        save_file(tensors, str(out / "prompt_learner.safetensors"), metadata={"prefix": model.prompt_learner.prefix})
+        metadata = {"prefix": model.prompt_learner.prefix}
+        save_safetensors(tensors, out / "prompt_learner.safetensors", metadata=metadata)
         return
     with method.weights(method.rows[0][1]):
         if method.classifier is not None:
-            save_file({"weight": method.classifier.detach().cpu().contiguous()}, str(out / "head.safetensors"))
+            save_safetensors({"weight": method.classifier.detach().cpu().contiguous()}, out / "head.safetensors")
         if cfg.method not in ("zero-shot", "linear-probe"):
             save_clip(model, out / "merged.safetensors")
 
@@ -463,8 +484,8 @@ def export(cfg, model, method):
 def main(argv=None):
     cfgs = parse_args(argv)
     ddp_rank, world_size = 0, 1
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # README, "Several GPUs": why 30 minutes is safe
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
         ddp_rank, world_size = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -473,6 +494,12 @@ def main(argv=None):
         device = torch.device("cpu")
     try:
         run(cfgs, device, ddp_rank, world_size)
+    except faults.Preempted as e:  # every rank, after the checkpoint
+        if ddp_rank == 0:
+            print(e)
+        sys.exit(e.code)
+    except faults.NonFiniteLoss as e:  # every rank, at the same step
+        sys.exit(f"error: {e}" if ddp_rank == 0 else 1)
     except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
         sys.exit(f"error: {e}")
     finally:

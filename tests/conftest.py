@@ -3,6 +3,7 @@ random tiny CLIP; the flags of a tiny train.py run; a count of the optimiser ste
 reference at alpha; the segmentation datasets in their prepared layouts."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def imagenet_tree(tmp_path_factory):
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def train_args(imagenet_tree):
     """train_args(run_dir, *extra): train.py's flags for a run on imagenet_tree with the tiny CLIP, global
     batch 8 (4 steps per epoch), no worker processes, 2 warm-up steps; later flags override earlier ones."""
@@ -149,3 +150,18 @@ def tree(tmp_path_factory):
     torch.manual_seed(0)
     save_clip(CLIP(PRESETS["tiny"]), root / "tiny.safetensors")
     return root
+
+
+# ----------------------------------------------------------- signals and checkpoints
+def step_of(ckpt):
+    return torch.load(ckpt, weights_only=True)["step"]
+
+
+def catches(pid, signum):
+    """Whether process pid has a handler for signum installed (Linux: SigCgt in /proc/pid/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)

@@ -15,11 +15,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import catches, step_of
+from PIL import Image
 from safetensors.torch import load_file
 
+import data
+import evaluate
 import train
+from clip_model import CLIP, PRESETS, image_transform, tokenize
+from clip_weights import load_clip, save_clip
+from data import retrieval
 
 ROOT = Path(__file__).resolve().parents[1]
 LR = 5e-4  # the default, stated for the tolerance below
@@ -91,6 +101,14 @@ def _rank_pid(parent, rank):
     return None
 
 
+@pytest.fixture(scope="module")
+def straight(train_args, tmp_path_factory):
+    """A 2-rank run of 12 steps that nothing interrupted."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    finished(torchrun(flags(train_args, run_dir, 3), run_dir / "log"))
+    return run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc (Linux)")
 def test_sigkill_one_rank_then_resume_both(train_args, tmp_path):
@@ -118,4 +136,80 @@ def test_sigkill_one_rank_then_resume_both(train_args, tmp_path):
     assert "rank 0: 12 optimizer steps" in Path(straight.log).read_text()
     a, b = adapters(tmp_path / "straight"), adapters(killed_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same ranks, same order: exact
-    assert losses(killed_dir)[-1] == losses(tmp_path / "straight")[-1]  # epoch 3 ran wholly after the resume
+    assert losses(killed_dir)[-1] == losses(straight)[-1]  # epoch 3 ran wholly after the resume
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc (Linux)")
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_then_resume(train_args, tmp_path, straight):
+    run_dir, log = tmp_path / "stopped", tmp_path / "stopped.log"
+    proc = torchrun(flags(train_args, run_dir, 3, "--save-every", "1000"), log)  # only a stop writes mid-epoch
+    deadline = time.time() + 600  # generous: a loaded machine starts Python slowly
+    while time.time() < deadline:  # both ranks are in the loop
+        pids = [_rank_pid(proc.pid, r) for r in (0, 1)]
+        if all(pid and catches(pid, signal.SIGTERM) for pid in pids):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # as SLURM does; torchrun passes it on to both workers
+    proc.wait(timeout=120)
+    step, out = step_of(run_dir / "r-adapter" / "checkpoint.pt"), log.read_text()
+    assert out.count("preempted at step") == 1, out[-3000:]  # rank 0's line
+    assert f"preempted at step {step}/12; continue with --resume latest" in out and 1 <= step < 4
+    assert proc.returncode != 0 and not (run_dir / "r-adapter" / "adapters.safetensors").exists()
+    finished(torchrun(flags(train_args, run_dir, 3, "--resume", "latest"), tmp_path / "resumed.log"))
+    assert (
+        f"resumed from {run_dir / 'r-adapter' / 'checkpoint.pt'} at step {step}/12"
+        in Path(tmp_path / "resumed.log").read_text()
+    )
+    a, b = adapters(straight), adapters(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------ sharded evaluation
+def _eval_tree(root):
+    """A folder task (no train/) whose val/ holds 7 files, one of them not an image, an OOD set of 2
+    images (fewer batches of 3 than ranks), 11 retrieval captions of 5 images, and a tiny CLIP."""
+    rng = np.random.default_rng(1)
+    for folder, counts in (("val", {"cat": 4, "dog": 2}), ("two", {"cat": 1, "dog": 1})):
+        for label, (name, n) in enumerate(counts.items()):
+            (root / folder / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8) // (1 + label)
+                Image.fromarray(pixels).save(root / folder / name / f"{i}.jpg")
+    (root / "val" / "dog" / "broken.jpg").write_bytes(b"not a JPEG")
+    torch.manual_seed(0)
+    save_clip(CLIP(PRESETS["tiny"]), root / "tiny.safetensors")
+
+
+def _scores(root):
+    """evaluate.score of the folder task and of a retrieval set, batches of 3."""
+    model = load_clip(root / "tiny.safetensors")
+    size = model.config.image_size
+    task = data.build_task("folder", root, eval_transform=image_transform(size), ood={"two": str(root / "two")})
+    images = [(torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)), i) for i in range(5)]
+    captions = tokenize([f"picture {i}" for i in range(11)], model.config.context_length)
+    test = retrieval.RetrievalSet("r", images, captions, torch.arange(11) % 5)
+    found = retrieval.RetrievalData(None, None, None, [test])
+    return [evaluate.score(model, t, batch_size=3, workers=0) for t in (task, found)]
+
+
+def _score_on_rank(rank, init, root, threads):
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    scores = _scores(root)
+    if rank == 0:
+        torch.save(scores, root / "sharded.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    _eval_tree(tmp_path)
+    mp.spawn(_score_on_rank, args=(tmp_path / "init", tmp_path, torch.get_num_threads()), nprocs=2)
+    (sharded_rows, sharded_recall), (rows, recall) = torch.load(tmp_path / "sharded.pt"), _scores(tmp_path)
+    [row], [sharded] = rows, sharded_rows
+    val = tmp_path.name  # --data folder names its test set after the root
+    assert row["skipped"] == sharded["skipped"] == 1 and len(row["correct"][val]) == 6
+    assert {k: v for k, v in sharded.items() if k != "correct"} == {k: v for k, v in row.items() if k != "correct"}
+    assert sharded["correct"].keys() == row["correct"].keys() == {val, "two"}
+    assert all(torch.equal(sharded["correct"][k], row["correct"][k]) for k in row["correct"])
+    assert sharded_recall == recall

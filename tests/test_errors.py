@@ -113,11 +113,11 @@ BAD = {
     "delta": -0.1,
     "alpha": 1.5,
     "save_every": 0,
+    "log_every": 0,
     "rank": 0,
     "workers": -1,
     "min_lr": -1.0,
     "max_steps": 0,
-    "log_every": 0,
 }
 
 

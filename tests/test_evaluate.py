@@ -173,6 +173,8 @@ def test_curve_gap_interpolates_and_leaves_out_alpha_0():
     ours = _curve("r-adapter", [(0, 50.0, 0.0), (0.5, 55.0, 45.0), (1, 80.0, 30.0)], 100)
     delta, se = claims.curve_gap(ours, wise, ID, OOD)
     assert delta == pytest.approx(10.0) and 0 < se < 5
+
+
 def drawn_plot(monkeypatch, tmp_path, curves, ood):
     """evaluate.plot's figure, kept after it is saved and closed, and a renderer for it."""
     import matplotlib.figure

@@ -209,20 +209,6 @@ def test_bad_inputs_are_clear_errors(imagenet_tree, train_args, tmp_path, monkey
     with pytest.raises(SystemExit, match="written by a run with --model .*tiny.safetensors, this one has .*other"):
         train.main([*train_args(run_dir, "--epochs", "2", "--resume", "latest"), "--model", str(other)])
 
-    # a non-finite loss stops with the step number and keeps the last good checkpoint
-    calls = {"n": 0}
-    real = train.mpm_nce_loss
-
-    def poisoned(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k) * (float("nan") if calls["n"] == 3 else 1.0)
-
-    monkeypatch.setattr(train, "mpm_nce_loss", poisoned)
-    nan_dir = tmp_path / "nan"
-    with pytest.raises(FloatingPointError, match="at step 2"):
-        train.main(train_args(nan_dir, "--epochs", "2", "--save-every", "1"))
-    assert torch.load(nan_dir / "r-adapter" / "checkpoint.pt", weights_only=True)["step"] == 2
-
 
 def test_full_ft_and_zero_shot_rows(train_args, tmp_path):
     train.main(train_args(tmp_path / "cmp", "--epochs", "1", "--method", "zero-shot,full-ft"))
