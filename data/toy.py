@@ -61,7 +61,8 @@ def validation():
     return EvalSet("toy-photo-val", _split("photo", "val"))
 
 
-def _split(style, part, per_class=SIZES["test_per_class"], transform=None):
+def _split(style, part, per_class=None, transform=None):
+    per_class = per_class or SIZES["test_per_class"]
     transform = transform or Normalize(CLIP_MEAN, CLIP_STD)
     return toy_world.ToySplit(style, per_class, seed=0, split=part, transform=transform)
 
