@@ -35,6 +35,20 @@ IMAGENET_80 = "imagenet-80"
 RETRIEVAL = ("coco", "flickr30k")
 
 WISE_FT = dict(loss="ce", lr=3e-5, weight_decay=0.1, min_lr=0.0)
+COOP = dict(
+    loss="ce",
+    optimizer="sgd",
+    lr=0.002,
+    weight_decay=5e-4,
+    min_lr=0.0,
+    batch_size=32,
+    epochs=200,
+    warmup_epochs=1,
+    warmup_lr=1e-5,
+    grad_clip=0.0,
+    flip=True,
+    ctx_init="a photo of a",
+)
 
 # Each method's own optimisation recipe (flags not given).
 METHODS = {
@@ -71,37 +85,11 @@ METHODS = {
     # CoOp release (KaiyangZhou/CoOp, configs/trainers/CoOp/vit_b16_ctxv1.yaml; Dassl's SGD defaults as for
     # CLIPFit): context from "a photo of a", SGD lr 0.002, batch 32, 200 epochs, cosine, 1 constant warm-up
     # epoch at 1e-5, random crop + flip, CE. (Its few-shot tables: 16 random vectors, --ctx-init 16.)
-    "coop": dict(
-        loss="ce",
-        optimizer="sgd",
-        lr=0.002,
-        weight_decay=5e-4,
-        min_lr=0.0,
-        batch_size=32,
-        epochs=200,
-        warmup_epochs=1,
-        warmup_lr=1e-5,
-        grad_clip=0.0,
-        flip=True,
-        ctx_init="a photo of a",
-    ),
+    "coop": COOP,
     # CoCoOp as CLIPFit's release ships it (configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml, the
     # one CoOp's repository has too): 4 context tokens from "a photo of a", SGD lr 0.002, batch 1, 10
     # epochs, cosine, 1 constant warm-up epoch at 1e-5, random crop + flip, CE.
-    "cocoop": dict(
-        loss="ce",
-        optimizer="sgd",
-        lr=0.002,
-        weight_decay=5e-4,
-        min_lr=0.0,
-        batch_size=1,
-        epochs=10,
-        warmup_epochs=1,
-        warmup_lr=1e-5,
-        grad_clip=0.0,
-        flip=True,
-        ctx_init="a photo of a",
-    ),
+    "cocoop": {**COOP, "batch_size": 1, "epochs": 10},
     # SSF release (dongzelian/SSF, train_scripts/vit/imagenet_1k/train_ssf.sh): AdamW lr 1e-3, batch 256
     # (32 x 8 GPUs), 30 epochs, 5 linear warm-up epochs, cosine to 1e-8, no clipping, model EMA 0.99992,
     # timm's default flip; its weight decay 0.05 skips 1-D tensors (timm's optimiser factory), i.e. every

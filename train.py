@@ -434,8 +434,15 @@ def export(cfg, model, method):
             save_clip(model, out / "merged.safetensors")
 
 
-def main(argv=None):
-    cfgs = parse_args(argv)
+def one_line(e):
+    """The message of e; for an error re-raised from a DataLoader worker, the original error's line."""
+    line = str(e).strip().splitlines()[-1]
+    return line.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ").removeprefix(f"{type(e).__name__}: ")
+
+
+def launch(run_fn, cfgs):
+    """Start the process (DDP under torchrun, the device), call run_fn(cfgs, device, ddp_rank, world_size),
+    and end a preemption, a non-finite loss or bad input with one line and its exit code."""
     ddp_rank, world_size = 0, 1
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # README, "Several GPUs": why 30 minutes is safe
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
@@ -446,7 +453,7 @@ def main(argv=None):
     else:
         device = torch.device("cpu")
     try:
-        run(cfgs, device, ddp_rank, world_size)
+        run_fn(cfgs, device, ddp_rank, world_size)
     except faults.Preempted as e:  # every rank, after the checkpoint
         if ddp_rank == 0:
             print(e)
@@ -454,10 +461,14 @@ def main(argv=None):
     except faults.NonFiniteLoss as e:  # every rank, at the same step
         sys.exit(f"error: {e}" if ddp_rank == 0 else 1)
     except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {one_line(e)}")
     finally:
         if world_size > 1:
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    launch(run, parse_args(argv))
 
 
 if __name__ == "__main__":

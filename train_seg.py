@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +29,6 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -45,7 +42,7 @@ import reparam
 import segment
 import train
 from clip_model import autocast_dtype, count_trainable
-from clip_weights import WeightsError, load_clip, save_clip
+from clip_weights import load_clip, save_clip, save_safetensors
 from data import segmentation, toy
 
 METHODS = ("frozen", "catseg", "full", "r-adapter", "lora")
@@ -338,13 +335,7 @@ def export(cfg, model, method):
     with method.weights(method.rows[0][1]):
         save_clip(model.clip, out / "merged.safetensors")
         head = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}
-    save_file(head, str(out / "head.safetensors"))
-
-
-def one_line(e):
-    """The message of e; for an error re-raised from a DataLoader worker, the original error's line."""
-    line = str(e).strip().splitlines()[-1]
-    return line.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ").removeprefix(f"{type(e).__name__}: ")
+    save_safetensors(head, out / "head.safetensors")
 
 
 def main(argv=None):
@@ -352,22 +343,7 @@ def main(argv=None):
     if show:
         print(json.dumps([describe(cfg, given) for cfg in cfgs], indent=2))
         return
-    rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    try:
-        run(cfgs, device, rank, world)
-    except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
-        sys.exit(f"error: {one_line(e)}")
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    train.launch(run, cfgs)
 
 
 if __name__ == "__main__":
