@@ -86,6 +86,12 @@ class RunLog:
                     self.writer.add_scalar(f"{kind}/{name}", value, step)
             self.writer.flush()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # the bar ends its line and the files close, also when the run stops early
+        self.close()
+
     def close(self):
         self.bar.close()
         if self.enabled:

@@ -284,7 +284,7 @@ def train(cfg, model, method, task, device, ddp_rank=0, world_size=1):
     meter = faults.LossMeter(device, total, fatal=scaler is None)  # on the device: no host sync per step
     log = RunLog(cfg, total=last, start=step, device=device, enabled=ddp_rank == 0)
     model.train()
-    with faults.StopSignal() as stop:  # SIGTERM, SIGUSR1: finish the step, save, exit (faults.py)
+    with log, faults.StopSignal() as stop:  # SIGTERM, SIGUSR1: finish the step, save, exit (faults.py)
         while step < last:
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch, step % steps_per_epoch)
@@ -332,7 +332,6 @@ def train(cfg, model, method, task, device, ddp_rank=0, world_size=1):
                 if signum:
                     stop.stop(signum, step, total)
             log.end_epoch(step, epoch, lr=optimizer.param_groups[0]["lr"])
-    log.close()
     model.eval()
 
 

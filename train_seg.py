@@ -102,6 +102,8 @@ class SegConfig:
     seed: int = arg(0, "seed of every random choice")
     run_dir: Optional[str] = arg(None, "output folder (default runs/seg-<data>); each method in a subfolder")
     save_every: int = arg(1000, "checkpoint every N steps")
+    log_every: int = arg(50, "a log.jsonl line (loss, lr, samples/s) every N steps and per epoch; loss checked finite")
+    report_to: Optional[str] = arg(None, "tensorboard: also write log.jsonl's scalars to <run dir>/tensorboard")
     resume: Optional[str] = arg(None, "latest | PATH: continue from a checkpoint")
     max_steps: Optional[int] = arg(None, "stop after N steps (smoke tests); the schedule still spans --iterations")
     # fixed for segmentation; train.train reads them

@@ -118,6 +118,7 @@ BAD = {
     "workers": -1,
     "min_lr": -1.0,
     "max_steps": 0,
+    "seeds": 0,
 }
 
 

@@ -110,9 +110,10 @@ def test_per_image_classifier_in_evaluate_scores_each_half_among_its_own_classes
             sims = learner.similarities(model, f, *learner.prompts(model, names))
         expected = 100 * (sims.argmax(-1) == labels).float().mean().item()
         assert got[name] == pytest.approx(expected)
-        assert evaluate.accuracy(model, learner.classifier(model, names), EvalSet(name, evalset.dataset), workers=0)[
-            0
-        ] == pytest.approx(expected)
+        correct, _ = evaluate.accuracy(
+            model, learner.classifier(model, names), EvalSet(name, evalset.dataset), workers=0
+        )
+        assert 100 * correct.float().mean().item() == pytest.approx(expected)
 
 
 def test_coop_and_cocoop_base_to_novel_end_to_end(tmp_path):

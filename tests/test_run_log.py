@@ -30,7 +30,7 @@ def test_a_line_every_log_every_steps_and_one_per_epoch(tree, tmp_path):
         ("epoch", 8, 1),
     ]
     for line in lines:
-        assert set(line) == {"kind", "step", "epoch", "loss", "lr", "samples_per_s", "skipped_images"}
+        assert set(line) == {"kind", "step", "epoch", "loss", "lr", "samples_per_s", "skipped_images", "skipped_steps"}
         assert line["samples_per_s"] > 0 and line["skipped_images"] == 0
         cfg = train.TrainConfig(lr=5e-4, warmup=2, min_lr=1e-6)
         assert line["lr"] == pytest.approx(train.lr_at(line["step"] - 1, 8, cfg))  # the last step's lr

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import baselines
 import r_adapter
+import reparam
 import segment
 from clip_model import CLIP, PRESETS
 from clip_weights import to_openai_state_dict
@@ -183,13 +184,15 @@ def test_vit_b16_catseg_counts():
 
 
 # ------------------------------------------------------------ R-Adapter and LoRA in the segmenter
-def test_merged_r_adapter_equals_unmerged_inside_the_segmenter():
+def test_merged_r_adapter_equals_unmerged_inside_the_segmenter(at_alpha):
+    """The segmenter with its CLIP merged at alpha (the EMA adapters) computes what it computes on an
+    unmerged CLIP whose EMA adapter updates are scaled by alpha (conftest.at_alpha)."""
     model = tiny_segmenter()
     r_adapter.add_adapters(model.clip)
     with torch.no_grad():
         for _, p in r_adapter.adapter_parameters(model.clip):
             p.normal_(0, 0.05)
-    ema = r_adapter.AdapterEMA(model.clip, m=0.5)
+    ema = reparam.EMA(model.clip, m=0.5)
     with torch.no_grad():
         for _, p in r_adapter.adapter_parameters(model.clip):
             p.mul_(-1)
@@ -197,9 +200,12 @@ def test_merged_r_adapter_equals_unmerged_inside_the_segmenter():
     images, E = torch.randn(2, 3, 64, 64), text()
     model.eval()
     with torch.no_grad():
-        with r_adapter.rescaled(model.clip, 0.4, ema=ema):
-            unmerged = model(images, E)
-        with r_adapter.merged(model.clip, 0.4, ema=ema):
+        with ema.applied(model.clip):
+            scaled = at_alpha(model.clip, 0.4).eval()
+        live, model.clip = model.clip, scaled
+        unmerged = model(images, E)
+        model.clip = live
+        with reparam.merged(model.clip, 0.4, ema=ema):
             merged = model(images, E)
             assert not any(isinstance(m, r_adapter.AdaptedLinear) for m in model.modules())
         plain = model(images, E)
@@ -218,7 +224,8 @@ def test_lora_merged_equals_unmerged_inside_the_segmenter():
     model.eval()
     with torch.no_grad():
         unmerged = model(images, E)
-        with baselines.lora_merged(model.clip):
+        with reparam.merged(model.clip, 1.0):
+            assert not any(isinstance(m, baselines.LoRALinear) for m in model.modules())
             torch.testing.assert_close(model(images, E), unmerged, rtol=1e-4, atol=1e-5)
 
 

@@ -53,7 +53,7 @@ def test_render_rejects_bad_input():
     with pytest.raises(ValueError):
         tw.render("photo", len(tw.CLASSNAMES), np.random.default_rng(0))
     with pytest.raises(ValueError):
-        tw.ToySplit("photo", 1, split="val")
+        tw.ToySplit("photo", 1, split="holdout")
 
 
 @pytest.mark.parametrize("style", tw.STYLES)
