@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import catches, step_of
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -29,6 +28,7 @@ import evaluate
 import train
 from clip_model import CLIP, PRESETS, image_transform, tokenize
 from clip_weights import load_clip, save_clip
+from conftest import catches, step_of
 from data import retrieval
 
 ROOT = Path(__file__).resolve().parents[1]

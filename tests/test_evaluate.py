@@ -7,6 +7,7 @@ import torch
 
 import claims
 import evaluate
+import plots
 from data import EvalSet, TaskData
 
 
@@ -176,7 +177,7 @@ def test_curve_gap_interpolates_and_leaves_out_alpha_0():
 
 
 def drawn_plot(monkeypatch, tmp_path, curves, ood):
-    """evaluate.plot's figure, kept after it is saved and closed, and a renderer for it."""
+    """plots.plot's figure, kept after it is saved and closed, and a renderer for it."""
     import matplotlib.figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -188,7 +189,7 @@ def drawn_plot(monkeypatch, tmp_path, curves, ood):
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
     table = [{"method": "zero-shot", "trainable": 0, "toy-photo": 50.0, **dict.fromkeys(ood, 40.0), "ood_avg": 40.0}]
-    evaluate.plot(curves, tmp_path / "alpha_sweep.png", table, ood)
+    plots.plot(curves, tmp_path / "alpha_sweep.png", table, ood)
     assert (tmp_path / "alpha_sweep.png").stat().st_size > 1000
     return kept[0], FigureCanvasAgg(kept[0]).get_renderer()
 

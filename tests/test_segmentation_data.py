@@ -6,13 +6,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import write_segmentation_tree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 import data
+from conftest import write_segmentation_tree
 from data import segmentation
 from data.segmentation import IGNORE, LAYOUTS
 from train_seg import bootstrap_se, iou_counts, miou

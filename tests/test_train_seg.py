@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_segmentation_tree
 from PIL import Image
 from safetensors.torch import load_file
 
 import train_seg
 from clip_model import CLIP, PRESETS
 from clip_weights import load_clip, save_clip
+from conftest import write_segmentation_tree
 from data.segmentation import LAYOUTS
 
 TINY = PRESETS["tiny"]
