@@ -35,38 +35,28 @@ IMAGENET_80 = "imagenet-80"
 RETRIEVAL = ("coco", "flickr30k")
 
 WISE_FT = dict(loss="ce", lr=3e-5, weight_decay=0.1, min_lr=0.0)
-COOP = dict(
+# Dassl's trainer (CoOp, CoCoOp and CLIPFit are built on it): SGD lr 0.002 with momentum 0.9 and weight
+# decay 5e-4, cosine to 0, one warm-up epoch at a constant 1e-5, batch 32, random crop + flip, no
+# clipping, CE.
+DASSL = dict(
     loss="ce",
     optimizer="sgd",
     lr=0.002,
     weight_decay=5e-4,
     min_lr=0.0,
     batch_size=32,
-    epochs=200,
     warmup_epochs=1,
     warmup_lr=1e-5,
     grad_clip=0.0,
     flip=True,
-    ctx_init="a photo of a",
 )
+COOP = {**DASSL, "epochs": 200, "ctx_init": "a photo of a"}
 
 # Each method's own optimisation recipe (flags not given).
 METHODS = {
-    # CLIPFit release (CoOp/Dassl trainer config): SGD lr 0.002 with momentum 0.9 and Dassl's weight
-    # decay 5e-4, cosine to 0, one warm-up epoch at a constant 1e-5, batch 32, random crop + flip, no
-    # clipping; CE over one hand-written template, which it also evaluates with.
-    "clipfit": dict(
-        loss="ce",
-        optimizer="sgd",
-        lr=0.002,
-        weight_decay=5e-4,
-        min_lr=0.0,
-        batch_size=32,
-        warmup_epochs=1,
-        warmup_lr=1e-5,
-        grad_clip=0.0,
-        flip=True,
-    ),
+    # CLIPFit release (its Dassl trainer config): DASSL; CE over one hand-written template, which it also
+    # evaluates with.
+    "clipfit": DASSL,
     # FLYP (Goyal et al., CVPR 2023), its ImageNet recipe: contrastive full fine-tuning, AdamW lr 1e-5, wd 0.1.
     "flyp": dict(loss="infonce", lr=1e-5, weight_decay=0.1),
     # WiSE-FT release (mlfoundations/wise-ft, src/models/finetune.py and its ImageNet command), the R-Adapter

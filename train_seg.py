@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -67,8 +67,7 @@ SOURCES = {  # where each recipe value comes from
 }
 
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+arg = train.arg  # a field with its --help text
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import clip_weights
 from clip_model import CLIP, PRESETS
 from clip_weights import save_clip
 from data.imagenet import IMAGENET_R_INDICES, IMAGENET_WNIDS
@@ -165,3 +166,17 @@ def catches(pid, signum):
         return False
     mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
     return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and an empty download cache; returns the hosts a download tried to reach."""
+    tried = []
+
+    def refuse(address, *args, **kwargs):
+        tried.append(address[0])
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(clip_weights.socket, "create_connection", refuse)
+    monkeypatch.setattr(clip_weights, "CACHE_DIR", tmp_path / "cache")
+    return tried

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import bench
-import clip_weights
 import evaluate
 import recipes
 import train
@@ -287,20 +286,6 @@ def test_evaluate_images_missing_or_classes_alone(tree, tmp_path, capsys):
     assert (code, line) == (1, f"error: --images {missing}: no such file or folder")
     code, line = one_line(evaluate.main, [*model, "--classes", "a,b"], capsys)
     assert code == 2 and "--classes needs --images" in line
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No network and an empty download cache; returns the hosts a download tried to reach."""
-    tried = []
-
-    def refuse(address, *args, **kwargs):
-        tried.append(address[0])
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(clip_weights.socket, "create_connection", refuse)
-    monkeypatch.setattr(clip_weights, "CACHE_DIR", tmp_path / "cache")
-    return tried
 
 
 def test_cheap_checks_come_before_a_download(tree, tmp_path, capsys, offline):

@@ -16,20 +16,6 @@ from data import toy
 NAMES = {"ViT-B-16": "openaipublic.azureedge.net", "ViT-B-32:laion2b_s34b_b79k": "huggingface.co"}
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No network, an empty download cache: returns the hosts that a download tried."""
-    tried = []
-
-    def refuse(address, *args, **kwargs):
-        tried.append(address[0])
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(clip_weights.socket, "create_connection", refuse)
-    monkeypatch.setattr(clip_weights, "CACHE_DIR", tmp_path / "cache")
-    return tried
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The tiny preset's random weights as a safetensors file and as a torch state dict."""
