@@ -7,8 +7,7 @@ Logits are s * f(x) . g(t) on L2-normalised features, with the learned scale s =
 
   image tower : timm's `VisionTransformer` configured as CLIP (pre-norm `ln_pre`, no patch-embedding
                 bias, class token, final norm, bias-free projection head, QuickGELU for OpenAI
-                weights). The toy preset swaps the patch projection for a small conv stem. Any input
-                size runs: the position embeddings are resampled (bicubic) to the patch grid, and
+                weights). Any input size runs: the position embeddings are resampled (bicubic) to the patch grid, and
                 encode_dense gives every token's feature and intermediate block outputs (segment.py).
   text tower  : `TextTransformer` below, handwritten, with timm's module names (`norm1`, `attn.qkv`,
                 `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`), so that code walking the blocks of
@@ -23,7 +22,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import HybridEmbed, PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -56,10 +54,6 @@ class CLIPConfig:
     text_width: int = 512
     text_layers: int = 12
     quick_gelu: bool = True  # OpenAI weights use QuickGELU, open_clip's own runs GELU
-    conv_stem: tuple = ()  # toy preset only: channels of an early-convolution stem (see conv_stem)
-
-    def __post_init__(self):  # a config read back from JSON metadata has conv_stem as a list
-        object.__setattr__(self, "conv_stem", tuple(self.conv_stem))
 
 
 # CPU-sized (tests, and open_clip's oracle): 32 px images in 4x4 patches of 8 px, a 4-layer image and a
@@ -80,45 +74,11 @@ PRESETS = {
     "ViT-B-16": CLIPConfig(),
     "ViT-L-14": CLIPConfig(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, text_width=768),
     "tiny": TINY,
-    # The toy world's CLIP (train.py --model toy): tiny with a conv stem in place of the 8 px patch
-    # projection (two 3x3 convs per resolution, 32 -> 16 -> 8 -> 4 px), so that a CPU-budget pretraining
-    # learns shapes, not only colours; a 64-wide text tower keeps the shipped fp16 file under 10 MB (the
-    # 49,408-row token embedding is most of it).
-    "toy": replace(TINY, text_width=64, conv_stem=(32, 32, 64, 64, 128, 128)),
+    # The toy world's CLIP (train.py --model toy): tiny with 6 image blocks, so that everything before
+    # the first block is one linear patch embedding, as in CLIP; a 64-wide text tower keeps the shipped
+    # fp16 file under 10 MB (the 49,408-row token embedding is most of it).
+    "toy": replace(TINY, vision_layers=6, text_width=64),
 }
-
-
-def stem_strides(channels, in_chans=3):
-    """A stem conv that changes the channel count halves the resolution (stride 2); one that keeps
-    it refines at the same resolution (stride 1)."""
-    return [2 if c_out != c_in else 1 for c_in, c_out in zip((in_chans, *channels), channels)]
-
-
-def conv_stem(channels, in_chans=3):
-    """Early convolutions for a small ViT (Xiao et al., NeurIPS 2021): per entry of `channels` a 3x3
-    conv (strides from stem_strides), GroupNorm and GELU; it downsamples by the patch size."""
-    layers = []
-    for c_in, c_out, stride in zip((in_chans, *channels), channels, stem_strides(channels, in_chans)):
-        layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(8, c_out), nn.GELU()]
-    return nn.Sequential(*layers)
-
-
-def _stem_embed(channels, img_size, patch_size, in_chans, embed_dim, bias, **kwargs):
-    """timm's embed_layer hook: the conv stem, then timm's HybridEmbed 1x1 projection to the width."""
-    if patch_size != math.prod(stem_strides(channels, in_chans)):
-        raise ValueError(
-            f"conv_stem {channels} downsamples by {math.prod(stem_strides(channels, in_chans))}, "
-            f"not patch_size {patch_size}"
-        )
-    return HybridEmbed(
-        conv_stem(channels, in_chans),
-        img_size=img_size,
-        patch_size=1,
-        in_chans=in_chans,
-        embed_dim=embed_dim,
-        bias=bias,
-        **kwargs,
-    )
 
 
 class QuickGELU(nn.Module):
@@ -220,7 +180,6 @@ class CLIP(nn.Module):
             num_classes=cfg.embed_dim,
             norm_layer=partial(nn.LayerNorm, eps=1e-5),
             act_layer=act_layer,
-            embed_layer=partial(_stem_embed, cfg.conv_stem) if cfg.conv_stem else PatchEmbed,
             dynamic_img_size=True,  # any input size: position embeddings resampled (bicubic) to the patch grid
         )
         self.visual.head = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)

@@ -13,7 +13,6 @@ URL and the path to put the file at.
 """
 
 import io
-import math
 import os
 import pickle
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from clip_model import CLIP, PRESETS, CLIPConfig, stem_strides
+from clip_model import CLIP, PRESETS, CLIPConfig
 
 CACHE_DIR = Path(os.environ.get("RADAPTER_CACHE", Path.home() / ".cache" / "r-adapter"))
 
@@ -72,7 +71,6 @@ def save_safetensors(tensors, path, metadata=None):
 # (OpenAI name, our name); a trailing '.' marks a prefix, otherwise a whole key.
 _KEYS = [
     ("visual.conv1.weight", "visual.patch_embed.proj.weight"),
-    ("visual.conv_stem.", "visual.patch_embed.backbone."),  # toy preset only (not an OpenAI key)
     ("visual.class_embedding", "visual.cls_token"),  # [w]     <-> [1, 1, w]
     ("visual.positional_embedding", "visual.pos_embed"),  # [n, w]  <-> [1, n, w]
     ("visual.ln_pre.", "visual.norm_pre."),
@@ -190,14 +188,9 @@ def config_from_state_dict(state_dict, quick_gelu=True) -> CLIPConfig:
     def layers(prefix):
         return len({k.split(".")[len(prefix.split(".")) - 1] for k in state_dict if k.startswith(prefix)})
 
-    conv = state_dict["visual.conv1.weight"].shape  # [width, 3, patch, patch] ([width, c, 1, 1] after a stem)
+    conv = state_dict["visual.conv1.weight"].shape  # [width, 3, patch, patch]
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    stem = [
-        (int(k.split(".")[2]), v.shape[0])
-        for k, v in state_dict.items()
-        if k.startswith("visual.conv_stem.") and len(v.shape) == 4
-    ]  # (index, out channels) per conv
-    patch = conv[-1] * math.prod(stem_strides([c for _, c in sorted(stem)]))
+    patch = conv[-1]
     return CLIPConfig(
         embed_dim=state_dict["text_projection"].shape[1],
         image_size=patch * grid,
@@ -209,7 +202,6 @@ def config_from_state_dict(state_dict, quick_gelu=True) -> CLIPConfig:
         text_width=state_dict["ln_final.weight"].shape[0],
         text_layers=layers("transformer.resblocks."),
         quick_gelu=quick_gelu,
-        conv_stem=tuple(c for _, c in sorted(stem)),
     )
 
 

@@ -41,7 +41,7 @@ __all__ = [
     "TEXTURES",
     "BACKGROUNDS",
     "WEB_MIX",
-    "WEB_CAPTION_NOISE",
+    "WEB_HYPERNYM",
     "render",
     "render_float",
     "caption",
@@ -804,9 +804,15 @@ def caption(attrs: dict, rng: np.random.Generator, shape_word: str | None = None
     return " ".join(words) + "."
 
 
+# Web alt-text does not always name its object: this share of web captions calls the shape only
+# by a word that names no class.
+WEB_HYPERNYM = 0.08
+HYPERNYMS = ("shape", "object", "thing", "symbol", "figure")
+
+
 def _build_vocab() -> list[str]:
     words: set[str] = set(CLASSNAMES) | set(COLOURS) | set(SIZES) | set(TEXTURES)
-    words |= {"outline", "hatched", "stippled", "tiled", "shape", "object", "thing"}
+    words |= {"outline", "hatched", "stippled", "tiled", *HYPERNYMS}
     words |= set(_BG_WORD.values()) | set(_NUMBERS)
     for phrases in _STYLE_PHRASES.values():
         for p in phrases:
@@ -832,16 +838,13 @@ _STYLE_CODE = {s: i for i, s in enumerate(STYLES + _WEB_ONLY_STYLES)}
 _CACHE: dict[tuple, tuple] = {}
 
 WEB_MIX: dict[str, float] = {
-    "web_photo": 0.51,
-    "photo": 0.04,
+    "web_photo": 0.25,
+    "photo": 0.30,
     "sketch": 0.08,
     "rendition": 0.17,
     "web_corrupt": 0.12,
     "adversarial": 0.08,
 }
-WEB_CAPTION_NOISE = 0.08
-
-
 def _sample_rng(seed, domain, style_code, index):
     return np.random.default_rng(np.random.SeedSequence([int(seed), domain, style_code, int(index)]))
 
@@ -915,7 +918,8 @@ class WebCorpus(Dataset):
                 lab = int(rng.integers(len(CLASSNAMES)))
                 src = srcs[int(rng.choice(len(srcs), p=probs / probs.sum()))]
                 img, a = render(src, lab, rng, self.image_size)
-                word = _pick(rng, ["shape", "object", "thing"]) if rng.random() < WEB_CAPTION_NOISE else None
+                named = _pick(rng, (True, False), (1 - WEB_HYPERNYM, WEB_HYPERNYM))
+                word = None if named else _pick(rng, HYPERNYMS)
                 imgs.append(img)
                 labels.append(lab)
                 caps.append(caption(a, rng, shape_word=word))
