@@ -104,7 +104,7 @@ METHODS = {
 # steps). With m = 0.999 the EMA would still hold 83% of its zero initialisation after 186 steps, so
 # the toy uses the paper's short-run momentum (its base-to-novel value, 0.9).
 TOY_BUDGET = dict(epochs=2, batch_size=128, warmup=20, m=0.9)
-TOY_LR = {"full-ft": 3e-3, "wise-ft": 3e-3, "r-adapter": 1e-2}  # docs/toy_lr_selection.csv, selected rows
+TOY_LR = {"full-ft": 1e-3, "wise-ft": 1e-3, "r-adapter": 1e-2}  # docs/toy_lr_selection.csv, selected rows
 
 SETTINGS = {
     "full": {},  # the paper's ImageNet recipe: TrainConfig's defaults
