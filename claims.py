@@ -1,10 +1,14 @@
-"""The R-Adapter paper's claims, checked on a results table with standard errors (the toy job's verdict).
+"""The papers' claims, checked on a results table with standard errors (the toy jobs' verdicts).
 
 Kim et al. (ECCV 2024), Sec. 4 and Table 1: full fine-tuning raises ID accuracy and loses robustness
 (OOD accuracy, most on the far shifts); R-Adapter raises ID accuracy over zero-shot while keeping more
 OOD accuracy than full fine-tuning; and (Fig. 1, Sec. 4.2) its re-scaling curve over alpha lies above
 WiSE-FT's. Each claim is a difference in points, `delta`, with its standard error `se`; the verdict
 is 'within noise' when |delta| < 2 se, else 'holds' or 'fails' by the sign the paper expects.
+The toy base-to-new job (`train.py --data toy --split base`) checks CLIPFit's (Li et al., EMNLP
+2024, Table 1): CLIPFit raises the harmonic mean of base and new accuracy over zero-shot, and its
+new-class accuracy is at least CoOp's, whose new-class accuracy falls below zero-shot's (CoCoOp,
+Zhou et al., CVPR 2022, Sec. 1).
 
 Paired standard errors. Every row is scored on the same test images, so a difference is computed per
 image: on a split of n images, D_i = c_A,i - c_B,i (c = 1 if correct) and se = sqrt(Var(D) / n). A
@@ -12,6 +16,8 @@ mean over independent splits (OOD avg, the far shifts) has se = sqrt(sum_k se_k^
 claim is linear in the correctness too: WiSE-FT interpolated at an ID value is (1 - w) c_j + w c_j+1
 per image. With several training seeds (train.py --seeds), c_i is the image's mean correctness over
 the seeds, and the seed-to-seed variance of the delta, divided by the number of seeds, is added.
+The harmonic mean is not linear in the correctness, but HM = b dHM/db + n dHM/dn exactly (it is
+homogeneous of degree 1), so with those derivatives held fixed it is, and its SE is the delta method's.
 """
 
 import numpy as np
@@ -35,20 +41,36 @@ def correct(row, split):
     return np.atleast_2d(np.asarray(row["correct"][split], dtype=np.float64))
 
 
-def paired(terms, splits):
-    """delta (points) and its paired SE of sum_t weight_t * accuracy(row_t), averaged over `splits`.
+def linear(terms):
+    """delta (points) and its paired SE of sum_t weight_t * accuracy(row_t on split_t).
 
-    terms: [(weight, row)]; a difference A - B is [(1, A), (-1, B)]. Per split the per-image
-    combination D = sum_t weight_t c_t ([S, n]) gives the delta per seed, mean_i D[s]; the SE adds
-    the image-sampling variance of the seed-mean, Var_i(mean_s D) / n, over the splits (independent
-    samples) and the seed-to-seed variance of the split-averaged delta divided by S."""
+    terms: [(weight, row, split)]. Per split the per-image combination D = sum_t weight_t c_t
+    ([S, n]) gives its part of the delta per seed, mean_i D[s]; the SE adds the image-sampling
+    variance of the seed-mean, Var_i(mean_s D) / n, over the splits (independent samples) and the
+    seed-to-seed variance of the whole delta divided by S."""
     per_seed, image_var = 0.0, 0.0
-    for split in splits:
-        D = sum(w * correct(row, split) for w, row in terms)  # [S, n]
-        per_seed = per_seed + D.mean(axis=1) / len(splits)  # [S]
-        image_var += D.mean(axis=0).var(ddof=1) / D.shape[1] / len(splits) ** 2
+    for split in dict.fromkeys(s for _, _, s in terms):
+        D = sum(w * correct(row, split) for w, row, s in terms if s == split)  # [S, n]
+        per_seed = per_seed + D.mean(axis=1)  # [S]
+        image_var += D.mean(axis=0).var(ddof=1) / D.shape[1]
     seed_var = per_seed.var(ddof=1) / len(per_seed) if len(per_seed) > 1 else 0.0
     return 100 * per_seed.mean(), 100 * float(np.sqrt(image_var + seed_var))
+
+
+def paired(terms, splits):
+    """delta (points) and its paired SE of sum_t weight_t * accuracy(row_t), averaged over `splits`;
+    terms: [(weight, row)], a difference A - B is [(1, A), (-1, B)]."""
+    return linear([(w / len(splits), row, split) for split in splits for w, row in terms])
+
+
+def hm_terms(row, sign=1):
+    """The harmonic mean HM = 2 b n / (b + n) of a row's base and new accuracy as linear() terms.
+    HM is homogeneous of degree 1, so HM = b dHM/db + n dHM/dn exactly, with dHM/db = 2 n^2 / (b + n)^2
+    and dHM/dn = 2 b^2 / (b + n)^2 at the row's b, n: linear() of these terms is HM itself, and its SE
+    the delta method's (the weights held fixed); sign -1 subtracts the row's HM."""
+    b, n = row["base"], row["new"]
+    scale = sign * 2 / (b + n) ** 2 if b + n else 0.0
+    return [(scale * n**2, row, "base"), (scale * b**2, row, "new")]
 
 
 def curve_gap(curve, reference, id_key, ood_splits):
@@ -116,3 +138,27 @@ def paper_claims(rows, curves, id_key, ood_splits, alpha=0.5):
             )
         )
     return out
+
+
+def base_to_new_claims(rows):
+    """CLIPFit's base-to-new claims (Li et al., EMNLP 2024, Table 1) and the trade-off that CoCoOp
+    (Zhou et al., CVPR 2022, Sec. 1 and Table 1) reports of CoOp, on a table with zero-shot, CoOp and
+    CLIPFit rows; each delta paired over the same base and new test images."""
+    zs, coop, fit = find(rows, "zero-shot"), find(rows, "coop"), find(rows, "clipfit")
+    return [
+        claim(
+            "CLIPFit raises the harmonic mean over zero-shot (CLIPFit - zero-shot HM, expected > 0)",
+            *linear(hm_terms(fit) + hm_terms(zs, -1)),
+            +1,
+        ),
+        claim(
+            "CLIPFit's new-class accuracy is at least CoOp's (CLIPFit - CoOp new, expected >= 0)",
+            *paired([(1, fit), (-1, coop)], ["new"]),
+            +1,
+        ),
+        claim(
+            "CoOp's new-class accuracy falls below zero-shot's (CoOp - zero-shot new, expected < 0)",
+            *paired([(1, coop), (-1, zs)], ["new"]),
+            -1,
+        ),
+    ]

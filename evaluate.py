@@ -6,8 +6,9 @@ template filled with the class name. Accuracy is top-1 on the ID test set and on
 found; a set with a class subset (ImageNet-R/A) or class groups (ObjectNet) projects the logits
 first, and "OOD avg" is the plain mean over the OOD sets. Every accuracy carries its standard error.
 Base-to-novel (CoCoOp) scores base and new each among its own classes and reports their harmonic
-mean; retrieval reports R@1/5/10 both ways (Sec. 4). Re-scaling alpha (Sec. 3.3) only enters at
-merge time, so a sweep over alpha needs no retraining: merge, evaluate, unmerge for each value.
+mean (its SE by the delta method, claims.hm_terms); retrieval reports R@1/5/10 both ways (Sec. 4).
+Re-scaling alpha (Sec. 3.3) only enters at merge time, so a sweep over alpha needs no retraining:
+merge, evaluate, unmerge for each value.
 Under torchrun every rank scores its shard of each set and the parts are gathered in dataset order,
 so every rank holds the numbers one process computes (shard, gather).
 
@@ -182,18 +183,9 @@ def score(model, task, split=None, prompts=None, classifier=None, **kwargs):
         return [{"test": t.name, **evaluate_retrieval(model, t, **kwargs)} for t in task.tests]
     acc = evaluate_task(model, task, classifier, prompts, **kwargs)
     if split:
-        hm = harmonic_mean(acc["base"], acc["new"])
-        return [
-            {
-                "base": acc["base"],
-                "new": acc["new"],
-                "hm": hm,
-                "base_se": acc["base_se"],
-                "new_se": acc["new_se"],
-                "skipped": acc["skipped"],
-                "correct": acc["correct"],
-            }
-        ]
+        row = {k: acc[k] for k in ("base", "new")} | {"hm": harmonic_mean(acc["base"], acc["new"])}
+        row |= {k: acc[k] for k in ("base_se", "new_se")} | {"hm_se": claims.linear(claims.hm_terms(acc))[1]}
+        return [row | {k: acc[k] for k in ("skipped", "correct")}]
     return [acc]
 
 
@@ -229,7 +221,7 @@ def _pool(rows):
     if "ood_avg" in out:  # the splits after the ID set
         out["ood_avg"], out["ood_avg_se"] = mean_and_se(splits[1:])
     if "hm" in out:
-        out["hm"] = harmonic_mean(out["base"], out["new"])
+        out["hm"], out["hm_se"] = harmonic_mean(out["base"], out["new"]), claims.linear(claims.hm_terms(out))[1]
     return out
 
 
@@ -278,7 +270,7 @@ def write_results(rows, stem):
 
 def report(rows, curves, out, cfg, task):
     """The table (results.csv/.json), the sweeps and their plot (its OOD axis names the task's OOD sets),
-    and for the toy job the paper's claims."""
+    and for the toy jobs the papers' claims (claims.json)."""
     ood = [s.name for s in getattr(task, "ood", [])]
     out.mkdir(parents=True, exist_ok=True)
     print("\n" + format_table(rows))
@@ -288,11 +280,14 @@ def report(rows, curves, out, cfg, task):
         plots.plot(curves, out / "alpha_sweep.png", rows, ood)
         write_results([{"method": m, **r} for m, rs in curves.items() for r in rs], out / "alpha_sweep")
         print(f"wrote {out / 'alpha_sweep.png'}")
-    runs = {r["run"] for r in rows}
+    runs, checked = {r["run"] for r in rows}, None
     if cfg.data == "toy" and not cfg.split and {"zero-shot", "full-ft", "r-adapter"} <= runs:
         checked = claims.paper_claims(rows, curves, task.test.name, ood, cfg.alpha)
+    if cfg.data == "toy" and cfg.split and {"zero-shot", "coop", "clipfit"} <= runs:
+        checked = claims.base_to_new_claims(rows)
+    if checked:
         (out / "claims.json").write_text(json.dumps(checked, indent=2))
-        print("\nThe paper's claims, checked (delta and se in points; 'within noise' when |delta| < 2 se):")
+        print("\nThe papers' claims, checked (delta and se in points; 'within noise' when |delta| < 2 se):")
         for c in checked:
             print(f"  {c['verdict']:>12}  {c['delta']:+6.2f} ± {c['se']:.2f}  {c['claim']}")
         print(f"wrote {out / 'claims.json'}")

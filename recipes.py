@@ -105,6 +105,12 @@ METHODS = {
 # the toy uses the paper's short-run momentum (its base-to-novel value, 0.9).
 TOY_BUDGET = dict(epochs=2, batch_size=128, warmup=20, m=0.9)
 TOY_LR = {"full-ft": 1e-3, "wise-ft": 1e-3, "r-adapter": 1e-2}  # docs/toy_lr_selection.csv, selected rows
+# The toy base-to-novel job (--data toy --split base): CoCoOp's protocol, 16 shots of the 6 base classes
+# (96 images), and one budget over each method's own recipe: 100 epochs at batch 32 (300 steps; the
+# base-to-novel runs of R-Adapter and CLIPFit are 101 and 100 epochs at batch 32, CoCoOp's batch is 1).
+TOY_B2N_BUDGET = {**TOY_BUDGET, "epochs": 100, "batch_size": 32}
+TOY_B2N_LR = {"coop": 3e-5, "cocoop": 1e-3, "clipfit": 1e-5, "r-adapter": 1e-5}  # docs/toy_b2n_lr_selection.csv
+TOY_JOB = dict(model="toy", workers=0, save_every=200)  # both toy jobs: the shipped toy CLIP, in process
 
 SETTINGS = {
     "full": {},  # the paper's ImageNet recipe: TrainConfig's defaults
@@ -138,9 +144,19 @@ SETTINGS = {
     # are the toy's lr rule (data/toy.py select_lr): each method's argmax of photo validation accuracy
     # over one grid, committed as docs/toy_lr_selection.csv; methods not in that table keep their own.
     "toy": {
-        "*": dict(model="toy", method="zero-shot,full-ft,r-adapter", workers=0, save_every=200, sweep=True),
+        "*": {**TOY_JOB, "method": "zero-shot,full-ft,r-adapter", "sweep": True},
         "all": TOY_BUDGET,
         **{method: {"lr": lr} for method, lr in TOY_LR.items()},
+    },
+    # The toy base-to-novel job (above): five methods; its lrs are the toy lr rule on base-class validation
+    # images, committed as docs/toy_b2n_lr_selection.csv. R-Adapter keeps its base-to-novel rank and
+    # loss, CLIPFit its one template (the toy's first); the others use the toy's templates.
+    "toy-base-to-novel": {
+        "*": {**TOY_JOB, "method": "zero-shot,coop,cocoop,clipfit,r-adapter", "shots": 16, "run_dir": "runs/toy-b2n"},
+        "all": TOY_B2N_BUDGET,
+        "r-adapter": dict(rank=4, delta=0.1, epsilon=0.0, lr=TOY_B2N_LR["r-adapter"]),
+        "clipfit": dict(prompts=toy_world.TEMPLATES[0], eval_prompts=toy_world.TEMPLATES[0], lr=TOY_B2N_LR["clipfit"]),
+        **{method: {"lr": TOY_B2N_LR[method]} for method in ("coop", "cocoop")},
     },
 }
 
@@ -173,6 +189,13 @@ SOURCES = {
     ("toy", "full-ft"): "toy lr rule: docs/toy_lr_selection.csv",
     ("toy", "wise-ft"): "toy lr rule: docs/toy_lr_selection.csv (full-ft's)",
     ("toy", "r-adapter"): "toy lr rule: docs/toy_lr_selection.csv",
+    ("toy-base-to-novel", "*"): "this repository",
+    ("toy-base-to-novel", "all"): "this repository",
+    ("toy-base-to-novel", "r-adapter"): "R-Adapter release (rank, loss); toy lr rule: docs/toy_b2n_lr_selection.csv",
+    ("toy-base-to-novel", "clipfit"): "CLIPFit release (one template); toy lr rule: docs/toy_b2n_lr_selection.csv",
+    **dict.fromkeys(
+        [("toy-base-to-novel", m) for m in ("coop", "cocoop")], "toy lr rule: docs/toy_b2n_lr_selection.csv"
+    ),
     ("imagenet", "coop"): "CoOp release",
     ("method", "prolip"): "ProLIP release",
     ("method", "linear-probe"): "our choice",
@@ -203,7 +226,7 @@ def rank(text):
 
 def setting(data, split=None, shots=None):
     if data == "toy":
-        return "toy"
+        return "toy-base-to-novel" if split == "base" else "toy"
     if data in RETRIEVAL:
         return "retrieval"
     if split == "base":
@@ -444,6 +467,7 @@ def table():
         "base-to-novel": "`--split base`",
         "retrieval": "`--data coco`, `flickr30k`",
         "toy": "`--data toy`",
+        "toy-base-to-novel": "`--data toy --split base`",
     }
     who = {"*": "all, under their own recipe", "all": "all, over their own recipe"}
     entries = [(("method", m), "any", m, values) for m, values in METHODS.items()]

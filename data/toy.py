@@ -15,6 +15,15 @@ decay on gains, biases, the class token and the logit scale (as open_clip does).
 
     OMP_NUM_THREADS=1 python -m data.toy     # rebuild (31 min on 1 CPU core), print the digest
     python train.py --model runs/toy-clip.safetensors   # fine-tune a rebuilt one
+
+The lr rule (README, "One learning-rate rule for every method"): each method trained at every lr of
+one grid and scored on photo validation images at its fully fine-tuned end; the argmax is its toy lr.
+
+    python -m data.toy --select-lr full-ft,full-ft-blocks,r-adapter          # docs/toy_lr_selection.csv
+    python -m data.toy --select-lr coop,cocoop,clipfit,r-adapter --split base  # docs/toy_b2n_lr_selection.csv
+
+With --split base the runs are those of `train.py --data toy --split base` (16 shots of the 6 base
+classes) and the score is on the validation images of the base classes, among the base classes.
 """
 
 import argparse
@@ -33,7 +42,7 @@ from tqdm import tqdm
 
 from clip_model import CLIP, CLIP_MEAN, CLIP_STD, PRESETS, tokenize
 from clip_weights import load_clip, save_clip
-from data import DataError, EvalSet, TaskData, toy_world
+from data import DataError, EvalSet, TaskData, coop, toy_world
 from mpm_nce import infonce_loss
 
 SIZES = dict(train_per_class=1000, test_per_class=250)
@@ -56,9 +65,17 @@ def task(shots=None, flip=False):
     return TaskData(list(toy_world.CLASSNAMES), list(toy_world.TEMPLATES), train, test, ood)
 
 
-def validation():
-    """The photo validation split (disjoint from train and test) that learning rates are chosen on."""
-    return EvalSet("toy-photo-val", _split("photo", "val"))
+def validation(split=None):
+    """The photo validation split (disjoint from train and test) that learning rates are chosen on, as
+    a TaskData to score its test set; split='base': its base-class images among the base classes."""
+    val = TaskData(
+        list(toy_world.CLASSNAMES),
+        list(toy_world.TEMPLATES),
+        None,
+        EvalSet("toy-photo-val", _split("photo", "val")),
+        [],
+    )
+    return coop.base_new(val)[0] if split else val
 
 
 def _split(style, part, per_class=None, transform=None):
@@ -151,7 +168,8 @@ def pretrain(p=TOY_PRETRAIN, eval_every=500, snapshot=None):
 
 # ------------------------------------------ the analogy with CLIP on ImageNet, and the lr rule
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-LR_TABLE = Path(__file__).resolve().parents[1] / "docs" / "toy_lr_selection.csv"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+LR_TABLES = {None: DOCS / "toy_lr_selection.csv", "base": DOCS / "toy_b2n_lr_selection.csv"}  # by --split
 BLOCKS_ONLY = "full-ft-blocks"  # full-ft with everything before the first image block frozen (--check)
 
 
@@ -165,14 +183,16 @@ def freeze_before_blocks(model):
     visual.pos_embed.requires_grad_(False)
 
 
-def fine_tune(method, lr, run_dir, seed=0):
-    """One run of `method` (or BLOCKS_ONLY) on the toy task with its toy recipe at learning rate `lr`.
-    Returns the fine-tuned model, its train.Method and config."""
+def fine_tune(method, lr, run_dir, seed=0, split=None):
+    """One run of `method` (or BLOCKS_ONLY) on the toy task (split='base': its base classes) with its
+    toy recipe at learning rate `lr`. Returns the fine-tuned model, its train.Method and config."""
     import train  # train.py imports this package, so it is imported where it is used
 
-    cfg = train.parse_args(["--method", "full-ft" if method == BLOCKS_ONLY else method, "--lr", str(lr)])[0]
+    argv = ["--method", "full-ft" if method == BLOCKS_ONLY else method, "--lr", str(lr)]
+    cfg = train.parse_args(argv + (["--split", split] if split else []))[0]
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir), seed=seed, sweep=False)
-    model, data = load_toy_clip(), task()
+    model = load_toy_clip()
+    data = train.build_data(cfg, model)[0]
     fitted = train.setup_method(model, cfg, data)
     if method == BLOCKS_ONLY:
         freeze_before_blocks(model)
@@ -181,33 +201,31 @@ def fine_tune(method, lr, run_dir, seed=0):
     return model, fitted, cfg
 
 
-def top1(model, fitted, cfg, evalset):
-    """Top-1 (%) on one EvalSet at the method's fully fine-tuned end: merged at alpha = 1 for R-Adapter
-    and WiSE-FT, the plain model for the rest."""
+def top1(model, fitted, cfg, task):
+    """Top-1 (%) and its SE on task.test, among task.classnames, at the method's fully fine-tuned end:
+    merged at alpha = 1 for R-Adapter and WiSE-FT, the plain model for the rest."""
     import evaluate
     import recipes
 
-    names, templates = list(toy_world.CLASSNAMES), list(toy_world.TEMPLATES)
+    task = dataclasses.replace(task, train=None, ood=[])
     with fitted.weights(1.0 if fitted.curve else None):
+        classifier = fitted.classifier if fitted.classifier_for is None else fitted.classifier_for(task.classnames)
         row = evaluate.evaluate_task(
-            model,
-            TaskData(names, templates, None, evalset, []),
-            classifier=fitted.classifier,
-            prompts=recipes.templates(cfg.eval_prompts, templates),
-            workers=0,
+            model, task, classifier=classifier, prompts=recipes.templates(cfg.eval_prompts, task.templates), workers=0
         )
-    return row[evalset.name], row[f"{evalset.name}_se"]
+    return row[task.test.name], row[f"{task.test.name}_se"]
 
 
-def select_lr(methods, out=LR_TABLE, grid=LR_GRID):
+def select_lr(methods, split=None, grid=LR_GRID):
     """The learning-rate rule: each method at every lr of `grid`, scored on the photo validation split
-    (never on test or OOD); writes method, lr, val accuracy, its SE and the selected flag to `out`."""
+    (split='base': its base-class images; never test, OOD or new classes); writes method, lr, val
+    accuracy, its SE and the selected flag to LR_TABLES[split]."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             for lr in grid:
-                model, fitted, cfg = fine_tune(method, lr, Path(tmp) / f"{method}-{lr:g}")
-                acc, se = top1(model, fitted, cfg, validation())
+                model, fitted, cfg = fine_tune(method, lr, Path(tmp) / f"{method}-{lr:g}", split=split)
+                acc, se = top1(model, fitted, cfg, validation(split))
                 print(f"{method} lr {lr:g}: validation top-1 {acc:.2f} ± {se:.2f}")
                 rows.append(dict(method=method, lr=lr, val_top1=round(acc, 2), val_se=round(se, 2)))
     for method in methods:
@@ -215,16 +233,16 @@ def select_lr(methods, out=LR_TABLE, grid=LR_GRID):
         for r in rows:
             if r["method"] == method:
                 r["selected"] = int(r is best)
-    with open(out, "w", newline="") as f:
+    with open(LR_TABLES[split], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {out}")
+    print(f"wrote {LR_TABLES[split]}")
 
 
-def selected_lrs(path=LR_TABLE):
+def selected_lrs(split=None):
     """{method: lr} of the selection table's argmax rows."""
-    with open(path) as f:
+    with open(LR_TABLES[split]) as f:
         return {r["method"]: float(r["lr"]) for r in csv.DictReader(f) if r["selected"] == "1"}
 
 
@@ -256,7 +274,9 @@ def linear_probe_gap(model):
     """(zero-shot, linear probe) top-1 (%) on toy-photo test: the probe fitted on frozen features of the
     photo training images, its L2 strength chosen on the photo validation split."""
     data = task()
-    (x, y), (xv, yv), (xt, yt) = (features(model, s) for s in (data.train, validation().dataset, data.test.dataset))
+    (x, y), (xv, yv), (xt, yt) = (
+        features(model, s) for s in (data.train, validation().test.dataset, data.test.dataset)
+    )
     mean, std = x.mean(0), x.std(0)  # standardised features: one lambda grid fits every model
     x, xv, xt = ((z - mean) / std for z in (x, xv, xt))
     C = len(toy_world.CLASSNAMES)
@@ -278,7 +298,7 @@ def check():
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("full-ft", BLOCKS_ONLY):
             fitted = fine_tune(method, lrs[method], Path(tmp) / method)
-            gains[method] = top1(*fitted, task().test)[0] - zero_shot
+            gains[method] = top1(*fitted, task())[0] - zero_shot
             print(f"  {method} at its selected lr {lrs[method]:g}: ID gain {gains[method]:+.1f} points")
     share = 100 * gains[BLOCKS_ONLY] / gains["full-ft"]
     print(f"the gain lives in the blocks: full-ft with everything before the first block frozen reaches {share:.0f}%")
@@ -293,14 +313,22 @@ def main(argv=None):
     parser.add_argument(
         "--select-lr",
         metavar="METHODS",
-        help=f"instead: the lr rule for these comma-separated methods ({BLOCKS_ONLY} too), written to {LR_TABLE.name}",
+        help=f"instead: the lr rule for these comma-separated methods ({BLOCKS_ONLY} too), written to "
+        f"docs/{LR_TABLES[None].name}",
+    )
+    parser.add_argument(
+        "--split",
+        choices=["base"],
+        help=f"--select-lr on the base-to-new task, written to docs/{LR_TABLES['base'].name}",
     )
     parser.add_argument("--check", action="store_true", help="instead: print the toy CLIP's two analogy figures")
     args = parser.parse_args(argv)
+    if args.split and not args.select_lr:
+        parser.error("--split: it picks the task of --select-lr METHODS, which is not given")
     if args.check:
         return check()
     if args.select_lr:
-        return select_lr(args.select_lr.split(","))
+        return select_lr(args.select_lr.split(","), args.split)
     start = time.perf_counter()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -224,7 +224,8 @@ def test_base_to_novel_end_to_end(tmp_path):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["zero-shot", "R-Adapter (α=0.5)"]
-    assert list(rows[0]) == ["method", "run", "alpha", "trainable", "base", "new", "hm", "base_se", "new_se", "skipped"]
+    columns = ["base", "new", "hm", "base_se", "new_se", "hm_se", "skipped"]
+    assert list(rows[0]) == ["method", "run", "alpha", "trainable", *columns]
     for r in rows:
         base, new = float(r["base"]), float(r["new"])
         assert math.isclose(float(r["hm"]), evaluate.harmonic_mean(base, new))

@@ -99,6 +99,52 @@ def test_paired_se_adds_the_seed_spread():
     assert delta == pytest.approx(25.0) and se == pytest.approx(100 * math.sqrt(image_var + seed_var))
 
 
+def test_harmonic_mean_and_its_se_by_hand():
+    """Base [1,1,0,0] (50%), new [1,1,1,0] (75%): HM = 2 * 50 * 75 / 125 = 60; dHM/db = 2 * 75^2 / 125^2
+    = 0.72, dHM/dn = 2 * 50^2 / 125^2 = 0.32; se = sqrt(0.72^2 Var(c_b) / 4 + 0.32^2 Var(c_n) / 4)."""
+    a = {"base": 50.0, "new": 75.0, "correct": {"base": torch.tensor([1, 1, 0, 0]), "new": torch.tensor([1, 1, 1, 0])}}
+    hm, se = claims.linear(claims.hm_terms(a))
+    var_b, var_n = 1 / 3, 1 / 4  # unbiased sample variances of the two 0/1 vectors
+    assert hm == pytest.approx(60.0) and hm == pytest.approx(evaluate.harmonic_mean(50.0, 75.0))
+    assert se == pytest.approx(100 * math.sqrt(0.72**2 * var_b / 4 + 0.32**2 * var_n / 4))
+    # B on the same images: base [1,0,0,0] (25%), new as A's: HM 37.5, dHM/db = 2 * 75^2 / 100^2 = 1.125,
+    # dHM/dn = 2 * 25^2 / 100^2 = 0.125. The difference is paired per image, split by split.
+    b = {"base": 25.0, "new": 75.0, "correct": {"base": torch.tensor([1, 0, 0, 0]), "new": torch.tensor([1, 1, 1, 0])}}
+    delta, se = claims.linear(claims.hm_terms(a) + claims.hm_terms(b, -1))
+    d_base = 0.72 * torch.tensor([1.0, 1, 0, 0]) - 1.125 * torch.tensor([1.0, 0, 0, 0])
+    d_new = (0.32 - 0.125) * torch.tensor([1.0, 1, 1, 0])
+    assert delta == pytest.approx(60.0 - 37.5)
+    assert se == pytest.approx(100 * math.sqrt(d_base.var().item() / 4 + d_new.var().item() / 4))
+    assert claims.linear(claims.hm_terms(a) + claims.hm_terms(a, -1)) == (0.0, 0.0)  # a row against itself
+
+
+def _b2n_row(run, base, new, seed):
+    return {"run": run, "alpha": None, "base": base, "new": new} | {
+        "correct": {"base": _correct(base, seed=seed), "new": _correct(new, seed=seed + 1)}
+    }
+
+
+@pytest.mark.parametrize(
+    "coop_new, fit, verdicts",
+    [
+        (60.0, (75.0, 78.0), ["holds", "holds", "holds"]),  # CLIPFit's story
+        (90.0, (40.0, 79.0), ["fails", "fails", "fails"]),  # CoOp generalises, CLIPFit loses base accuracy
+    ],
+)
+def test_base_to_new_claims_on_hand_made_results(coop_new, fit, verdicts):
+    rows = [
+        _b2n_row("zero-shot", 50.0, 80.0, seed=100),
+        _b2n_row("coop", 80.0, coop_new, seed=200),
+        _b2n_row("clipfit", *fit, seed=300),
+    ]
+    checked = claims.base_to_new_claims(rows)
+    assert [c["verdict"] for c in checked] == verdicts
+    hm_zs, hm_fit = 2 * 50 * 80 / 130, 2 * fit[0] * fit[1] / sum(fit)
+    assert checked[0]["delta"] == pytest.approx(hm_fit - hm_zs, abs=0.005)
+    assert checked[1]["delta"] == pytest.approx(fit[1] - coop_new)
+    assert checked[2]["delta"] == pytest.approx(coop_new - 80.0)
+
+
 @pytest.mark.parametrize(
     "delta, se, expected, verdict",
     [

@@ -123,9 +123,23 @@ def test_toy_lrs_are_the_selection_tables_argmax():
         assert cfg.lr == table[method], method
     (wise,) = train.parse_args(["--method", "wise-ft"])
     assert wise.lr == table["full-ft"]
-    with open(toy.LR_TABLE) as f:
+    assert_argmax_of_the_grid(None, table)
+
+
+def test_toy_base_to_new_lrs_are_the_selection_tables_argmax():
+    """The same for `--data toy --split base`: its table scores base-class validation images only."""
+    table = toy.selected_lrs("base")
+    assert set(table) == set(recipes.TOY_B2N_LR) == {"coop", "cocoop", "clipfit", "r-adapter"}
+    for cfg in train.parse_args(["--data", "toy", "--split", "base", "--method", ",".join(table)]):
+        assert cfg.lr == table[cfg.method], cfg.method
+    assert_argmax_of_the_grid("base", table)
+
+
+def assert_argmax_of_the_grid(split, table):
+    """Every lr of the grid was tried for every method of the table, and the selected one scored highest."""
+    with open(toy.LR_TABLES[split]) as f:
         rows = list(csv.DictReader(f))
-    for method in table:  # every lr of the grid was tried, and the selected one scored highest
+    for method in table:
         scores = {float(r["lr"]): float(r["val_top1"]) for r in rows if r["method"] == method}
         assert sorted(scores) == sorted(toy.LR_GRID) and scores[table[method]] == max(scores.values())
 
@@ -206,6 +220,24 @@ def test_the_toy_budget_holds_for_every_method(method):
     assert {k: getattr(cfg, k) for k in recipes.TOY_BUDGET} == recipes.TOY_BUDGET
     (_, sources), *_ = recipes.resolve([("flag", {"method": method})], {"data": "toy", "method": "x", "ood": ()})
     assert {sources[k] for k in recipes.TOY_BUDGET} == {"setting toy, every method"}
+
+
+def test_the_toy_base_to_new_job():
+    """`--data toy --split base`: five methods, 16 shots, one budget over each method's own recipe
+    (CoCoOp's batch 1 included), R-Adapter at the base-to-novel rank, its own run folder."""
+    cfgs = train.parse_args(["--data", "toy", "--split", "base"])
+    assert [c.method for c in cfgs] == ["zero-shot", "coop", "cocoop", "clipfit", "r-adapter"]
+    for cfg in cfgs:
+        assert {k: getattr(cfg, k) for k in recipes.TOY_B2N_BUDGET} == recipes.TOY_B2N_BUDGET
+        assert (cfg.shots, cfg.model, cfg.run_dir, cfg.sweep) == (16, "toy", "runs/toy-b2n", False)
+    by = {c.method: c for c in cfgs}
+    assert by["r-adapter"].rank == 4 and (by["r-adapter"].delta, by["r-adapter"].epsilon) == (0.1, 0.0)
+    assert (by["coop"].optimizer, by["cocoop"].warmup_epochs) == ("sgd", 1)  # Dassl's, under the budget
+    assert by["clipfit"].prompts == by["clipfit"].eval_prompts == "a photo of the {}."
+    (_, sources), *_ = recipes.resolve(
+        [("flag", {"method": "cocoop", "split": "base"})], {"data": "toy", "method": "x", "ood": ()}
+    )
+    assert {sources[k] for k in recipes.TOY_B2N_BUDGET} == {"setting toy-base-to-novel, every method"}
 
 
 def test_readme_recipe_table_is_recipes_table():

@@ -73,6 +73,57 @@ def test_seeds_pool_runs_on_the_same_test_images(tmp_path, small_toy):
     assert float(pooled["zero-shot"]["toy-photo_se"]) == pytest.approx(100 * (zs * (1 - zs) / 35) ** 0.5, rel=1e-6)
 
 
+def test_base_to_new_job_smoke(tmp_path, small_toy):
+    """`python train.py --data toy --split base` at a tiny budget: five rows of base, new and HM (each
+    with its SE), and CLIPFit's claims, each delta the difference of the table's own numbers."""
+    out = tmp_path / "runs"
+    train.main(["--split", "base", "--shots", "2", "--max-steps", "1", "--batch-size", "6", "--run-dir", str(out)])
+    with open(out / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["zero-shot", "coop", "cocoop", "clipfit", "r-adapter"]
+    for row in rows.values():  # 18 base and 18 new test images; HM's SE by the delta method
+        b, n = float(row["base"]), float(row["new"])
+        assert float(row["hm"]) == pytest.approx(2 * b * n / (b + n))
+        for split, x in (("base", b), ("new", n)):
+            assert float(row[f"{split}_se"]) == pytest.approx((x * (100 - x) / 18) ** 0.5)
+        se_b, se_n = (float(row[f"{k}_se"]) * (18 / 17) ** 0.5 for k in ("base", "new"))  # unbiased variances
+        assert float(row["hm_se"]) == pytest.approx(2 * ((n**2 * se_b) ** 2 + (b**2 * se_n) ** 2) ** 0.5 / (b + n) ** 2)
+    claims = json.loads((out / "claims.json").read_text())
+    assert [c["claim"].split(" (")[0] for c in claims] == [
+        "CLIPFit raises the harmonic mean over zero-shot",
+        "CLIPFit's new-class accuracy is at least CoOp's",
+        "CoOp's new-class accuracy falls below zero-shot's",
+    ]
+    pairs = [("clipfit", "zero-shot", "hm"), ("clipfit", "coop", "new"), ("coop", "zero-shot", "new")]
+    expected = [float(rows[a][k]) - float(rows[b][k]) for a, b, k in pairs]
+    assert [c["delta"] for c in claims] == pytest.approx(expected, abs=0.01)
+
+
+def test_base_to_new_lr_rule_scores_base_class_validation_images(tmp_path, small_toy, monkeypatch):
+    """data/toy.py select_lr with --split base at one epoch: each method at each lr of the grid, scored
+    on the 6 base classes' validation images only (18 here), the argmax selected."""
+    import recipes
+
+    budget = {**recipes.TOY_B2N_BUDGET, "epochs": 1, "batch_size": 6}
+    monkeypatch.setitem(recipes.SETTINGS["toy-base-to-novel"], "all", budget)
+    monkeypatch.setitem(recipes.SETTINGS["toy-base-to-novel"]["*"], "shots", 2)
+    monkeypatch.setitem(toy.LR_TABLES, "base", tmp_path / "selection.csv")
+    toy.select_lr(["coop", "r-adapter"], split="base", grid=(1e-3, 1e-1))
+    with open(tmp_path / "selection.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], float(r["lr"])) for r in rows] == [
+        (m, lr) for m in ("coop", "r-adapter") for lr in (1e-3, 1e-1)
+    ]
+    for r in rows:
+        p = float(r["val_top1"]) / 100
+        assert float(r["val_se"]) == pytest.approx(100 * (p * (1 - p) / 18) ** 0.5, abs=0.01)
+    for method in ("coop", "r-adapter"):
+        mine = [r for r in rows if r["method"] == method]
+        best = max(mine, key=lambda r: float(r["val_top1"]))
+        assert [r["selected"] for r in mine] == ["1" if r is best else "0" for r in mine]
+    assert toy.selected_lrs("base") == {r["method"]: float(r["lr"]) for r in rows if r["selected"] == "1"}
+
+
 def test_shipped_toy_clip_is_checked_like_a_download(tmp_path):
     model = toy.load_toy_clip()  # the digest in toy.py matches the file in assets/
     assert model.config == PRESETS["toy"]
