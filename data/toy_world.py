@@ -16,10 +16,11 @@ the role of one of the paper's test sets:
 The web mixture (WEB_MIX) holds the downstream photo look at 30%, as photos like ImageNet's are
 common in CLIP's web data, beside flat clip art, drawings, renditions, corrupted and cluttered
 photos: every test style is seen on the web, and what fine-tuning on photo has to gain is how the
-features are read out for the twelve class names, not new low-level features. Sample i of a split is drawn from its own generator seeded
-with (seed, train/test/web, style, i): pixels and captions never depend on generation order, and
-train, val and test never share a seed. Shapes are signed-distance templates sampled on a grid
-(anti-aliased fills, outlines and glows); rendering is single-threaded numpy, about 1 ms an image.
+features are read out for the twelve class names, not new low-level features. Sample i of a split
+is drawn from its own generator seeded with (seed, train/test/web, style, i): pixels and captions
+never depend on generation order, and train, val and test never share a seed. Shapes are
+signed-distance templates sampled on a grid (anti-aliased fills, outlines and glows); rendering is
+single-threaded numpy, about 1 ms an image.
 """
 
 from __future__ import annotations
