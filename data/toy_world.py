@@ -847,6 +847,8 @@ WEB_MIX: dict[str, float] = {
     "web_corrupt": 0.12,
     "adversarial": 0.08,
 }
+
+
 def _sample_rng(seed, domain, style_code, index):
     return np.random.default_rng(np.random.SeedSequence([int(seed), domain, style_code, int(index)]))
 
