@@ -199,19 +199,20 @@ def top1(model, fitted, cfg, evalset):
     return row[evalset.name], row[f"{evalset.name}_se"]
 
 
-def select_lr(methods, out=LR_TABLE, grid=LR_GRID):
-    """The learning-rate rule: each method at every lr of `grid`, scored on the photo validation split
-    (never on test or OOD); writes method, lr, val accuracy, its SE and the selected flag to `out`."""
+def select_lr(methods, out=LR_TABLE, grid=LR_GRID, score=None, metric="val_top1"):
+    """The learning-rate rule: each method at every lr of `grid`, scored on a validation split (never on
+    test or OOD) by score(method, lr, run_dir) -> (value, SE), by default top-1 on the photo validation
+    split; writes method, lr, the value (as column `metric`), its SE and the selected flag to `out`."""
+    score = score or (lambda method, lr, run_dir: top1(*fine_tune(method, lr, run_dir), validation()))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             for lr in grid:
-                model, fitted, cfg = fine_tune(method, lr, Path(tmp) / f"{method}-{lr:g}")
-                acc, se = top1(model, fitted, cfg, validation())
-                print(f"{method} lr {lr:g}: validation top-1 {acc:.2f} ± {se:.2f}")
-                rows.append(dict(method=method, lr=lr, val_top1=round(acc, 2), val_se=round(se, 2)))
+                value, se = score(method, lr, Path(tmp) / f"{method}-{lr:g}")
+                print(f"{method} lr {lr:g}: {metric} {value:.2f} ± {se:.2f}")
+                rows.append({"method": method, "lr": lr, metric: round(value, 2), "val_se": round(se, 2)})
     for method in methods:
-        best = max((r for r in rows if r["method"] == method), key=lambda r: r["val_top1"])
+        best = max((r for r in rows if r["method"] == method), key=lambda r: r[metric])
         for r in rows:
             if r["method"] == method:
                 r["selected"] = int(r is best)
