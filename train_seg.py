@@ -88,7 +88,7 @@ TOY_SEG = dict(
     workers=0,
     save_every=250,
 )
-TOY_SEG_LR = {"frozen": 1e-3, "catseg": 1e-3, "full": 1e-3, "r-adapter": 1e-3}  # docs/toy_seg_lr_selection.csv
+TOY_SEG_LR = {"frozen": 1e-3, "catseg": 1e-3, "full": 3e-3, "r-adapter": 1e-2}  # docs/toy_seg_lr_selection.csv
 TOY_SEG_LR_TABLE = Path(__file__).resolve().parent / "docs" / "toy_seg_lr_selection.csv"
 
 
@@ -201,7 +201,8 @@ def parse_args(argv=None):
         "--select-lr", action="store_true", help=f"toy-seg: the lr rule for the methods -> {TOY_SEG_LR_TABLE.name}"
     )
     given = vars(parser.parse_args(argv))
-    action = "print_config" if given.pop("print_config") else "select_lr" if given.pop("select_lr") else None
+    show, select = given.pop("print_config"), given.pop("select_lr")
+    action = "print_config" if show else "select_lr" if select else None
     data = given.get("data", SegConfig.data)
     methods = {"method": SegConfig.method, **recipe(data), **given}["method"]
     cfgs = [SegConfig(**{**recipe(data, m), **given, "method": m}) for m in methods.split(",")]

@@ -1,5 +1,6 @@
 """train_seg.py end to end on a tiny CLIP and generated trees in the real layouts: one training step per
-method, what each trains, resume, --print-config, and one-line errors."""
+method, what each trains, resume, --print-config, and one-line errors; the toy job (--data toy-seg) at a
+tiny budget, its lr rule and the recipe's lrs as the committed table's argmax."""
 
 import csv
 import dataclasses
