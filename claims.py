@@ -18,9 +18,18 @@ per image. With several training seeds (train.py --seeds), c_i is the image's me
 the seeds, and the seed-to-seed variance of the delta, divided by the number of seeds, is added.
 The harmonic mean is not linear in the correctness, but HM = b dHM/db + n dHM/dn exactly (it is
 homogeneous of degree 1), so with those derivatives held fixed it is, and its SE is the delta method's.
+
+The toy segmentation job (train_seg.py --data toy-seg) checks the robustness claim on mIoU: unseen classes
+and shifted styles, R-Adapter against full fine-tuning. mIoU is not a mean over images, so its paired SE is
+the bootstrap's: both rows' mIoU on each resampling of the same images (data/segmentation.bootstrap_se).
 """
 
+import math
+
 import numpy as np
+
+from data import toy_scenes
+from data.segmentation import bootstrap_se
 
 FAR_SHIFTS = ("toy-sketch", "toy-r", "toy-a")  # the toy world's far shifts (ImageNet-Sketch, -R, -A)
 
@@ -160,5 +169,35 @@ def base_to_new_claims(rows):
             "CoOp's new-class accuracy falls below zero-shot's (CoOp - zero-shot new, expected < 0)",
             *paired([(1, coop), (-1, zs)], ["new"]),
             -1,
+        ),
+    ]
+
+
+def toy_seg_claims(rows, alpha=0.5):
+    """R-Adapter keeps more than full fine-tuning (Sec. 4), on the toy scenes' table rows (train_seg.run: each
+    with its per-image counts): unseen-class mIoU of the photo test scenes, and the mean over the shifted
+    styles. Each delta has the paired bootstrap SE over the same images; a mean over the independent sets
+    has sqrt(sum se^2) / K."""
+    ra, ft = (next(r for r in rows if r["run"] == m) for m in ("r-adapter", "full"))
+
+    def delta(test_set, column, classes=None):
+        se = bootstrap_se(ra["counts"][test_set], classes, baseline=ft["counts"][test_set])
+        return ra[column] - ft[column], se
+
+    shifts = [delta(name, name) for name in toy_scenes.TESTS if name != "toy-photo"]
+    shifted = sum(d for d, _ in shifts) / len(shifts), math.sqrt(sum(se**2 for _, se in shifts)) / len(shifts)
+    names = ", ".join(name for name in toy_scenes.TESTS if name != "toy-photo")
+    return [
+        claim(
+            f"R-Adapter (α={alpha:g}) keeps more unseen-class mIoU than full fine-tuning "
+            "(R-Adapter - full on toy-photo's unseen classes, expected > 0)",
+            *delta("toy-photo", "unseen", toy_scenes.UNSEEN),
+            +1,
+        ),
+        claim(
+            f"R-Adapter (α={alpha:g}) keeps more mIoU on the shifted styles than full fine-tuning "
+            f"(R-Adapter - full, mean of {names}, expected > 0)",
+            *shifted,
+            +1,
         ),
     ]

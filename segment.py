@@ -313,7 +313,8 @@ class CATSeg(nn.Module):
 def sliding_window(model, image, text, window=384, overlap=1 / 3, size=640):
     """Class probabilities [C, H, W] of one image [3, H, W] (released code, eval.sh): the image resized to
     size x size and cut into window x window crops overlapping by `overlap`, the sigmoid scores averaged over
-    the crops, then with those of the whole image at window x window, and resized to H x W (bilinear)."""
+    the crops, then with those of the whole image at window x window, and resized to H x W (bilinear). With
+    size = window the one crop is the whole image, scored once."""
     x = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)
     stride = int(window * (1 - overlap))
     starts = sorted({*range(0, size - window, stride), size - window})
@@ -322,6 +323,8 @@ def sliding_window(model, image, text, window=384, overlap=1 / 3, size=640):
         logits = F.interpolate(model(crop, text), size=(out, out), mode="bilinear", align_corners=False)
         return logits[0].float().sigmoid()
 
+    if size == window:
+        return F.interpolate(scores(x, window)[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
     total = torch.zeros(len(text), size, size, device=image.device)
     count = torch.zeros(size, size, device=image.device)
     for top in starts:

@@ -3,6 +3,8 @@ our CLIP, trained on COCO-Stuff with CLIP fine-tuned by a method, mIoU on the si
 
     python train_seg.py --data-root DATASETS --model ViT-B-16:openai --method catseg,r-adapter
     python train_seg.py ... --resume latest | --print-config
+    python train_seg.py --data toy-seg                # offline: the toy scenes (data/toy_scenes.py) on a CPU
+    python train_seg.py --data toy-seg --select-lr    # the toy lr rule -> docs/toy_seg_lr_selection.csv
 
 R-Adapter's paper gives no segmentation recipe; this is CAT-Seg's (--print-config shows each value's
 source). What of CLIP trains (the CAT-Seg head always trains):
@@ -16,6 +18,7 @@ CLIP's own weights train at lr x --clip-lr-scale (CAT-Seg: 0.01); the head and t
 r-adapter and lora at lr (R-Adapter trains its adapters at a full learning rate). Norm layers and
 embeddings have no weight decay (detectron2's defaults, kept by CAT-Seg). Training is train.py's loop
 (checkpoints, --resume latest, DDP); evaluation is CAT-Seg's sliding window and mIoU with a bootstrap SE.
+The toy job (--data toy-seg) adds R-Adapter's claim against full fine-tuning, with paired bootstrap SEs.
 """
 
 import argparse
@@ -34,6 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import baselines
+import claims
 import data
 import evaluate
 import r_adapter
@@ -43,7 +47,7 @@ import segment
 import train
 from clip_model import autocast_dtype, count_trainable
 from clip_weights import load_clip, save_clip, save_safetensors
-from data import segmentation, toy
+from data import segmentation, toy, toy_scenes
 
 METHODS = ("frozen", "catseg", "full", "r-adapter", "lora")
 CATSEG = "CAT-Seg release"  # github.com/cvlab-kaist/CAT-Seg
@@ -67,12 +71,40 @@ SOURCES = {  # where each recipe value comes from
 }
 
 
+# The offline toy job (--data toy-seg): the toy CLIP on the toy scenes at a CPU budget, over CAT-Seg's recipe.
+# A test scene is one crop large, so the sliding window scores it whole. m = 0.9 as in the toy classification
+# job (recipes.TOY_BUDGET: with 0.999 the EMA would stay near its zero start over a short run). Each method's lr
+# is the toy lr rule's (data/toy.py select_lr, run by --select-lr): its argmax of photo validation mIoU over
+# one grid, committed as docs/toy_seg_lr_selection.csv.
+TOY_SEG = dict(
+    model="toy",
+    method="frozen,catseg,full,r-adapter",
+    test=",".join(toy_scenes.TESTS),
+    crop=toy_scenes.SIZE,
+    eval_size=toy_scenes.SIZE,
+    batch_size=8,
+    iterations=250,
+    m=0.9,
+    workers=0,
+    save_every=250,
+)
+TOY_SEG_LR = {"frozen": 1e-3, "catseg": 1e-3, "full": 3e-3, "r-adapter": 1e-2}  # docs/toy_seg_lr_selection.csv
+TOY_SEG_LR_TABLE = Path(__file__).resolve().parent / "docs" / "toy_seg_lr_selection.csv"
+
+
+def recipe(data, method=None):
+    """The values the toy setting sets (none for coco-stuff), with the method's selected lr."""
+    if data != "toy-seg":
+        return {}
+    return {**TOY_SEG, **({"lr": TOY_SEG_LR[method]} if method in TOY_SEG_LR else {})}
+
+
 arg = train.arg  # a field with its --help text
 
 
 @dataclass
 class SegConfig:
-    data: str = arg("coco-stuff", "training set: coco-stuff (COCO-Stuff-171 train2017)")
+    data: str = arg("coco-stuff", "coco-stuff (COCO-Stuff-171 train2017) | toy-seg (offline toy scenes)")
     data_root: Optional[str] = arg(None, "folder holding the datasets (layouts: data/segmentation.py)")
     test: str = arg(",".join(segmentation.TEST), "comma separated test sets (coco-stuff: its val2017)")
     strict: bool = arg(False, "an unreadable image or label is an error (default: skipped and counted)")
@@ -85,6 +117,9 @@ class SegConfig:
     alpha: float = arg(0.5, "r-adapter: re-scaling coefficient at merge")
     prompts: str = arg("A photo of a {} in the scene", "class prompt: a template with {}, or imagenet-80 (ensemble)")
     crop: int = arg(384, "training crop and sliding-window size (px)")
+    eval_size: Optional[int] = arg(
+        None, "test images are resized to this before the sliding window (default crop x 5/3)"
+    )
     batch_size: int = arg(4, "global batch (all GPUs, all accumulation steps)")
     accum_steps: int = arg(1, "gradient accumulation steps per optimiser step")
     iterations: int = arg(80_000, "optimiser steps")
@@ -114,6 +149,7 @@ class SegConfig:
 RANGES = {
     "iterations": (lambda v: v >= 1, ">= 1"),
     "crop": (lambda v: v >= 1, ">= 1"),
+    "eval_size": (lambda v: v is None or v >= 1, ">= 1"),
     "clip_lr_scale": (lambda v: v >= 0, ">= 0"),
     "grad_clip": (lambda v: v >= 0, ">= 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
@@ -133,13 +169,14 @@ def check(cfg):
             )
     if cfg.method not in METHODS:
         return f"--method {cfg.method}: expected one of {', '.join(METHODS)}"
-    if cfg.data != "coco-stuff":
-        return f"--data {cfg.data}: expected coco-stuff"
-    if cfg.data_root is None:
+    if cfg.data not in ("coco-stuff", "toy-seg"):
+        return f"--data {cfg.data}: expected coco-stuff or toy-seg"
+    if cfg.data_root is None and cfg.data == "coco-stuff":
         return "--data-root DIR: the folder holding the datasets is needed"
-    tests = [t for t in cfg.test.split(",") if t not in segmentation.LAYOUTS or t == "coco-stuff-train"]
+    known = toy_scenes.TESTS if cfg.data == "toy-seg" else [*segmentation.TEST, "coco-stuff"]
+    tests = [t for t in cfg.test.split(",") if t not in known]
     if tests:
-        return f"--test {tests[0]}: expected some of {', '.join(segmentation.TEST)}, coco-stuff"
+        return f"--test {tests[0]}: expected some of {', '.join(known)}"
     if cfg.prompts != recipes.IMAGENET_80 and "{}" not in cfg.prompts:
         return f"--prompts {cfg.prompts!r}: expected imagenet-80 or a template with {{}}"
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -149,7 +186,8 @@ def check(cfg):
 
 
 def parse_args(argv=None):
-    """One SegConfig per method of the command, flags checked; and whether --print-config was given."""
+    """One SegConfig per method of the command (flags over the toy recipe over the defaults), flags checked;
+    the command's action (--print-config, --select-lr or None) and the flags given."""
     parser = recipes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(SegConfig):
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=f.metadata["help"])
@@ -159,19 +197,35 @@ def parse_args(argv=None):
             kind = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(f.type, f.type)
             parser.add_argument(flag, type=recipes.rank if f.name == "rank" else kind, **kw)
     parser.add_argument("--print-config", action="store_true", help="print each method's recipe with sources, exit")
+    parser.add_argument(
+        "--select-lr", action="store_true", help=f"toy-seg: the lr rule for the methods -> {TOY_SEG_LR_TABLE.name}"
+    )
     given = vars(parser.parse_args(argv))
-    show = given.pop("print_config")
-    cfgs = [SegConfig(**{**given, "method": m}) for m in given.get("method", SegConfig.method).split(",")]
+    show, select = given.pop("print_config"), given.pop("select_lr")
+    action = "print_config" if show else "select_lr" if select else None
+    data = given.get("data", SegConfig.data)
+    methods = {"method": SegConfig.method, **recipe(data), **given}["method"]
+    cfgs = [SegConfig(**{**recipe(data, m), **given, "method": m}) for m in methods.split(",")]
     for cfg in cfgs:
         problem = check(cfg)
         if problem:
             parser.error(problem)
-    return cfgs, show, given
+    if action == "select_lr" and data != "toy-seg":
+        parser.error("--select-lr: the lr rule is the toy's (--data toy-seg)")
+    return cfgs, action, given
 
 
 def describe(cfg, given):
     """--print-config: every value with where it comes from."""
-    source = lambda k: "flag" if k in given else SOURCES.get(k, "this repository")
+    toy_lr = "toy lr rule: docs/toy_seg_lr_selection.csv"
+    toy_source = lambda k: toy_lr if k == "lr" else "toy-seg recipe (this repository)"
+    source = lambda k: (
+        "flag"
+        if k in given
+        else toy_source(k)
+        if k in recipe(cfg.data, cfg.method)
+        else SOURCES.get(k, "this repository")
+    )
     return {k: {"value": v, "source": source(k)} for k, v in asdict(cfg).items()}
 
 
@@ -225,46 +279,15 @@ def setup_method(model, cfg, tokens):
     return train.Method(loss, rows, weights, ema=ema, groups=optimizer_groups(model, cfg))
 
 
-# ---------------------------------------------------------------------- metrics
-def iou_counts(pred, target, classes):
-    """[3, C] counts of one image: intersection, predicted area and labelled area of each class, over the
-    pixels whose label is a class (IGNORE and unknown values left out). pred, target: [H, W] long."""
-    known = (target >= 0) & (target < classes)
-    pred, target = pred[known], target[known]
-    counts = [target[pred == target], pred, target]
-    return torch.stack([torch.bincount(c, minlength=classes) for c in counts])
-
-
-def miou(counts, classes=None):
-    """Mean IoU (%) from summed counts [..., 3, C], over the classes (or the subset `classes`) whose union
-    of prediction and label is not empty; a class in neither does not count (torchmetrics' macro average
-    and detectron2's SemSegEvaluator alike)."""
-    inter, pred, label = counts.double().unbind(-2)
-    union = pred + label - inter
-    present = union > 0
-    if classes is not None:
-        present &= torch.isin(torch.arange(counts.shape[-1]), torch.as_tensor(classes))
-    iou = torch.where(present, inter / union.clamp(min=1), 0.0)
-    return 100 * iou.sum(-1) / present.sum(-1)
-
-
-def bootstrap_se(counts, classes=None, samples=1000, seed=0):
-    """Standard error of miou over images: its spread over `samples` resamplings of the images (with
-    replacement). counts: [N, 3, C], one row per image."""
-    n = len(counts)
-    picks = torch.randint(n, (samples, n), generator=torch.Generator().manual_seed(seed))
-    times = torch.zeros(samples, n, dtype=torch.float64).scatter_add_(
-        1, picks, torch.ones(samples, n, dtype=torch.float64)
-    )
-    return miou(torch.einsum("sn,nkc->skc", times, counts.double()), classes).std().item()
-
-
+# ------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_sets(model, test_sets, templates, cfg, device):
-    """{set: mIoU, set_se: bootstrap SE, 'skipped': unreadable files, 'unknown_pixels': ...} by sliding window."""
+    """{column: mIoU, column_se: bootstrap SE, 'skipped': unreadable files, 'unknown_pixels': ..., 'counts':
+    {set: per-image counts}} by sliding window; a set's columns are its own name (all its classes) unless it
+    names class subsets (the toy's seen and unseen)."""
     model.eval()
     amp = autocast_dtype(device, cfg.precision)
-    L, scores, skipped, unknown = model.config.context_length, {}, 0, 0
+    L, scores, per_image, skipped, unknown = model.config.context_length, {}, {}, 0, 0
     for test_set in test_sets:
         tokens = segment.class_tokens(test_set.names, templates, L).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -276,54 +299,102 @@ def evaluate_sets(model, test_sets, templates, cfg, device):
             if len(images) == 0:
                 continue
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                probs = segment.sliding_window(model, images[0].to(device), text, cfg.crop, size=cfg.crop * 5 // 3)
+                size = cfg.eval_size or cfg.crop * 5 // 3
+                probs = segment.sliding_window(model, images[0].to(device), text, cfg.crop, size=size)
             pred = probs.argmax(0).cpu()
             if test_set.prompt_class is not None:  # VOC-20b: a background name's pixels are background
                 pred = test_set.prompt_class[pred]
-            counts.append(iou_counts(pred, labels[0], test_set.classes))
+            counts.append(segmentation.iou_counts(pred, labels[0], test_set.classes))
             unknown += (labels[0] >= test_set.classes).sum().item()
         if not counts:
             raise data.DataError(f"test set {test_set.name!r} has no readable images")
-        counts = torch.stack(counts)
-        scores[test_set.name], scores[f"{test_set.name}_se"] = miou(counts.sum(0)).item(), bootstrap_se(counts)
-    return {**scores, "skipped": skipped, "unknown_pixels": unknown}
+        per_image[test_set.name] = counts = torch.stack(counts)
+        for column, classes in test_set.columns.items():
+            scores[column] = segmentation.miou(counts.sum(0), classes).item()
+            scores[f"{column}_se"] = segmentation.bootstrap_se(counts, classes)
+    return {**scores, "skipped": skipped, "unknown_pixels": unknown, "counts": per_image}
 
 
 # ------------------------------------------------------------------- the driver
+def datasets(cfg):
+    """The training set and the test sets of cfg.data."""
+    if cfg.data == "toy-seg":
+        train_set = toy_scenes.train_set(segmentation.train_transform(cfg.crop))
+        return train_set, toy_scenes.test_sets(cfg.test.split(","), segmentation.eval_transform())
+    transform = segmentation.train_transform(cfg.crop)
+    train_set = segmentation.build("coco-stuff-train", cfg.data_root, transform, cfg.strict)
+    return train_set, segmentation.test_sets(cfg.test.split(","), cfg.data_root, cfg.strict)
+
+
+def fit(cfg, train_set, device, rank=0, world=1):
+    """CAT-Seg on cfg.model with the method's weights trainable, trained on train_set: the segmenter, its
+    train.Method, the prompt templates and the number of trainable CLIP parameters."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    clip = toy.load_toy_clip(device) if cfg.model == "toy" else load_clip(cfg.model, device=device)
+    head = segment.HeadConfig() if clip.config.vision_width >= 768 else segment.SMALL
+    templates = recipes.templates(cfg.prompts, [])
+    torch.manual_seed(cfg.seed)  # the same head for every method
+    model = segment.CATSeg(clip, len(templates), head).to(device)
+    tokens = segment.class_tokens(train_set.names, templates, clip.config.context_length)
+    method = setup_method(model, cfg, tokens)
+    clip.set_grad_checkpointing(cfg.grad_checkpointing)
+    n_clip, n_head = count_trainable(clip), count_trainable(model) - count_trainable(clip)
+    if rank == 0:
+        print(f"{cfg.method}: {n_clip:,} trainable CLIP parameters, {n_head:,} in the CAT-Seg head")
+        (Path(cfg.run_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    train.train(cfg, model, method, SimpleNamespace(train=train_set), device, rank, world)
+    return model, method, templates, n_clip
+
+
 def run(cfgs, device, rank=0, world=1):
     rows, out = [], Path(cfgs[0].run_dir or f"runs/seg-{cfgs[0].data}")
     for cfg in cfgs:
         cfg = dataclasses.replace(cfg, run_dir=str(out / cfg.method))
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        clip = toy.load_toy_clip(device) if cfg.model == "toy" else load_clip(cfg.model, device=device)
-        head = segment.HeadConfig() if clip.config.vision_width >= 768 else segment.SMALL
-        templates = recipes.templates(cfg.prompts, [])
-        torch.manual_seed(cfg.seed)  # the same head for every method
-        model = segment.CATSeg(clip, len(templates), head).to(device)
-        train_set = segmentation.build(
-            "coco-stuff-train", cfg.data_root, segmentation.train_transform(cfg.crop), cfg.strict
-        )
-        test_sets = segmentation.test_sets(cfg.test.split(","), cfg.data_root, cfg.strict)
-        tokens = segment.class_tokens(train_set.names, templates, clip.config.context_length)
-        method = setup_method(model, cfg, tokens)
-        clip.set_grad_checkpointing(cfg.grad_checkpointing)
-        n_clip, n_head = count_trainable(clip), count_trainable(model) - count_trainable(clip)
-        if rank == 0:
-            print(f"{cfg.method}: {n_clip:,} trainable CLIP parameters, {n_head:,} in the CAT-Seg head")
-            (Path(cfg.run_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        train.train(cfg, model, method, SimpleNamespace(train=train_set), device, rank, world)
+        train_set, test_sets = datasets(cfg)
+        model, method, templates, n_clip = fit(cfg, train_set, device, rank, world)
         if rank != 0:
             continue
         for name, alpha in method.rows:
             with method.weights(alpha):
                 scores = evaluate_sets(model, test_sets, templates, cfg, device)
-            rows.append({"method": name, "trainable": n_clip, **scores})
+            rows.append({"method": name, "run": cfg.method, "trainable": n_clip, **scores})
         export(cfg, model, method)
     if rank == 0 and rows:
-        print("\n" + evaluate.format_table([{k: v for k, v in r.items() if k != "unknown_pixels"} for r in rows]))
-        evaluate.write_results(rows, out / "results")
+        print(
+            "\n"
+            + evaluate.format_table(
+                [{k: v for k, v in r.items() if k not in ("unknown_pixels", "counts")} for r in rows]
+            )
+        )
+        evaluate.write_results([{k: v for k, v in r.items() if k != "counts"} for r in rows], out / "results")
         print(f"mIoU (%) ± bootstrap SE over images; wrote {out / 'results.csv'}")
+        runs, tested = {r["run"] for r in rows}, set(rows[0]["counts"])
+        if cfgs[0].data == "toy-seg" and {"full", "r-adapter"} <= runs and set(toy_scenes.TESTS) <= tested:
+            checked = claims.toy_seg_claims(rows, cfgs[0].alpha)
+            (out / "claims.json").write_text(json.dumps(checked, indent=2))
+            print("\nR-Adapter's claim, checked (delta and se in points; 'within noise' when |delta| < 2 se):")
+            for c in checked:
+                print(f"  {c['verdict']:>12}  {c['delta']:+6.2f} ± {c['se']:.2f}  {c['claim']}")
+            print(f"wrote {out / 'claims.json'}")
     return rows
+
+
+def select_lr(cfgs, device, rank=0, world=1):
+    """The toy lr rule (data/toy.py select_lr) for segmentation: each method of the command at every lr of
+    the grid, the rest of its recipe kept, scored by mIoU on the photo validation scenes (seen classes; never
+    test, unseen or shifted scenes) at its fully fine-tuned end (R-Adapter merged at alpha = 1)."""
+    by_method = {cfg.method: cfg for cfg in cfgs}
+    train_set = toy_scenes.train_set(segmentation.train_transform(cfgs[0].crop))
+    val = toy_scenes.validation(segmentation.eval_transform())
+
+    def score(method, lr, run_dir):
+        cfg = dataclasses.replace(by_method[method], lr=lr, run_dir=str(run_dir))
+        model, fitted, templates, _ = fit(cfg, train_set, device)
+        with fitted.weights(1.0):
+            scores = evaluate_sets(model, [val], templates, cfg, device)
+        return scores[val.name], scores[f"{val.name}_se"]
+
+    toy.select_lr(list(by_method), grid=toy.LR_GRID, score=score, metric="val_miou", out=TOY_SEG_LR_TABLE)
 
 
 def export(cfg, model, method):
@@ -340,11 +411,11 @@ def export(cfg, model, method):
 
 
 def main(argv=None):
-    cfgs, show, given = parse_args(argv)
-    if show:
+    cfgs, action, given = parse_args(argv)
+    if action == "print_config":
         print(json.dumps([describe(cfg, given) for cfg in cfgs], indent=2))
         return
-    train.launch(run, cfgs)
+    train.launch(select_lr if action == "select_lr" else run, cfgs)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ class SegmentationSet(Dataset):
     def __init__(self, name, samples, layout: Layout, transform, strict=False):
         self.name, self.samples, self.layout, self.transform, self.strict = name, samples, layout, transform, strict
         self.names, self.classes = layout.names, layout.classes
+        self.columns = {name: None}  # its mIoU columns: {column: class indices, None for all} (evaluate_sets)
         self.prompt_class = None if layout.prompt_class is None else torch.tensor(layout.prompt_class)
         self._warned = set()
 
@@ -209,3 +210,39 @@ def test_sets(names, root, strict=False):
             continue
         found.append(build(name, root, eval_transform(), strict))
     return found
+
+
+# ---------------------------------------------------------------------- mIoU
+def iou_counts(pred, target, classes):
+    """[3, C] counts of one image: intersection, predicted area and labelled area of each class, over the
+    pixels whose label is a class (IGNORE and unknown values left out). pred, target: [H, W] long."""
+    known = (target >= 0) & (target < classes)
+    pred, target = pred[known], target[known]
+    counts = [target[pred == target], pred, target]
+    return torch.stack([torch.bincount(c, minlength=classes) for c in counts])
+
+
+def miou(counts, classes=None):
+    """Mean IoU (%) from summed counts [..., 3, C], over the classes (or the subset `classes`) whose union
+    of prediction and label is not empty; a class in neither does not count (torchmetrics' macro average
+    and detectron2's SemSegEvaluator alike)."""
+    inter, pred, label = counts.double().unbind(-2)
+    union = pred + label - inter
+    present = union > 0
+    if classes is not None:
+        present &= torch.isin(torch.arange(counts.shape[-1]), torch.as_tensor(classes))
+    iou = torch.where(present, inter / union.clamp(min=1), 0.0)
+    return 100 * iou.sum(-1) / present.sum(-1)
+
+
+def bootstrap_se(counts, classes=None, samples=1000, seed=0, baseline=None):
+    """Standard error of miou over images: its spread over `samples` resamplings of the images (with
+    replacement). counts: [N, 3, C], one row per image. With baseline (another model's counts on the same
+    images), the paired SE of the difference miou(counts) - miou(baseline), both on each resampling."""
+    n = len(counts)
+    picks = torch.randint(n, (samples, n), generator=torch.Generator().manual_seed(seed))
+    times = torch.zeros(samples, n, dtype=torch.float64).scatter_add_(
+        1, picks, torch.ones(samples, n, dtype=torch.float64)
+    )
+    resampled = lambda c: miou(torch.einsum("sn,nkc->skc", times, c.double()), classes)
+    return (resampled(counts) - (0 if baseline is None else resampled(baseline))).std().item()

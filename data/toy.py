@@ -216,33 +216,35 @@ def top1(model, fitted, cfg, task):
     return row[task.test.name], row[f"{task.test.name}_se"]
 
 
-def select_lr(methods, split=None, grid=LR_GRID):
-    """The learning-rate rule: each method at every lr of `grid`, scored on the photo validation split
-    (split='base': its base-class images; never test, OOD or new classes); writes method, lr, val
-    accuracy, its SE and the selected flag to LR_TABLES[split]."""
+def select_lr(methods, split=None, grid=LR_GRID, score=None, metric="val_top1", out=None):
+    """The learning-rate rule: each method at every lr of `grid`, scored on a validation split (never on
+    test, OOD or new classes) by score(method, lr, run_dir) -> (value, SE), by default top-1 on the photo
+    validation split (split='base': its base-class images); writes method, lr, the value (as column
+    `metric`), its SE and the selected flag to `out` (default LR_TABLES[split])."""
+    out = out or LR_TABLES[split]
+    score = score or (lambda method, lr, run_dir: top1(*fine_tune(method, lr, run_dir, split=split), validation(split)))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             for lr in grid:
-                model, fitted, cfg = fine_tune(method, lr, Path(tmp) / f"{method}-{lr:g}", split=split)
-                acc, se = top1(model, fitted, cfg, validation(split))
-                print(f"{method} lr {lr:g}: validation top-1 {acc:.2f} ± {se:.2f}")
-                rows.append(dict(method=method, lr=lr, val_top1=round(acc, 2), val_se=round(se, 2)))
+                value, se = score(method, lr, Path(tmp) / f"{method}-{lr:g}")
+                print(f"{method} lr {lr:g}: {metric} {value:.2f} ± {se:.2f}")
+                rows.append({"method": method, "lr": lr, metric: round(value, 2), "val_se": round(se, 2)})
     for method in methods:
-        best = max((r for r in rows if r["method"] == method), key=lambda r: r["val_top1"])
+        best = max((r for r in rows if r["method"] == method), key=lambda r: r[metric])
         for r in rows:
             if r["method"] == method:
                 r["selected"] = int(r is best)
-    with open(LR_TABLES[split], "w", newline="") as f:
+    with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {LR_TABLES[split]}")
+    print(f"wrote {out}")
 
 
-def selected_lrs(split=None):
-    """{method: lr} of the selection table's argmax rows."""
-    with open(LR_TABLES[split]) as f:
+def selected_lrs(split=None, path=None):
+    """{method: lr} of a selection table's argmax rows (default LR_TABLES[split])."""
+    with open(path or LR_TABLES[split]) as f:
         return {r["method"]: float(r["lr"]) for r in csv.DictReader(f) if r["selected"] == "1"}
 
 

@@ -1,4 +1,4 @@
-"""data/segmentation.py on generated trees in the real layouts, and train_seg.py's mIoU against
+"""data/segmentation.py on generated trees in the real layouts, and its mIoU against
 torchmetrics' MulticlassJaccardIndex (the test oracle) with its bootstrap standard error."""
 
 import warnings
@@ -14,8 +14,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 import data
 from conftest import write_segmentation_tree
 from data import segmentation
-from data.segmentation import IGNORE, LAYOUTS
-from train_seg import bootstrap_se, iou_counts, miou
+from data.segmentation import IGNORE, LAYOUTS, bootstrap_se, iou_counts, miou
 
 CLASSES = {
     "coco-stuff-train": 171,
@@ -153,3 +152,16 @@ def test_bootstrap_se_is_the_spread_over_resampled_images():
     torch.testing.assert_close(torch.tensor(bootstrap_se(counts, samples=200, seed=3)), naive.float())
     same = counts[:1].expand(20, -1, -1)
     assert bootstrap_se(same) < 1e-9 < bootstrap_se(counts) < 10
+
+
+def test_paired_bootstrap_se_resamples_both_models_on_the_same_images():
+    rng = np.random.default_rng(1)
+    pred, target = random_maps(rng, 20, 5, used=5)
+    other = pred.clone()
+    other[:, :2] = (other[:, :2] + 1) % 5  # a second model: the same maps but for two rows
+    a, b = (torch.stack([iou_counts(p, t, 5) for p, t in zip(x, target)]) for x in (pred, other))
+    picks = torch.randint(20, (200, 20), generator=torch.Generator().manual_seed(3))
+    naive = torch.stack([miou(a[p].sum(0), [0, 1]) - miou(b[p].sum(0), [0, 1]) for p in picks]).std()
+    paired = bootstrap_se(a, [0, 1], samples=200, seed=3, baseline=b)
+    torch.testing.assert_close(torch.tensor(paired), naive.float())
+    assert bootstrap_se(a, baseline=a) == 0 < paired  # a model against itself: no spread

@@ -1,7 +1,9 @@
 """train_seg.py end to end on a tiny CLIP and generated trees in the real layouts: one training step per
-method, what each trains, resume, --print-config, and one-line errors."""
+method, what each trains, resume, --print-config, and one-line errors; the toy job (--data toy-seg) at a
+tiny budget, its lr rule and the recipe's lrs as the committed table's argmax."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +16,7 @@ import train_seg
 from clip_model import CLIP, PRESETS
 from clip_weights import load_clip, save_clip
 from conftest import write_segmentation_tree
+from data import toy, toy_scenes
 from data.segmentation import LAYOUTS
 
 TINY = PRESETS["tiny"]
@@ -122,3 +125,92 @@ def test_exported_clip_loads_as_a_plain_clip(tiny_path, segmentation_root, tmp_p
     train_seg.main(command(tiny_path, segmentation_root, tmp_path, "--method", "catseg"))
     clip = load_clip(tmp_path / "catseg" / "merged.safetensors")
     assert clip.config == TINY
+
+
+# ------------------------------------------------------------ the toy job (--data toy-seg)
+@pytest.fixture
+def small_scenes(monkeypatch):
+    for split, n in (("train", 4), ("val", 3), ("test", 3)):
+        monkeypatch.setitem(toy_scenes.SIZES, split, n)
+
+
+@pytest.fixture(scope="module")
+def patch4_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip") / "patch4.safetensors"
+    save_clip(CLIP(dataclasses.replace(TINY, patch_size=4)), path)  # 16 x 16 tokens on a 64 px scene
+    return path
+
+
+@pytest.mark.parametrize("model", ["toy", "patch4"])
+def test_toy_seg_job_end_to_end(tmp_path, small_scenes, patch4_path, model):
+    """The toy job at a tiny budget, on the shipped toy CLIP and on a CLIP with 4 px patches: one row per
+    method with seen, unseen and each shift, and R-Adapter's claim against full fine-tuning."""
+    out = tmp_path / "runs"
+    argv = ["--data", "toy-seg", "--iterations", "1", "--batch-size", "2", "--run-dir", str(out)]
+    if model == "patch4":
+        argv += ["--model", str(patch4_path), "--method", "full,r-adapter"]
+    train_seg.main(argv)
+    with open(out / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert list(rows) == (["frozen", "catseg", "full", "r-adapter"] if model == "toy" else ["full", "r-adapter"])
+    columns = ["seen", "unseen", "toy-sketch", "toy-r"]
+    assert list(rows["full"]) == ["method", "run", "trainable", *(x for c in columns for x in (c, f"{c}_se"))] + [
+        "skipped",
+        "unknown_pixels",
+    ]
+    assert all(0 <= float(r[c]) <= 100 and float(r[f"{c}_se"]) >= 0 for r in rows.values() for c in columns)
+    checked = json.loads((out / "claims.json").read_text())
+    assert len(checked) == 2 and all(
+        (c["verdict"] == "within noise") == (abs(c["delta"]) < 2 * c["se"]) for c in checked
+    )
+    unseen = float(rows["r-adapter"]["unseen"]) - float(rows["full"]["unseen"])
+    assert checked[0]["delta"] == pytest.approx(unseen, abs=0.01)
+
+
+def test_toy_seg_select_lr_writes_each_methods_argmax(tmp_path, small_scenes, monkeypatch):
+    monkeypatch.setattr(train_seg, "TOY_SEG_LR_TABLE", tmp_path / "table.csv")
+    monkeypatch.setattr(toy, "LR_GRID", (1e-4, 1e-1))
+    train_seg.main(
+        ["--data", "toy-seg", "--select-lr", "--method", "frozen,r-adapter", "--iterations", "2", "--batch-size", "2"]
+    )
+    with open(tmp_path / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], float(r["lr"])) for r in rows] == [
+        (m, lr) for m in ("frozen", "r-adapter") for lr in (1e-4, 1e-1)
+    ]
+    for method in ("frozen", "r-adapter"):
+        mine = [r for r in rows if r["method"] == method]
+        assert [r["selected"] for r in mine].count("1") == 1
+        assert max(mine, key=lambda r: float(r["val_miou"]))["selected"] == "1"
+
+
+def test_toy_seg_lrs_are_the_selection_tables_argmax():
+    """The toy recipe's lrs are the argmax rows of the committed table (photo validation mIoU over the grid
+    of data/toy.py's lr rule), and --print-config names the table as their source."""
+    table = toy.selected_lrs(path=train_seg.TOY_SEG_LR_TABLE)
+    cfgs, _, given = train_seg.parse_args(["--data", "toy-seg"])
+    assert {cfg.method: cfg.lr for cfg in cfgs} == table == train_seg.TOY_SEG_LR
+    with open(train_seg.TOY_SEG_LR_TABLE) as f:
+        rows = list(csv.DictReader(f))
+    for method in table:  # every lr of the grid was tried, and the selected one scored highest
+        scores = {float(r["lr"]): float(r["val_miou"]) for r in rows if r["method"] == method}
+        assert sorted(scores) == sorted(toy.LR_GRID) and scores[table[method]] == max(scores.values())
+    shown = train_seg.describe(cfgs[0], given)
+    assert shown["lr"]["source"] == "toy lr rule: docs/toy_seg_lr_selection.csv"
+    assert shown["crop"] == {"value": toy_scenes.SIZE, "source": "toy-seg recipe (this repository)"}
+    (flagged,) = train_seg.parse_args(["--data", "toy-seg", "--method", "full", "--lr", "0.5"])[0]
+    assert flagged.lr == 0.5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "toy-seg", "--test", "ade-150"], "--test ade-150: expected some of toy-photo, toy-sketch, toy-r"),
+        (["--data-root", "x", "--select-lr"], "--select-lr: the lr rule is the toy's (--data toy-seg)"),
+    ],
+)
+def test_toy_seg_flags_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
