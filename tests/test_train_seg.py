@@ -171,7 +171,9 @@ def test_toy_seg_job_end_to_end(tmp_path, small_scenes, patch4_path, model):
 def test_toy_seg_select_lr_writes_each_methods_argmax(tmp_path, small_scenes, monkeypatch):
     monkeypatch.setattr(train_seg, "TOY_SEG_LR_TABLE", tmp_path / "table.csv")
     monkeypatch.setattr(toy, "LR_GRID", (1e-4, 1e-1))
-    train_seg.main(["--data", "toy-seg", "--select-lr", "--method", "frozen,r-adapter", "--iterations", "2", "--batch-size", "2"])
+    train_seg.main(
+        ["--data", "toy-seg", "--select-lr", "--method", "frozen,r-adapter", "--iterations", "2", "--batch-size", "2"]
+    )
     with open(tmp_path / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], float(r["lr"])) for r in rows] == [
