@@ -245,4 +245,5 @@ def bootstrap_se(counts, classes=None, samples=1000, seed=0, baseline=None):
         1, picks, torch.ones(samples, n, dtype=torch.float64)
     )
     resampled = lambda c: miou(torch.einsum("sn,nkc->skc", times, c.double()), classes)
-    return (resampled(counts) - (0 if baseline is None else resampled(baseline))).std().item()
+    values = resampled(counts) - (0 if baseline is None else resampled(baseline))  # [samples]
+    return values[~values.isnan()].std().item()  # a resampling in which no class is present has no mIoU

@@ -1,6 +1,7 @@
 """data/segmentation.py on generated trees in the real layouts, and its mIoU against
 torchmetrics' MulticlassJaccardIndex (the test oracle) with its bootstrap standard error."""
 
+import math
 import warnings
 
 import numpy as np
@@ -165,3 +166,12 @@ def test_paired_bootstrap_se_resamples_both_models_on_the_same_images():
     paired = bootstrap_se(a, [0, 1], samples=200, seed=3, baseline=b)
     torch.testing.assert_close(torch.tensor(paired), naive.float())
     assert bootstrap_se(a, baseline=a) == 0 < paired  # a model against itself: no spread
+
+
+def test_bootstrap_se_skips_resamplings_without_any_class():
+    """An image with no labelled pixel and no prediction leaves mIoU undefined on the resamplings that draw
+    only it; the SE is the spread over the others, not NaN."""
+    counts = torch.zeros(2, 3, 4)
+    counts[0, :, 1] = torch.tensor([3.0, 4.0, 5.0])  # class 1: intersection 3, prediction 4, label 5
+    se = bootstrap_se(counts, samples=200)
+    assert math.isfinite(se) and se == 0.0  # every defined resampling has the same mIoU, 50%
