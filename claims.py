@@ -35,8 +35,9 @@ FAR_SHIFTS = ("toy-sketch", "toy-r", "toy-a")  # the toy world's far shifts (Ima
 
 
 def verdict(delta, se, expected):
-    """'within noise' when |delta| < 2 se, else whether the sign of delta is the `expected` one (+1 / -1)."""
-    if abs(delta) < 2 * se:
+    """'within noise' when |delta| < 2 se (or delta is 0, which has no sign: two identical rows), else
+    whether the sign of delta is the `expected` one (+1 / -1)."""
+    if delta == 0 or abs(delta) < 2 * se:
         return "within noise"
     return "holds" if delta * expected > 0 else "fails"
 

@@ -159,6 +159,7 @@ def test_base_to_new_claims_on_hand_made_results(coop_new, fit, verdicts):
         (-1.99, 1.0, -1, "within noise"),
         (3.94, 2.0, +1, "within noise"),
         (-0.197, 0.1, -1, "within noise"),
+        (0.0, 0.0, +1, "within noise"),  # identical rows: no sign to hold or fail
     ],
 )
 def test_verdict_rule(delta, se, expected, verdict):
