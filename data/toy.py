@@ -250,14 +250,18 @@ def selected_lrs(split=None, path=None):
 
 @torch.no_grad()
 def features(model, dataset, batch_size=1000):
-    """[n, e] image features (encode_image, unnormalised) and [n] labels of a ToySplit."""
+    """[n, width] image features and [n] labels of a ToySplit: the class token after the final norm, before
+    the projection to the embedding space, where CLIP's linear probes read (Radford et al. 2021, A.3)."""
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    return torch.cat([model.encode_image(b) for b in x.split(batch_size)]), torch.tensor(dataset.labels)
+    visual = model.visual
+    pooled = [visual.forward_head(visual.forward_features(b), pre_logits=True) for b in x.split(batch_size)]
+    return torch.cat(pooled), torch.tensor(dataset.labels)
 
 
 def logistic_regression(x, y, lam, n_classes):
     """Multinomial logistic regression by L-BFGS: mean CE + lam / 2 ||W||^2 (bias unpenalised), as
-    the CLIP paper's linear probes (Radford et al. 2021, Sec. 3.2, A.3; sklearn's C = 1 / (lam n))."""
+    the CLIP paper's linear probes (Radford et al. 2021, Sec. 3.2, A.3; sklearn's C = 1 / (lam n)).
+    x [n, d], y [n] -> W [C, d], b [C]."""
     W = torch.zeros(n_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
     optimizer = torch.optim.LBFGS([W, b], max_iter=1000, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
@@ -269,7 +273,12 @@ def logistic_regression(x, y, lam, n_classes):
         return loss
 
     optimizer.step(closure)
-    return lambda z: (z @ W.T + b).argmax(1)
+    return W.detach(), b.detach()
+
+
+def accuracy(W, b, x, y):
+    """Top-1 (%) of the linear classifier (W, b) on features x [n, d] with labels y [n]."""
+    return 100 * (x @ W.T + b).argmax(1).eq(y).float().mean().item()
 
 
 def linear_probe_gap(model):
@@ -282,11 +291,9 @@ def linear_probe_gap(model):
     mean, std = x.mean(0), x.std(0)  # standardised features: one lambda grid fits every model
     x, xv, xt = ((z - mean) / std for z in (x, xv, xt))
     C = len(toy_world.CLASSNAMES)
-    best = max(
-        (logistic_regression(x, y, lam, C) for lam in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)),
-        key=lambda predict: predict(xv).eq(yv).float().mean().item(),
-    )
-    return zero_shot_photo(model, data.test.dataset), 100 * best(xt).eq(yt).float().mean().item()
+    fits = [logistic_regression(x, y, lam, C) for lam in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)]
+    W, b = max(fits, key=lambda fit: accuracy(*fit, xv, yv))
+    return zero_shot_photo(model, data.test.dataset), accuracy(W, b, xt, yt)
 
 
 def check():

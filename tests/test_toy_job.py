@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from clip_model import PRESETS
+from clip_model import CLIP, PRESETS, TINY
 from clip_weights import load_clip
 from data import DataError, toy
 
@@ -139,6 +139,28 @@ def test_shipped_toy_clip_is_checked_like_a_download(tmp_path):
         toy.load_toy_clip(path=damaged)
     with pytest.raises(DataError, match="toy CLIP is missing"):
         toy.load_toy_clip(path=tmp_path / "absent.safetensors")
+
+
+def test_linear_probe_fits_the_regularised_optimum_on_pre_projection_features():
+    """The analogy's probe (Radford et al. 2021, A.3): L-BFGS reaches the minimum of mean CE + lam/2 ||W||^2
+    (zero gradient there), and the features are the class token before the projection to the embedding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g)
+    y = (x[:, :3] + 0.7 * torch.randn(400, 3, generator=g)).argmax(1)
+    for lam in (1e-3, 1e-1):
+        W, b = (t.requires_grad_() for t in toy.logistic_regression(x, y, lam, 3))
+        loss = torch.nn.functional.cross_entropy(x @ W.T + b, y) + lam / 2 * W.pow(2).sum()
+        assert max(grad.abs().max().item() for grad in torch.autograd.grad(loss, (W, b))) < 1e-4
+    assert toy.accuracy(*toy.logistic_regression(x, y, 1e-3, 3), x, y) > 60  # chance: 33
+
+    torch.manual_seed(0)
+    model = CLIP(TINY).eval()
+    images = torch.randn(5, 3, 32, 32)
+    dataset = torch.utils.data.TensorDataset(images, torch.arange(5))  # a ToySplit's interface: items, labels
+    dataset.labels = [0, 1, 2, 3, 4]
+    pooled, labels = toy.features(model, dataset, batch_size=2)
+    assert pooled.shape == (5, TINY.vision_width) and labels.tolist() == dataset.labels
+    torch.testing.assert_close(model.visual.head(pooled), model.encode_image(images).detach())
 
 
 def test_toy_pretraining_is_deterministic():
