@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 import data
 import evaluate
 import train
+import train_seg
 from clip_model import CLIP, PRESETS, image_transform, tokenize
 from clip_weights import load_clip, save_clip
 from conftest import catches, step_of
@@ -45,11 +46,11 @@ def flags(train_args, run_dir, epochs, *extra):
     )
 
 
-def torchrun(argv, log):
-    """Start train.py on 2 ranks, each of which prints the optimiser steps it took (counted_train.py); the
-    output goes to the file log (a pipe could fill up and block it)."""
+def torchrun(argv, log, script=ROOT / "tests" / "counted_train.py"):
+    """Start script (by default train.py, each rank printing the optimiser steps it took: counted_train.py)
+    on 2 ranks; the output goes to the file log (a pipe could fill up and block it)."""
     # '--' ends torchrun's own options: its parser would read train.py's --p as an ambiguous prefix
-    cmd = [*LAUNCH, "--standalone", "--nproc-per-node", "2", "--", str(ROOT / "tests" / "counted_train.py"), *argv]
+    cmd = [*LAUNCH, "--standalone", "--nproc-per-node", "2", "--", str(script), *argv]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     proc.log = log
@@ -215,3 +216,26 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
     assert sharded["correct"].keys() == row["correct"].keys() == {val, "two"}
     assert all(torch.equal(sharded["correct"][k], row["correct"][k]) for k in row["correct"])
     assert sharded_recall == recall
+
+
+def test_segmentation_on_two_ranks_trains_like_one_process(segmentation_root, tmp_path):
+    """train_seg.py under torchrun: each rank holds half of every global batch of COCO-Stuff crops (the
+    same images and augmentations as one process draws), and the all-reduced gradients leave the CAT-Seg
+    head and the tuned W_q, W_v equal to one process's after 3 steps (catseg draws nothing else)."""
+    torch.manual_seed(0)
+    save_clip(CLIP(PRESETS["tiny"]), tmp_path / "tiny.safetensors")
+    argv = [
+        *("--model", str(tmp_path / "tiny.safetensors"), "--data-root", str(segmentation_root)),
+        *("--crop", "32", "--batch-size", "2", "--iterations", "3", "--workers", "0", "--test", "voc-20b"),
+        *("--method", "catseg", "--save-every", "3"),
+    ]
+    ddp = torchrun([*argv, "--run-dir", str(tmp_path / "ddp")], tmp_path / "ddp.log", script=ROOT / "train_seg.py")
+    train_seg.main([*argv, "--run-dir", str(tmp_path / "one")])
+    finished(ddp)
+    for name in ("head.safetensors", "merged.safetensors"):
+        one, two = (load_file(str(tmp_path / run / "catseg" / name)) for run in ("one", "ddp"))
+        assert one.keys() == two.keys()
+        assert max((one[k].float() - two[k].float()).abs().max().item() for k in one) < 1e-6, name
+    start = load_file(str(tmp_path / "tiny.safetensors"))
+    tuned = load_file(str(tmp_path / "one" / "catseg" / "merged.safetensors"))
+    assert any(not torch.equal(tuned[k], start[k]) for k in start if k.endswith("attn.in_proj_weight"))
