@@ -16,7 +16,9 @@ the role of one of the paper's test sets:
 The web mixture (WEB_MIX) holds the downstream photo look at 30%, as photos like ImageNet's are
 common in CLIP's web data, beside flat clip art, drawings, renditions, corrupted and cluttered
 photos: every test style is seen on the web, and what fine-tuning on photo has to gain is how the
-features are read out for the twelve class names, not new low-level features. Sample i of a split
+features are read out for the twelve class names, not new low-level features. Web photos show a class
+mostly in its usual colour (WEB_COLOUR_BIAS, as stop signs are red) and downstream photos do not, so
+zero-shot prompts carry a colour cue that misleads them where the features are not. Sample i of a split
 is drawn from its own generator seeded with (seed, train/test/web, style, i): pixels and captions
 never depend on generation order, and train, val and test never share a seed. Shapes are
 signed-distance templates sampled on a grid (anti-aliased fills, outlines and glows); rendering is
@@ -471,7 +473,7 @@ def _photo_like(style, label, rng, pix, H, attrs):
     cfg = _PHOTO_LIKE[style]
     size = _pick(rng, ("small", "medium", "large"), cfg["size"])
     s, cx, cy = _place(rng, size, cfg["spread"])
-    cname = _pick(rng, _COLOUR_NAMES, cfg["colour"])
+    cname = attrs["colour"] or _pick(rng, _COLOUR_NAMES, cfg["colour"])
     col = _jitter(rng, cname)
     tex = _pick(rng, TEXTURES, cfg["tex"])
     bg = _pick(rng, BACKGROUNDS, cfg["bg"])
@@ -687,13 +689,14 @@ def _corrupt(img, rng, pix, kind, sev):
 # --------------------------------------------------------------------------- #
 # public: one sample and its caption
 # --------------------------------------------------------------------------- #
-def render(style: str, label: int, rng: np.random.Generator, image_size: int = 32):
-    """Draw one sample of class ``label`` in ``style`` using ``rng``: ``(uint8 [H, W, 3], attrs)``."""
-    img, attrs = render_float(style, label, rng, image_size)
+def render(style: str, label: int, rng: np.random.Generator, image_size: int = 32, colour: str | None = None):
+    """Draw one sample of class ``label`` in ``style`` using ``rng``: ``(uint8 [H, W, 3], attrs)``;
+    ``colour`` (a COLOURS name) fixes the object's colour in the photo-like styles."""
+    img, attrs = render_float(style, label, rng, image_size, colour)
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), attrs
 
 
-def render_float(style: str, label: int, rng: np.random.Generator, image_size: int = 32):
+def render_float(style: str, label: int, rng: np.random.Generator, image_size: int = 32, colour: str | None = None):
     """``render`` before quantisation: ``img`` float32 ``[H, W, 3]`` in [0, 1]; ``attrs`` a dict with keys
     ``label, shape, style, variant, colour (None for sketches), size, position,
     texture, background, clutter (number of distractor shapes), occluded``.
@@ -707,7 +710,9 @@ def render_float(style: str, label: int, rng: np.random.Generator, image_size: i
     # ``pix`` draws everything whose amount depends on the image size (pixel noise,
     # mosaic tiles), so that the scene and caption drawn from ``rng`` do not.
     pix = np.random.default_rng(int(rng.integers(2**63)))
-    attrs: dict[str, Any] = dict(label=label, shape=CLASSNAMES[label], style=style, variant=style, occluded=False)
+    attrs: dict[str, Any] = dict(
+        label=label, shape=CLASSNAMES[label], style=style, variant=style, occluded=False, colour=colour
+    )
     if style in ("photo", "v2", "web_photo"):
         img = _photo_like(style, label, rng, pix, H, attrs)
     elif style in ("corrupt", "web_corrupt"):
@@ -810,6 +815,19 @@ def caption(attrs: dict, rng: np.random.Generator, shape_word: str | None = None
 # by a word that names no class.
 WEB_HYPERNYM = 0.08
 HYPERNYMS = ("shape", "object", "thing", "symbol", "figure")
+
+# Web photos show a class mostly in its usual colour (stop signs are red, school buses yellow): this
+# share of the web's photo-like samples draw their object in USUAL_COLOUR; the rest, and every
+# downstream photo, draw the colour uniformly. The class prompt's embedding so carries a colour that a
+# downstream photo does not: zero-shot is misled where features are not.
+WEB_COLOUR_BIAS = 0.7
+USUAL_COLOUR = dict(
+    zip(
+        CLASSNAMES,
+        ("orange", "blue", "green", "yellow", "white", "gray", "red", "cyan", "black", "purple", "brown", "pink"),
+    )
+)
+_PHOTO_LIKE_WEB = ("photo", "web_photo", "web_corrupt")
 
 
 def _build_vocab() -> list[str]:
@@ -921,7 +939,8 @@ class WebCorpus(Dataset):
                 rng = _sample_rng(self.seed, _DOMAIN["web"], 0, i)
                 lab = int(rng.integers(len(CLASSNAMES)))
                 src = srcs[int(rng.choice(len(srcs), p=probs / probs.sum()))]
-                img, a = render(src, lab, rng, self.image_size)
+                usual = src in _PHOTO_LIKE_WEB and rng.random() < WEB_COLOUR_BIAS
+                img, a = render(src, lab, rng, self.image_size, USUAL_COLOUR[CLASSNAMES[lab]] if usual else None)
                 named = _pick(rng, (True, False), (1 - WEB_HYPERNYM, WEB_HYPERNYM))
                 word = None if named else _pick(rng, HYPERNYMS)
                 imgs.append(img)

@@ -175,6 +175,28 @@ def test_web_corpus():
     assert not (_hashes(web.images) & _hashes(tw.ToySplit("photo", N, split="train").images))
 
 
+def test_web_photos_favour_their_class_usual_colour_and_downstream_photos_do_not():
+    """WEB_COLOUR_BIAS of the web's photo-like samples show their class's usual colour, and the uniform
+    draw adds 1/12 more; a photo split draws colours uniformly, and the other web styles keep theirs."""
+    web = tw.WebCorpus(2400, seed=0)
+    captioned = [  # the colour word of the caption's noun phrase, where it names one
+        (y, src, word)
+        for y, src, cap in zip(web.labels, web.sources, web.captions)
+        for word in cap[:-1].split()
+        if word in tw.COLOURS
+    ]
+    usual = lambda rows: np.mean([word == tw.USUAL_COLOUR[tw.CLASSNAMES[y]] for y, _, word in rows])
+    photo_like = [r for r in captioned if r[1] in ("photo", "web_photo", "web_corrupt")]
+    expected = tw.WEB_COLOUR_BIAS + (1 - tw.WEB_COLOUR_BIAS) / len(tw.COLOURS)
+    assert len(photo_like) > 800 and abs(usual(photo_like) - expected) < 0.06
+    assert usual([r for r in captioned if r[1] in ("rendition", "adversarial")]) < 0.2
+    photos = tw.ToySplit("photo", 100, split="train")
+    shown = [a["colour"] == tw.USUAL_COLOUR[a["shape"]] for a in photos.attrs]
+    assert abs(np.mean(shown) - 1 / len(tw.COLOURS)) < 0.03
+    rng = np.random.default_rng(0)
+    assert all(tw.render("photo", 3, rng, colour="cyan")[1]["colour"] == "cyan" for _ in range(5))
+
+
 def test_transform_is_applied():
     ds = tw.ToySplit("photo", 1, transform=lambda x: x * 0 + 0.25)
     x, _ = ds[0]
