@@ -48,9 +48,9 @@ from mpm_nce import infonce_loss
 SIZES = dict(train_per_class=1000, test_per_class=250)
 OOD = {"v2": "toy-v2", "sketch": "toy-sketch", "rendition": "toy-r", "adversarial": "toy-a", "corrupt": "toy-c"}
 
-TOY_PRETRAIN = dict(pairs=100_000, steps=3000, batch_size=256, lr=1e-3, warmup=100, weight_decay=0.1, seed=0)
+TOY_PRETRAIN = dict(pairs=200_000, steps=4500, batch_size=256, lr=1e-3, warmup=100, weight_decay=0.1, seed=0)
 TOY_CLIP = Path(__file__).resolve().parents[1] / "assets" / "toy-clip.safetensors"
-TOY_CLIP_SHA256 = "8a8355ced9bedd15cbcfa9c20809031a8acea4c11b459c0b622a4b78afe151d7"
+TOY_CLIP_SHA256 = "136ebeb6647eff562301e8338a9ecbc3afb2d91b7f8c71296ae164479ea59cd0"
 
 
 def task(shots=None, flip=False):
