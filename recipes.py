@@ -109,7 +109,7 @@ TOY_LR = {"full-ft": 1e-3, "wise-ft": 1e-3, "r-adapter": 1e-2}  # docs/toy_lr_se
 # (96 images), and one budget over each method's own recipe: 100 epochs at batch 32 (300 steps; the
 # base-to-novel runs of R-Adapter and CLIPFit are 101 and 100 epochs at batch 32, CoCoOp's batch is 1).
 TOY_B2N_BUDGET = {**TOY_BUDGET, "epochs": 100, "batch_size": 32}
-TOY_B2N_LR = {"coop": 3e-5, "cocoop": 3e-3, "clipfit": 1e-2, "r-adapter": 1e-5}  # docs/toy_b2n_lr_selection.csv
+TOY_B2N_LR = {"coop": 1e-3, "cocoop": 3e-3, "clipfit": 1e-2, "r-adapter": 1e-4}  # docs/toy_b2n_lr_selection.csv
 TOY_JOB = dict(model="toy", workers=0, save_every=200)  # both toy jobs: the shipped toy CLIP, in process
 
 SETTINGS = {
