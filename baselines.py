@@ -1,5 +1,6 @@
 """Baselines next to R-Adapter and CLIPFit: what each trains, its loss where it has its own, its
-evaluation weights. Their recipes are in recipes.py; ViT-B/16 counts in brackets.
+evaluation weights (each method's `setup_*`, method.py's contract). Their recipes are in recipes.py;
+ViT-B/16 counts in brackets. LoRA, SSF, CoOp and CoCoOp have files of their own.
 
 full-ft       WiSE-FT's end-to-end fine-tuning (Wortsman et al., CVPR 2022; mlfoundations/wise-ft,
               src/models/finetune.py): the image tower and a linear head initialised from the
@@ -16,9 +17,6 @@ linear-probe  WiSE-FT's linear classifier (its --freeze-encoder mode): the same 
 prolip        only the visual projection W trains (Fahes et al., 2024): CE(f W . g_c / tau) +
               (1/N) ||W - W0||_F^2, N the shots (or the mean images per class) [393,216]. The release
               trains on cached features of augmented views; we train through the frozen tower.
-lora          LoRA (Hu et al., ICLR 2022) on qkv and proj of every block of both towers, B zero-
-              initialised, scale 1 [737,280 at r 8]; evaluated merged (reparam.py) at alpha, which
-              scales the update B A: alpha 1 (its recipe) is LoRA's model, below 1 a WiSE-style blend.
 """
 
 from contextlib import contextmanager
@@ -27,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import reparam
+from method import Method
+from zero_shot import zero_shot_classifier
 
 
 # ----------------------------------------------------------- full-ft, flyp, wise-ft
@@ -92,7 +91,7 @@ def head_loss(head):
 
 
 # ---------------------------------------------------------------------------- prolip
-def setup_prolip(model):
+def train_projection(model):
     """Only the visual projection trains; returns W0, a frozen copy of it."""
     model.requires_grad_(False)
     head = model.visual.head.weight  # [e, d]: f = x W^T (OpenAI: x @ proj, proj = W^T)
@@ -113,7 +112,7 @@ def prolip_loss(f, classifier, labels, tau, W, W0, lam):
 
 def prolip(model, classifier, tau, lam):
     """Set up ProLIP on `model` and return its batch loss over the frozen [C, e] classifier."""
-    W0 = setup_prolip(model)
+    W0 = train_projection(model)
 
     def batch_loss(net, images, labels, tokens=None):
         return prolip_loss(net(images)[0], classifier, labels, tau, model.visual.head.weight, W0, lam)
@@ -121,38 +120,51 @@ def prolip(model, classifier, tau, lam):
     return batch_loss
 
 
-# ------------------------------------------------------------------------------ lora
-class LoRALinear(reparam.Foldable, nn.Linear):
-    """y = x W^T + b + scale * (x A^T) B^T. Shares W and b with the Linear it wraps (same keys)."""
-
-    def __init__(self, base: nn.Linear, rank, scale=1.0):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.scale = base.in_features, base.out_features, scale
-        self.weight, self.bias = base.weight, base.bias
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, self.in_features, **kw), a=5**0.5))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
-
-    def fold(self, alpha):
-        """W_rep = W + alpha * scale * B A (fp32); the bias is LoRA's untouched."""
-        delta = self.scale * self.lora_B.float() @ self.lora_A.float()
-        return self.weight.float() + alpha * delta, None if self.bias is None else self.bias.float()
+# ------------------------------------------------------ the methods (method.py's contract)
+def setup_zero_shot(model, cfg, task):
+    """--method zero-shot: nothing trains; the row is zero-shot CLIP."""
+    model.requires_grad_(False)
+    return Method(loss=task.objective, rows=[(cfg.method, None)])
 
 
-def lora_sites(tower):
-    """LoRA's wrapping rule here: qkv and the attention output projection of each block of a tower."""
-    for block in tower.blocks:
-        yield block.attn, "qkv"
-        yield block.attn, "proj"
+def setup_flyp(model, cfg, task):
+    """--method flyp: both towers train on the task's loss (contrastive: its recipe's --loss infonce)."""
+    full_finetune(model)
+    return Method(loss=task.objective, rows=[(cfg.method, None)])
 
 
-def add_lora(model, rank=8, scale=1.0):
-    """Freeze CLIP; wrap qkv and proj of every block of both towers in LoRALinear (rank r). Merged
-    for evaluation and export by reparam.py."""
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA needs an integer rank >= 1 (--rank), got {rank!r}")
-    sites = [s for tower in (model.visual, model.text) for s in lora_sites(tower)]
-    return reparam.wrap(model, sites, lambda linear: LoRALinear(linear, rank, scale))
+def setup_prolip(model, cfg, task):
+    """--method prolip: the visual projection trains on CE over the frozen zero-shot classifier, with
+    lambda = 1 / shots."""
+    classifier = zero_shot_classifier(model, task.classnames, task.eval_templates)
+    lam = prolip_weight(cfg.shots, task.n_train, len(task.classnames))
+    return Method(loss=prolip(model, classifier, task.tau, lam), rows=[(cfg.method, None)])
+
+
+def setup_linear_probe(model, cfg, task):
+    """--method linear-probe: WiSE-FT's zero-shot-initialised head on the frozen image tower; its weight
+    is the classifier the row is scored with."""
+    head = add_classification_head(model, zero_shot_classifier(model, task.classnames, task.eval_templates))
+    return Method(loss=head_loss(head), rows=[(cfg.method, None)], classifier=head.weight)
+
+
+def setup_full_ft(model, cfg, task):
+    """--method full-ft and wise-ft: WiSE-FT's end-to-end fine-tuning (image tower + zero-shot head, CE;
+    with no classes, both towers on the task's loss), rows at alpha = 1 and at cfg.alpha, the weights
+    interpolated with the zero-shot ones (the head too)."""
+    head, loss = None, task.objective
+    if task.classnames:
+        head = add_classification_head(model, zero_shot_classifier(model, task.classnames, task.eval_templates))
+        loss = head_loss(head)
+        finetune_image_tower(model)
+    else:
+        full_finetune(model)
+    zero_shot = snapshot(model)  # the head too: WiSE-FT interpolates it with the tower
+    name = "full-ft" if cfg.method == "full-ft" else "WiSE-FT (α=1)"
+    return Method(
+        loss=loss,
+        rows=[(name, 1.0), (f"WiSE-FT (α={cfg.alpha:g})", cfg.alpha)],
+        weights=lambda alpha: wise_ft(model, zero_shot, alpha),
+        curve="WiSE-FT",
+        classifier=None if head is None else head.weight,
+    )

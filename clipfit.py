@@ -20,6 +20,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from method import Method
+
 # Our names (clip_model.py) of what CLIPFit trains; OpenAI names in the docstring above.
 TRAINABLE_PATTERNS = (
     r"text\.blocks\.\d+\.mlp\.fc2\.bias",  # text FFN W_2 bias, every block
@@ -41,7 +43,7 @@ def trainable_names(model):
     return names
 
 
-def setup(model):
+def unfreeze(model):
     """Freeze everything, then unfreeze the text FFN W_2 biases and the image LayerNorms."""
     names = set(trainable_names(model))
     for name, param in model.named_parameters():
@@ -81,10 +83,16 @@ def prepare(model, prompts, tau, lam=LAMBDA):
     """Set up CLIPFit on `model` and return its batch loss (net, images, labels, tokens) -> L, with
     prompts [C, L] the one template per class; g^0 is taken before anything trains."""
     anchor = class_embeddings(model, prompts)
-    setup(model)
+    unfreeze(model)
 
     def batch_loss(net, images, labels, tokens=None):
         f, g, _ = net(images, prompts.to(images.device))
         return loss(f, g, anchor, labels, tau, lam)
 
     return batch_loss
+
+
+def setup(model, cfg, task):
+    """--method clipfit (method.py's contract): CLIPFit's objective with lambda = cfg.clipfit_lambda over
+    the task's first training template, the table row scored as trained."""
+    return Method(loss=prepare(model, task.prompts[0], task.tau, cfg.clipfit_lambda), rows=[(cfg.method, None)])

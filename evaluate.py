@@ -35,55 +35,24 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import baselines
+import checkpoints
 import claims
 import data
 import plots
-import r_adapter
 import recipes
 import reparam
-from clip_model import autocast_dtype, image_transform, tokenize
+from clip_model import autocast_dtype, image_transform
 from clip_weights import WeightsError, load_clip
 from data import coop, retrieval
+from distributed import gather, shard
+from zero_shot import zero_shot_classifier
 
 ALPHAS = [round(0.1 * i, 1) for i in range(11)]
-
-
-def shard(n, batch_size):
-    """This rank's slice of range(n) under torch.distributed (all of it in one process): contiguous
-    whole batches of the single-process order, so every forward is one a single process makes."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    batches = math.ceil(n / batch_size)
-    return range(min(n, batches * rank // world * batch_size), min(n, batches * (rank + 1) // world * batch_size))
-
-
-def gather(part):
-    """[every rank's part] in rank order, which for shard()'s slices is the dataset order ([part] in one process)."""
-    if not dist.is_initialized():
-        return [part]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    return parts
 
 
 def _main():
     """Whether this process prints: rank 0, or the only process."""
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-@torch.no_grad()
-def zero_shot_classifier(model, classnames, templates, batch_size=1000):
-    """[C, embed]: per class, the normalised mean of normalised template embeddings (each rank
-    encodes its shard of the prompts under torch.distributed)."""
-    device = next(model.parameters()).device
-    texts = [t.format(c) for c in classnames for t in templates]  # class-major: [C*T]
-    tokens = tokenize(texts, model.config.context_length)
-    mine = shard(len(tokens), batch_size)
-    feats = [torch.zeros(0, model.config.embed_dim)]
-    for i in range(mine.start, mine.stop, batch_size):
-        feats.append(model.encode_text(tokens[i : min(i + batch_size, mine.stop)].to(device), normalize=True).cpu())
-    feats = torch.cat(gather(torch.cat(feats))).to(device)
-    feats = feats.view(len(classnames), len(templates), -1).mean(dim=1)  # [C, embed]
-    return torch.nn.functional.normalize(feats, dim=-1)
 
 
 @torch.no_grad()
@@ -384,7 +353,7 @@ def run(args, alphas):
     kwargs |= dict(prompts=recipes.templates(args.prompts, getattr(task, "templates", [])))
     kwargs["autocast_dtype"] = autocast_dtype(args.device)
     if args.adapters:
-        r_adapter.load_adapters(model, args.adapters)
+        checkpoints.load_adapters(model, args.adapters)
         name, rows = "R-Adapter", sweep(model, task, alphas, lambda a: reparam.merged(model, a), **kwargs)
     elif args.finetuned:
         zero_shot = load_clip(args.model, device=args.device).state_dict()

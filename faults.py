@@ -23,14 +23,10 @@ Checkpoints (save_checkpoint, read_checkpoint, restore): written atomically, the
 another method, model, dataset, rank or architecture is refused.
 """
 
-import os
 import signal
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-
-from clip_weights import WeightsError, atomic, cause
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 NEVER = torch.iinfo(torch.long).max  # "no non-finite loss yet", as a step
@@ -119,51 +115,3 @@ class LossMeter:
         if first != NEVER and self.fatal:
             raise NonFiniteLoss(f"non-finite loss at step {first}/{self.total}; last good checkpoint: {last_good}")
         return self.loss.item(), int(self.skipped)
-
-
-# ------------------------------------------------------------------ checkpoints
-def save_checkpoint(state, path):
-    """Write `path` atomically, keeping the one before as <name>.prev.pt: a damaged write costs two intervals."""
-    if path.exists():  # a second name for the current file, so that `path` never goes missing
-        with atomic(path.with_suffix(".prev.pt")) as prev:
-            prev.unlink(missing_ok=True)  # left by a run killed between the link and the rename
-            os.link(path, prev)
-    with atomic(path) as tmp, open(tmp, "wb") as f:  # via Python: a full disk is an OSError (not a RuntimeError)
-        torch.save(state, f)
-
-
-def read_checkpoint(path, latest):
-    """The checkpoint at path; with --resume latest an unreadable one falls back to its .prev.pt."""
-    candidates = [path, path.with_suffix(".prev.pt")] if latest else [path]
-    for i, candidate in enumerate(candidates):
-        if not candidate.exists():
-            continue
-        try:
-            ckpt = torch.load(candidate, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch reports a damaged file in many ways; it is named below either way
-            if i + 1 < len(candidates) and candidates[i + 1].exists():
-                print(f"--resume: {candidate} is unreadable ({type(e).__name__}); resuming from {candidates[i + 1]}")
-                continue
-            raise WeightsError(f"--resume: {candidate} is not a readable checkpoint ({cause(e)})") from None
-        return ckpt, candidate
-    raise WeightsError(f"--resume {'latest' if latest else path}: no checkpoint at {path}")
-
-
-def restore(ckpt, path, cfg, model, method, optimizer, scaler):
-    """Load a checkpoint of the same run into the live objects; refuse one of another run."""
-    for key in ("method", "model", "data", "rank"):
-        theirs, ours = ckpt["config"][key], getattr(cfg, key)
-        if theirs != ours:
-            raise WeightsError(f"--resume {path}: written by a run with --{key} {theirs}, this one has {ours}")
-    if ckpt["clip_config"] != asdict(model.config):
-        raise WeightsError(f"--resume {path}: written for another CLIP architecture than --model {cfg.model}")
-    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        for n, v in ckpt["trainable"].items():
-            own[n].copy_(v)
-    if method.ema is not None:
-        method.ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["step"]

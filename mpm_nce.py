@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
+from data import shared_randint
+
 
 def _check(image_features, text_features, tau):
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
@@ -106,3 +108,37 @@ def gather_features(image_features, text_features, labels):
     all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
     dist.all_gather(all_labels, labels.contiguous())
     return image_features, text_features, torch.cat(all_labels)  # labels: [W*b]
+
+
+# ------------------------------------------------- the loss of a training batch
+def in_random_templates(prompts, labels, ddp=(0, 1)):
+    """Each label's class name in a template drawn at random (Sec. 3.4: the pairs of a classification
+    batch): prompts [T, C, L] tokens, labels [B] -> [B, L]. The draw is made for world_size x B labels
+    at once, as one process would draw it for the global batch, and rank ddp_rank takes its slice:
+    ddp = (ddp_rank, world_size)."""
+    (ddp_rank, world_size), B = ddp, len(labels)
+    picks = shared_randint(len(prompts), B * world_size)[ddp_rank * B : (ddp_rank + 1) * B]  # [B] template indices
+    return prompts[picks, labels]  # [B, L]
+
+
+def objective(loss, prompts, tau, delta=0.05, epsilon=0.0):
+    """The batch loss (net, images, labels, tokens) -> scalar of --loss: 'mpm-nce' (Sec. 3.4) or
+    'infonce' over the global batch, each image paired with its caption (tokens, retrieval) or with its
+    class name in a random template (prompts [T, C, L]); or 'ce', cross-entropy over every class, each
+    in a random template (the same on every rank)."""
+
+    def contrastive(net, images, labels, tokens):
+        if tokens is None:  # each image with its class name in a template drawn for the global batch
+            ddp = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            tokens = in_random_templates(prompts, labels.cpu(), ddp)
+        f, g, _ = net(images, tokens.to(images.device))  # [B, e], [B, e]
+        f, g, labels = gather_features(f, g, labels)  # the global batch: [W*B, e], [W*B, e], [W*B]
+        if loss == "infonce":
+            return infonce_loss(f, g, tau)
+        return mpm_nce_loss(f, g, labels, tau=tau, delta=delta, epsilon=epsilon)
+
+    def class_ce(net, images, labels, tokens):
+        f, g, _ = net(images, in_random_templates(prompts, torch.arange(prompts.shape[1])).to(images.device))
+        return F.cross_entropy((f @ g.T).float() / tau, labels)  # [B, C] logits
+
+    return class_ce if loss == "ce" else contrastive

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_model import tokenize
+from method import Method
 
 
 class PromptLearner(nn.Module):
@@ -114,3 +115,15 @@ def add_prompt_learner(model, ctx_init="a photo of a", conditional=False):
     model.requires_grad_(False)
     model.prompt_learner = PromptLearner(model, ctx_init, conditional)
     return model.prompt_learner
+
+
+def setup(model, cfg, task):
+    """--method coop and cocoop (method.py's contract): the context from cfg.ctx_init (CoCoOp: with its
+    meta-net) trained with cross-entropy over the task's classes; every evaluation scores the classifier
+    its learned prompts give for that evaluation's class names."""
+    learner = add_prompt_learner(model, cfg.ctx_init, conditional=cfg.method == "cocoop")
+    return Method(
+        loss=learner.loss(model, task.classnames, task.tau),
+        rows=[(cfg.method, None)],
+        classifier_for=lambda classnames: learner.classifier(model, classnames),
+    )

@@ -1,4 +1,4 @@
-"""R-Adapter (Kim, Jeong, Kim, Kwak, ECCV 2024, Sec. 3.3): adapters, adapter dropping, checkpoints.
+"""R-Adapter (Kim, Jeong, Kim, Kwak, ECCV 2024, Sec. 3.3): adapters, adapter dropping, the method's setup.
 
 Adapter. A linear, bias-free, residual module h(X) = X + s X W_adp (row vectors, X: tokens x d),
 after the attention output projection W_O (`attn.proj`) and after the FFN's W_2 (`mlp.fc2`) of every
@@ -23,18 +23,13 @@ rank conditions (github.com/tjddus9597/R-Adapter-ECCV2024/issues/1), while ours 
 merged evaluation hard-wires alpha = 0.5.
 """
 
-import json
-from dataclasses import asdict
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 import reparam
-from clip_model import CLIPConfig, count_trainable
-from clip_weights import WeightsError, save_safetensors
+from clip_model import count_trainable
+from method import reparameterised
 
 TOWERS = ("visual", "text")
 DROP_MODES = ("sample", "token")
@@ -155,69 +150,10 @@ def summary(model):
     )
 
 
-# --------------------------------------------------------------- checkpoints
-def save_adapters(model, path, ema=None):
-    """Adapter (and EMA) tensors as safetensors; config and base CLIPConfig as JSON metadata."""
-    path = Path(path)
-    tensors = {n: p.cpu().contiguous() for n, p in adapter_state_dict(model).items()}
-    if ema is not None:
-        ema.live(model, "save_adapters")
-        tensors.update({f"ema.{n}": w.cpu().contiguous() for n, w in ema.shadow.items()})
-    info = dict(config=model.r_adapter_config, clip=asdict(model.config), ema_m=None if ema is None else ema.m)
-    save_safetensors(tensors, path, metadata={"r_adapter": json.dumps(info)})
-
-
-def _read(path):
-    path = Path(path)
-    try:
-        with safe_open(str(path), "pt") as f:
-            info = json.loads((f.metadata() or {})["r_adapter"])
-            return path, info, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise WeightsError(
-            f"{path}: not an R-Adapter file written by save_adapters ({type(e).__name__}: {e})"
-        ) from None
-
-
-def _copy_into(params, tensors, path):
-    bad = sorted(set(params) ^ set(tensors)) + [
-        n for n in params if n in tensors and params[n].shape != tensors[n].shape
-    ]
-    if bad:
-        raise WeightsError(f"{path}: adapter tensors do not match the model: {bad[:6]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n])
-
-
-def load_adapters(model, path, use_ema=None):
-    """Attach the adapters saved in path to a base CLIP (the same architecture it was trained on).
-    use_ema: load the EMA weights W~ as the adapters (what the paper evaluates); None (default):
-    when the file holds them. use_ema=False (+ load_ema) resumes training from the live weights."""
-    path, info, tensors = _read(path)
-    if CLIPConfig(**info["clip"]) != model.config:
-        raise WeightsError(
-            f"{path}: adapters were trained on CLIP {info['clip']}, the base model is {asdict(model.config)}"
-        )
-    if use_ema is None:
-        use_ema = info["ema_m"] is not None
-    if use_ema and info["ema_m"] is None:
-        raise WeightsError(f"{path}: holds no EMA weights (saved without ema=)")
-    add_adapters(model, **info["config"])
-    prefix = "ema." if use_ema else ""
-    _copy_into(
-        dict(adapter_parameters(model)),
-        {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith("ema.") == use_ema},
-        path,
-    )
-    return model
-
-
-def load_ema(model, path):
-    """The reparam.EMA saved in path, for a model carrying the same adapters (e.g. from load_adapters)."""
-    path, info, tensors = _read(path)
-    if info["ema_m"] is None:
-        raise WeightsError(f"{path}: holds no EMA weights (saved without ema=)")
-    ema = reparam.EMA(model, info["ema_m"])
-    _copy_into(ema.shadow, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, path)
-    return ema
+# ------------------------------------------------------------- the method
+def setup(model, cfg, task):
+    """R-Adapter as --method r-adapter (method.py's contract): adapters with dropping p trained on the
+    task's loss (MPM-NCE, Sec. 3.4), their EMA W~ with momentum m (none at m = 0), and the table row
+    scored with W~ merged into W_rep at alpha (Sec. 3.3)."""
+    add_adapters(model, rank=cfg.rank, drop_p=cfg.p, drop_mode=cfg.drop_mode)
+    return reparameterised("R-Adapter", model, cfg, task)

@@ -82,23 +82,23 @@ class EMA:
         if not 0 <= m <= 1:
             raise ValueError(f"EMA momentum m must be in [0, 1], got {m}")
         self.m = m
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-        if not self.shadow:
+        self.W_tilde = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if not self.W_tilde:
             raise ValueError("EMA: the model has no trainable parameters")
 
     def live(self, model, action="EMA"):
         """{name: Parameter} of the model for each EMA weight; refuses a merged or different model."""
         require_unmerged(model, action)
         params = dict(model.named_parameters())
-        if any(n not in params or params[n].shape != w.shape for n, w in self.shadow.items()):
+        if any(n not in params or params[n].shape != w.shape for n, w in self.W_tilde.items()):
             raise ValueError(f"{action}: the model's trainable parameters do not match this EMA")
-        return {n: params[n] for n in self.shadow}
+        return {n: params[n] for n in self.W_tilde}
 
     @torch.no_grad()
     def update(self, model):
         """Call after every optimiser step."""
         for n, p in self.live(model, "EMA.update").items():
-            self.shadow[n].mul_(self.m).add_(p.float(), alpha=1 - self.m)
+            self.W_tilde[n].mul_(self.m).add_(p.float(), alpha=1 - self.m)
 
     @contextmanager
     def applied(self, model):
@@ -107,7 +107,7 @@ class EMA:
         kept = {n: p.detach().clone() for n, p in params.items()}
         with torch.no_grad():
             for n, p in params.items():
-                p.copy_(self.shadow[n])
+                p.copy_(self.W_tilde[n])
         try:
             yield model
         finally:
@@ -116,14 +116,14 @@ class EMA:
                     p.copy_(kept[n])
 
     def state_dict(self):
-        return {"m": self.m, "shadow": {n: w.clone() for n, w in self.shadow.items()}}
+        return {"m": self.m, "W_tilde": {n: w.clone() for n, w in self.W_tilde.items()}}
 
     def load_state_dict(self, state):
-        if state["shadow"].keys() != self.shadow.keys():
+        if state["W_tilde"].keys() != self.W_tilde.keys():
             raise ValueError("EMA state does not match the model's trainable parameters")
         self.m = state["m"]
-        for n, w in state["shadow"].items():
-            self.shadow[n].copy_(w)
+        for n, w in state["W_tilde"].items():
+            self.W_tilde[n].copy_(w)
 
 
 # ------------------------------------------------------------------- merging

@@ -34,6 +34,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 
 from clip_model import tokenize
+from method import Method
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,12 @@ def tune_qv(clip):
             block.attn.qkv.W_q.requires_grad_(True)
             block.attn.qkv.W_v.requires_grad_(True)
     return clip
+
+
+def setup_catseg(clip, cfg, task):
+    """train_seg.py --method catseg (method.py's contract): W_q and W_v train on the task's loss."""
+    tune_qv(clip)
+    return Method(loss=task.objective, rows=[(cfg.method, None)])
 
 
 # ------------------------------------------------------------ aggregation

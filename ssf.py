@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import reparam
+from method import reparameterised
 
 
 class ScaleShift(reparam.Foldable):
@@ -86,3 +87,10 @@ def expected_count(config):
     ln_pre, ln_post and ln_final."""
     blocks = 22 * (config.vision_layers * config.vision_width + config.text_layers * config.text_width)
     return blocks + 2 * 2 * config.vision_width + 2 * config.text_width
+
+
+def setup(model, cfg, task):
+    """--method ssf (method.py's contract): gamma and beta trained on the task's loss; their EMA (its
+    recipe: m 0.99992); the row scored merged at alpha (its recipe: 1)."""
+    add_ssf(model)
+    return reparameterised("SSF", model, cfg, task)

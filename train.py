@@ -6,13 +6,12 @@
     python train.py ... --resume latest | --print-config
     python train.py --config runs/toy/r-adapter/config.json --epochs 4   # replay a run, one value changed
 
-Per method: setup_method decides what trains, the loss and the evaluation weights; the loop pairs
-each image with its class name in a random template (Sec. 3.4) or its caption, steps the optimiser
-and the adapters' EMA (Sec. 3.3); every random choice is a function of (seed, step), so --resume
-ends bit-identical, also after a preemption signal, which ends the step with a checkpoint (faults.py);
-each table row is evaluated under its weights (R-Adapter, LoRA and SSF merged at alpha by reparam.py,
-WiSE-FT at alpha, CoOp's and CoCoOp's learned prompts for the evaluation's classes), on every rank's
-shard of the sets. Which values a command gets is recipes.py's business.
+Per method (methods.py): its setup decides what trains, the loss and the evaluation weights. `fine_tune`
+is the paper's training: each step sets the lr, pairs each image with its class name in a random
+template (Sec. 3.4) or its caption, takes the loss (MPM-NCE for R-Adapter), steps the optimiser and
+then the adapters' EMA (Sec. 3.3); loop.py does the rest (data order, DDP, precision, checkpoints,
+--resume, preemption). Each table row is then scored under its weights (R-Adapter: the EMA merged at
+alpha), on every rank's shard of the sets. Which values a command gets is recipes.py's business.
 """
 
 import dataclasses
@@ -20,8 +19,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -29,36 +26,22 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-import baselines
 import clipfit
 import data
 import evaluate
 import faults
-import prompt_learners
-import r_adapter
+import loop
+import mpm_nce
 import recipes
-import reparam
-import ssf
+from checkpoints import save_adapters
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
 from clip_weights import WeightsError, load_clip, save_clip, save_safetensors
-from data import SeededAugment, StepSampler, coop, retrieval, seed_of, shared_randint
-from faults import read_checkpoint, restore, save_checkpoint
-from mpm_nce import gather_features, infonce_loss, mpm_nce_loss
-from run_log import RunLog
+from data import coop, retrieval, seed_of
+from method import Task
+from methods import METHODS as SETUPS
 
-# Re-parameterisable methods: each wraps layers by its one rule; reparam.py merges any of them alike,
-# evaluated at alpha (recipes.py: 0.5 for R-Adapter, 1 for LoRA and SSF). A fourth one is one line here.
-REPARAMETERISABLE = {  # --method: (table name, attach(model, cfg))
-    "r-adapter": ("R-Adapter", lambda m, c: r_adapter.add_adapters(m, rank=c.rank, drop_p=c.p, drop_mode=c.drop_mode)),
-    "lora": ("LoRA", lambda m, c: baselines.add_lora(m, rank=c.rank)),
-    "ssf": ("SSF", lambda m, c: ssf.add_ssf(m)),
-}
-METHODS = (*REPARAMETERISABLE, "clipfit", "coop", "cocoop", "full-ft", "wise-ft", "flyp", "linear-probe", "prolip")
-METHODS += ("zero-shot",)
+METHODS = tuple(SETUPS)  # the --method names
 
 
 def arg(default, help):
@@ -135,208 +118,9 @@ def lr_at(step, total, cfg):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ---------------------------------------------------------------------- methods
-@dataclass
-class Method:
-    """What setup_method decides: the loss of a micro-batch, and how each table row is evaluated."""
-
-    loss: Callable  # (net, images [B,3,H,W], labels [B], tokens [B,L] or None) -> scalar
-    rows: list  # [(row name, alpha)] evaluated under weights(alpha)
-    weights: Callable = lambda alpha: nullcontext()  # alpha -> context manager: the evaluation weights
-    curve: Optional[str] = None  # the name of its alpha sweep, if it has one
-    ema: Optional[reparam.EMA] = None
-    classifier: Optional[torch.Tensor] = None  # full-ft, linear-probe: the head's W replaces the text classifier
-    classifier_for: Optional[Callable] = None  # CoOp, CoCoOp: class names -> the classifier evaluate.py scores
-    groups: Optional[list] = None  # optimiser groups [{"params", "lr_scale", "weight_decay"}] (train_seg.py)
-
-
-def in_random_templates(prompts, labels, ddp=(0, 1)):
-    """Each label's class name in a template drawn at random: prompts [T, C, L], labels [B] -> [B, L].
-    The draw is made for world_size x B labels at once, as one process would draw it for the global
-    batch, and rank ddp_rank takes its slice: ddp = (ddp_rank, world_size)."""
-    (ddp_rank, world_size), B = ddp, len(labels)
-    picks = shared_randint(len(prompts), B * world_size)[ddp_rank * B : (ddp_rank + 1) * B]  # [B] template indices
-    return prompts[picks, labels]
-
-
-def setup_method(model, cfg, task):
-    """Make the method's parameters (and only those) trainable; the only per-method branch."""
-    tau = cfg.tau or 1 / model.logit_scale.exp().item()
-    L = model.config.context_length
-    train_templates = recipes.templates(cfg.prompts, getattr(task, "templates", []))
-    names = getattr(task, "classnames", [])
-    prompts = None  # [T, C, L] every training template filled with every class name (none for retrieval)
-    if names:
-        prompts = tokenize([t.format(c) for t in train_templates for c in names], L).view(len(train_templates), -1, L)
-
-    def contrastive(net, images, labels, tokens):  # MPM-NCE (Sec. 3.4) or InfoNCE over the global batch
-        if tokens is None:  # each image with its class name in a template drawn for the global batch
-            ddp = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-            tokens = in_random_templates(prompts, labels.cpu(), ddp)
-        f, g, _ = net(images, tokens.to(images.device))
-        f, g, labels = gather_features(f, g, labels)
-        if cfg.loss == "infonce":
-            return infonce_loss(f, g, tau)
-        return mpm_nce_loss(f, g, labels, tau=tau, delta=cfg.delta, epsilon=cfg.epsilon)
-
-    def class_ce(net, images, labels, tokens):  # every class, each in a random template (the same on every rank)
-        f, g, _ = net(images, in_random_templates(prompts, torch.arange(prompts.shape[1])).to(images.device))
-        return F.cross_entropy((f @ g.T).float() / tau, labels)
-
-    loss = class_ce if cfg.loss == "ce" else contrastive
-    plain = [(cfg.method, None)]
-    if cfg.method in REPARAMETERISABLE:  # the EMA weights (m > 0) merged at alpha
-        name, attach = REPARAMETERISABLE[cfg.method]
-        attach(model, cfg)
-        ema = reparam.EMA(model, m=cfg.m) if cfg.m > 0 else None
-        merged = lambda a: reparam.merged(model, a, ema=ema)
-        rows = [(f"{name} (α={cfg.alpha:g})", cfg.alpha)]
-        return Method(loss=loss, rows=rows, weights=merged, curve=name, ema=ema)
-    if cfg.method == "clipfit":  # text FFN W_2 biases + image LayerNorms; CE + text distillation
-        return Method(loss=clipfit.prepare(model, prompts[0], tau, cfg.clipfit_lambda), rows=plain)
-    if cfg.method in ("coop", "cocoop"):  # a learned context (CoCoOp: shifted per image) before each class name
-        learner = prompt_learners.add_prompt_learner(model, cfg.ctx_init, conditional=cfg.method == "cocoop")
-        classifier_for = lambda c: learner.classifier(model, c)
-        return Method(loss=learner.loss(model, names, tau), rows=plain, classifier_for=classifier_for)
-    head = None  # full-ft, wise-ft and linear-probe: WiSE-FT's head, initialised from the zero-shot classifier
-    if names and cfg.method in ("full-ft", "wise-ft", "linear-probe", "prolip"):
-        classifier = evaluate.zero_shot_classifier(model, names, recipes.templates(cfg.eval_prompts, task.templates))
-        if cfg.method == "prolip":
-            lam = baselines.prolip_weight(cfg.shots, len(task.train), len(names))
-            return Method(loss=baselines.prolip(model, classifier, tau, lam), rows=plain)
-        head = baselines.add_classification_head(model, classifier)
-        loss = baselines.head_loss(head)
-    if cfg.method == "linear-probe":
-        return Method(loss=loss, rows=plain, classifier=head.weight)
-    if cfg.method == "flyp":
-        baselines.full_finetune(model)
-        return Method(loss=loss, rows=plain)
-    if cfg.method in ("full-ft", "wise-ft"):  # WiSE-FT's end-to-end fine-tuning (both towers on retrieval)
-        if head is None:
-            baselines.full_finetune(model)
-        else:
-            baselines.finetune_image_tower(model)
-        zero_shot = baselines.snapshot(model)  # the head too: WiSE-FT interpolates it with the tower
-        name = "full-ft" if cfg.method == "full-ft" else "WiSE-FT (α=1)"
-        rows = [(name, 1.0), (f"WiSE-FT (α={cfg.alpha:g})", cfg.alpha)]
-        weights = lambda a: baselines.wise_ft(model, zero_shot, a)
-        classifier = None if head is None else head.weight
-        return Method(loss=loss, rows=rows, weights=weights, curve="WiSE-FT", classifier=classifier)
-    model.requires_grad_(False)  # zero-shot
-    return Method(loss=loss, rows=plain)
-
-
-# -------------------------------------------------------------------- the loop
-def train(cfg, model, method, task, device, ddp_rank=0, world_size=1):
-    """Fine-tune the trainable parameters of `model` (set by setup_method) with method.loss."""
-    run_dir = Path(cfg.run_dir)
-    ckpt_path = run_dir / "checkpoint.pt"
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = method.groups or [{"params": params}]
-    amp = autocast_dtype(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    if cfg.optimizer == "sgd":  # CLIPFit (CoOp/Dassl)
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    sampler = StepSampler(len(task.train), cfg.batch_size, cfg.seed, ddp_rank, world_size)
-    micro = cfg.batch_size // world_size // cfg.accum_steps
-    kw = dict(num_workers=cfg.workers, collate_fn=data.collate_skip, drop_last=True, pin_memory=device.type == "cuda")
-    loader = DataLoader(SeededAugment(task.train, cfg.seed), micro, sampler=sampler, **kw)
-    steps_per_epoch = sampler.steps_per_epoch
-    if steps_per_epoch == 0:
-        raise data.DataError(f"--batch-size {cfg.batch_size}: the train set has only {len(task.train)} images")
-    total = getattr(cfg, "iterations", None) or cfg.epochs * steps_per_epoch  # train_seg.py counts iterations
-    if cfg.warmup_epochs is not None:  # warm-up given in epochs (CLIPFit): in steps for lr_at
-        cfg = dataclasses.replace(cfg, warmup=round(cfg.warmup_epochs * steps_per_epoch))
-    step = 0
-    resume = cfg.resume
-    if resume == "latest" and not (ckpt_path.exists() or ckpt_path.with_suffix(".prev.pt").exists()):
-        resume = None  # as open_clip's: a method the command had not reached yet starts afresh
-        if ddp_rank == 0:
-            print(f"--resume latest: no checkpoint in {run_dir}, starting at step 0")
-    if resume:
-        path = ckpt_path if cfg.resume == "latest" else Path(cfg.resume)
-        ckpt, path = read_checkpoint(path, latest=cfg.resume == "latest")
-        if ddp_rank == 0 and path != ckpt_path and cfg.resume == "latest":  # set the damaged latest aside
-            os.replace(ckpt_path, ckpt_path.with_suffix(".damaged.pt"))
-        step = restore(ckpt, path, cfg, model, method, optimizer, scaler)
-        if ddp_rank == 0:
-            print(f"resumed from {path} at step {step}/{total}")
-
-    captions = isinstance(task, retrieval.RetrievalData)  # a row is a caption; its label is its image id
-    net = model
-    if world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
-
-    def save():
-        if ddp_rank == 0:
-            trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-            state = dict(config=asdict(cfg), clip_config=asdict(model.config), step=step, trainable=trainable)
-            state |= dict(optimizer=optimizer.state_dict(), ema=method.ema and method.ema.state_dict())
-            save_checkpoint({**state, "scaler": scaler and scaler.state_dict()}, ckpt_path)
-
-    last = min(total, cfg.max_steps or total)
-    good = f"{path} (step {step})" if resume else "none written yet"  # the last good checkpoint
-    meter = faults.LossMeter(device, total, fatal=scaler is None)  # on the device: no host sync per step
-    log = RunLog(cfg, total=last, start=step, device=device, enabled=ddp_rank == 0)
-    model.train()
-    with log, faults.StopSignal() as stop:  # SIGTERM, SIGUSR1: finish the step, save, exit (faults.py)
-        while step < last:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, step % steps_per_epoch)
-            batches = iter(loader)
-            meter.reset()
-            while step < last and step // steps_per_epoch == epoch:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, cfg) * group.get("lr_scale", 1.0)
-                torch.manual_seed(seed_of(cfg.seed, step, ddp_rank))  # adapter dropping, template choice
-                for k in range(cfg.accum_steps):
-                    images, labels, n_bad = next(batches)
-                    tokens = None
-                    if captions:
-                        tokens, labels = task.row_tokens[labels], task.row_image_id[labels]
-                    images, labels = images.to(device, non_blocking=True), labels.to(device)
-                    sync = net.no_sync() if world_size > 1 and k < cfg.accum_steps - 1 else nullcontext()
-                    with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        loss = method.loss(net, images, labels, tokens) / cfg.accum_steps
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    meter.add(loss, step)
-                    log.add(loss, samples=len(labels) * world_size, skipped=n_bad)
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if cfg.grad_clip > 0 or scaler:  # with a scaler, a non-finite norm is a step it skips
-                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
-                if scaler:
-                    meter.skip(norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if method.ema is not None:
-                    method.ema.update(model)
-                step += 1
-                signum = stop.agreed()  # one all-reduce per step under torchrun
-                epoch_end = step % steps_per_epoch == 0 or step == last
-                saving = step % cfg.save_every == 0 or epoch_end or signum
-                if step % cfg.log_every == 0 or saving:  # raises on a non-finite loss: no checkpoint after one
-                    log.skipped_steps = meter.look(last_good=good)[1]
-                log.step(step, epoch, lr=optimizer.param_groups[0]["lr"])
-                if saving:
-                    save()
-                    good = f"{ckpt_path} (step {step})"
-                if signum:
-                    stop.stop(signum, step, total)
-            log.end_epoch(step, epoch, lr=optimizer.param_groups[0]["lr"])
-    model.eval()
-
-
-# ------------------------------------------------------------------- the driver
+# ------------------------------------------------------------- the task's side
 def build_data(cfg, model):
+    """(the training data, the evaluation data): one task, or with --split base its base and new halves."""
     train_transform = image_transform(model.config.image_size, train=True, flip=cfg.flip)
     ood = dict(o.split("=", 1) for o in cfg.ood)
     kw = dict(context_length=model.config.context_length, shots=cfg.shots, seed=cfg.seed, ood=ood, strict=cfg.strict)
@@ -348,6 +132,63 @@ def build_data(cfg, model):
     return task, task
 
 
+def task_for(cfg, model, task_data):
+    """What a method's setup reads of the training data (method.Task), with the task's loss: --loss over
+    each image and its class name in a random training template (or its caption), tau = 1 / the frozen
+    logit scale unless --tau."""
+    tau = cfg.tau or 1 / model.logit_scale.exp().item()
+    names = getattr(task_data, "classnames", [])  # retrieval has none
+    train_templates = recipes.templates(cfg.prompts, getattr(task_data, "templates", []))
+    prompts = None  # [T, C, L]: every training template filled with every class name
+    if names:
+        L = model.config.context_length
+        prompts = tokenize([t.format(c) for t in train_templates for c in names], L).view(len(train_templates), -1, L)
+    return Task(
+        objective=mpm_nce.objective(cfg.loss, prompts, tau, delta=cfg.delta, epsilon=cfg.epsilon),
+        classnames=names,
+        prompts=prompts,
+        eval_templates=recipes.templates(cfg.eval_prompts, getattr(task_data, "templates", [])) if names else [],
+        n_train=0 if task_data.train is None else len(task_data.train),
+        tau=tau,
+    )
+
+
+# ------------------------------------------------------------ the paper's training
+def fine_tune(cfg, model, method, train_set, device, ddp=(0, 1), *, groups=None, iterations=None, captions=None):
+    """Train the parameters method.setup left trainable (or the optimiser `groups` given) with method.loss,
+    for cfg.epochs (or `iterations` steps). captions: retrieval's (tokens [rows, L], image id [rows]) of
+    each training row; otherwise each row is an image with its class label."""
+    rank, _ = ddp
+    groups = groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if cfg.optimizer == "sgd":  # the Dassl family: plain SGD with momentum 0.9, L2 weight decay
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:  # AdamW, decoupled weight decay
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    shared = {f.name for f in dataclasses.fields(loop.LoopConfig)} - {"config", "epochs", "iterations"}
+    length = dict(iterations=iterations) if iterations else dict(epochs=cfg.epochs)
+    loop_cfg = loop.LoopConfig(**{k: getattr(cfg, k) for k in shared}, **length, config=asdict(cfg))
+    trainer = loop.Trainer(loop_cfg, model, optimizer, train_set, device, ddp, ema=method.ema)
+    if cfg.warmup_epochs is not None:  # warm-up given in epochs (CLIPFit): in steps for lr_at
+        cfg = dataclasses.replace(cfg, warmup=round(cfg.warmup_epochs * trainer.steps_per_epoch))
+
+    def step(s):  # one optimiser step
+        for group in optimizer.param_groups:  # warm-up, then cosine (x each group's scale: train_seg.py)
+            group["lr"] = lr_at(s, trainer.total, cfg) * group.get("lr_scale", 1.0)
+        torch.manual_seed(seed_of(cfg.seed, s, rank))  # adapter dropping (p), template choice: from (seed, step)
+        for images, labels in trainer.micro_batches():  # --accum-steps of them
+            tokens = None
+            if captions is not None:  # a row is a caption; its label is its image's id (MPM-NCE's positives)
+                tokens, labels = captions[0][labels.cpu()], captions[1][labels.cpu()].to(labels.device)
+            with trainer.forward():
+                loss = method.loss(trainer.net, images, labels, tokens) / cfg.accum_steps  # e.g. MPM-NCE
+            trainer.backward(loss)
+        trainer.optimizer_step(cfg.grad_clip)  # clip the gradient norm, step the optimiser
+        method.after_step()  # R-Adapter: the EMA W~ <- m W~ + (1 - m) W (Sec. 3.3)
+
+    trainer.run(step)
+
+
+# ------------------------------------------------------------------- the driver
 def check_paths(cfg):
     """The input checks that cost nothing, made before any download or data read."""
     data.check_root(cfg.data, cfg.data_root)
@@ -386,19 +227,20 @@ def run_methods(cfgs, out, device, ddp_rank=0, world_size=1):
         task, eval_task = build_data(cfg, model)
         if task.train is None and cfg.method != "zero-shot":
             raise data.DataError(f"--data-root {cfg.data_root}: no train/ folder, so only --method zero-shot can run")
-        method = setup_method(model, cfg, task)
+        method = SETUPS[cfg.method](model, cfg, task_for(cfg, model, task))
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         n_train = count_trainable(model)
         if ddp_rank == 0:
             print(f"{cfg.method}: {n_train:,} trainable parameters")
             (Path(cfg.run_dir) / "config.json").write_text(json.dumps(asdict(given), indent=2))  # for --config
         if cfg.method != "zero-shot":
-            train(cfg, model, method, task, device, ddp_rank, world_size)
+            captions = (task.row_tokens, task.row_image_id) if isinstance(task, retrieval.RetrievalData) else None
+            fine_tune(cfg, model, method, task.train, device, (ddp_rank, world_size), captions=captions)
         prompts = recipes.templates(cfg.eval_prompts, getattr(eval_task, "templates", []))
         classifier = method.classifier if method.classifier_for is None else method.classifier_for(eval_task.classnames)
         kwargs = dict(split=cfg.split, prompts=prompts, classifier=classifier, workers=cfg.workers)
         kwargs["autocast_dtype"] = autocast_dtype(device)
-        if method.curve and cfg.sweep:  # every rank scores its shard of each set (evaluate.shard)
+        if method.curve and cfg.sweep:  # every rank scores its shard of each set (distributed.shard)
             curves[method.curve] = evaluate.sweep(model, eval_task, evaluate.ALPHAS, method.weights, **kwargs)
         first = len(rows)
         for name, alpha in method.rows:
@@ -420,7 +262,7 @@ def export(cfg, model, method):
     image features)."""
     out = Path(cfg.run_dir)
     if cfg.method == "r-adapter":
-        r_adapter.save_adapters(model, out / "adapters.safetensors", ema=method.ema)
+        save_adapters(model, out / "adapters.safetensors", ema=method.ema)
     if method.classifier_for is not None:  # CLIP itself is unchanged
         tensors = {k: v.cpu().contiguous() for k, v in model.prompt_learner.state_dict().items()}
         metadata = {"prefix": model.prompt_learner.prefix}

@@ -10,10 +10,10 @@ R-Adapter's paper gives no segmentation recipe; this is CAT-Seg's (--print-confi
 source). What of CLIP trains (the CAT-Seg head always trains):
   frozen     nothing
   catseg     W_q and W_v of every attention block of both towers (CAT-Seg's default; segment.tune_qv)
-  full       every weight but the logit scale (baselines.full_finetune)
+  full       every weight but the logit scale (baselines.setup_flyp)
   r-adapter  adapters after W_O and W_2 of every block of both towers (r_adapter.py); evaluated with the
              EMA adapters merged at --alpha, so inference costs what plain CAT-Seg costs
-  lora       LoRA on qkv and W_O of both towers (baselines.add_lora, rank 8), merged for evaluation
+  lora       LoRA on qkv and W_O of both towers (lora.py, rank 8), merged for evaluation
 CLIP's own weights train at lr x --clip-lr-scale (CAT-Seg: 0.01); the head and the new weights of
 r-adapter and lora at lr (R-Adapter trains its adapters at a full learning rate). Norm layers and
 embeddings have no weight decay (detectron2's defaults, kept by CAT-Seg). Training is train.py's loop
@@ -25,10 +25,8 @@ import argparse
 import dataclasses
 import json
 import os
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -36,20 +34,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import baselines
 import claims
 import data
 import evaluate
-import r_adapter
 import recipes
-import reparam
 import segment
 import train
+from checkpoints import save_adapters
 from clip_model import autocast_dtype, count_trainable
 from clip_weights import load_clip, save_clip, save_safetensors
 from data import segmentation, toy, toy_scenes
+from method import Task
+from methods import SEGMENTATION
 
-METHODS = ("frozen", "catseg", "full", "r-adapter", "lora")
+METHODS = tuple(SEGMENTATION)
 CATSEG = "CAT-Seg release"  # github.com/cvlab-kaist/CAT-Seg
 SOURCES = {  # where each recipe value comes from
     "data": f"{CATSEG}, configs/config.yaml DATASETS.TRAIN (COCO-Stuff, 171 classes)",
@@ -92,11 +90,17 @@ TOY_SEG_LR = {"frozen": 1e-3, "catseg": 3e-3, "full": 3e-3, "r-adapter": 3e-3}  
 TOY_SEG_LR_TABLE = Path(__file__).resolve().parent / "docs" / "toy_seg_lr_selection.csv"
 
 
+# LoRA as in classification (recipes.py): rank 8, no EMA, its whole update merged (alpha 1).
+LORA = dict(rank=8, m=0.0, alpha=1.0)
+
+
 def recipe(data, method=None):
-    """The values the toy setting sets (none for coco-stuff), with the method's selected lr."""
+    """The values the method's own recipe (LoRA's) and the toy setting set (none for coco-stuff), with the
+    method's selected lr."""
+    own = LORA if method == "lora" else {}
     if data != "toy-seg":
-        return {}
-    return {**TOY_SEG, **({"lr": TOY_SEG_LR[method]} if method in TOY_SEG_LR else {})}
+        return own
+    return {**TOY_SEG, **own, **({"lr": TOY_SEG_LR[method]} if method in TOY_SEG_LR else {})}
 
 
 arg = train.arg  # a field with its --help text
@@ -140,10 +144,9 @@ class SegConfig:
     report_to: Optional[str] = arg(None, "tensorboard: also write log.jsonl's scalars to <run dir>/tensorboard")
     resume: Optional[str] = arg(None, "latest | PATH: continue from a checkpoint")
     max_steps: Optional[int] = arg(None, "stop after N steps (smoke tests); the schedule still spans --iterations")
-    # fixed for segmentation; train.train reads them
-    optimizer = "adamw"
-    warmup_epochs = None
-    warmup_lr = None
+    optimizer: str = arg("adamw", "adamw (CAT-Seg's) | sgd (momentum 0.9)")
+    warmup_epochs: Optional[float] = arg(None, "warm-up length in epochs (replaces --warmup)")
+    warmup_lr: Optional[float] = arg(None, "constant learning rate during warm-up (default: linear ramp)")
 
 
 RANGES = {
@@ -230,13 +233,6 @@ def describe(cfg, given):
 
 
 # ---------------------------------------------------------------------- methods
-class ClipEMA(reparam.EMA):
-    """The adapters' EMA, kept on the segmenter's CLIP; train.train updates it with the whole segmenter."""
-
-    def update(self, model):
-        super().update(model.clip)
-
-
 def optimizer_groups(model, cfg):
     """CLIP's own weights at lr x clip_lr_scale, the rest (head, adapters, LoRA) at lr; no weight decay on
     norm layers and embeddings."""
@@ -253,30 +249,6 @@ def optimizer_groups(model, cfg):
         {"params": ps, "lr_scale": scale, **({} if decay else {"weight_decay": 0.0})}
         for (scale, decay), ps in groups.items()
     ]
-
-
-def setup_method(model, cfg, tokens):
-    """Make the method's CLIP weights (and the head) trainable; the loss and the evaluation weights."""
-    clip = model.clip
-    rows, weights, ema = [(cfg.method, None)], lambda alpha: nullcontext(), None
-    if cfg.method == "catseg":
-        segment.tune_qv(clip)
-    elif cfg.method == "full":
-        baselines.full_finetune(clip)
-    elif cfg.method == "r-adapter":
-        r_adapter.add_adapters(clip, rank=cfg.rank, drop_p=cfg.p, drop_mode=cfg.drop_mode)
-        ema = ClipEMA(clip, m=cfg.m)
-        rows, weights = [(f"R-Adapter (α={cfg.alpha:g})", cfg.alpha)], lambda a: reparam.merged(clip, a, ema=ema)
-    elif cfg.method == "lora":
-        baselines.add_lora(clip, rank=cfg.rank or 8)
-        weights = lambda alpha: reparam.merged(clip, 1.0)  # LoRA's whole update (train_seg has no LoRA alpha)
-    else:  # frozen
-        clip.requires_grad_(False)
-
-    def loss(net, images, labels, _):  # the text tower runs in every step: it may be training
-        return segment.bce_loss(net(images, tokens.to(images.device)), labels)
-
-    return train.Method(loss, rows, weights, ema=ema, groups=optimizer_groups(model, cfg))
 
 
 # ------------------------------------------------------------------- evaluation
@@ -328,7 +300,7 @@ def datasets(cfg):
 
 def fit(cfg, train_set, device, rank=0, world=1):
     """CAT-Seg on cfg.model with the method's weights trainable, trained on train_set: the segmenter, its
-    train.Method, the prompt templates and the number of trainable CLIP parameters."""
+    method.Method, the prompt templates and the number of trainable CLIP parameters."""
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     clip = toy.load_toy_clip(device) if cfg.model == "toy" else load_clip(cfg.model, device=device)
     head = segment.HeadConfig() if clip.config.vision_width >= 768 else segment.SMALL
@@ -336,13 +308,18 @@ def fit(cfg, train_set, device, rank=0, world=1):
     torch.manual_seed(cfg.seed)  # the same head for every method
     model = segment.CATSeg(clip, len(templates), head).to(device)
     tokens = segment.class_tokens(train_set.names, templates, clip.config.context_length)
-    method = setup_method(model, cfg, tokens)
+
+    def objective(net, images, labels, _):  # CAT-Seg's per-class BCE; the text tower runs every step (it may train)
+        return segment.bce_loss(net(images, tokens.to(images.device)), labels)
+
+    method = SEGMENTATION[cfg.method](clip, cfg, Task(objective=objective))
     clip.set_grad_checkpointing(cfg.grad_checkpointing)
     n_clip, n_head = count_trainable(clip), count_trainable(model) - count_trainable(clip)
     if rank == 0:
         print(f"{cfg.method}: {n_clip:,} trainable CLIP parameters, {n_head:,} in the CAT-Seg head")
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    train.train(cfg, model, method, SimpleNamespace(train=train_set), device, rank, world)
+    groups = optimizer_groups(model, cfg)
+    train.fine_tune(cfg, model, method, train_set, device, (rank, world), groups=groups, iterations=cfg.iterations)
     return model, method, templates, n_clip
 
 
@@ -403,7 +380,7 @@ def export(cfg, model, method):
     writes adapters.safetensors."""
     out = Path(cfg.run_dir)
     if method.ema is not None:
-        r_adapter.save_adapters(model.clip, out / "adapters.safetensors", ema=method.ema)
+        save_adapters(model.clip, out / "adapters.safetensors", ema=method.ema)
     with method.weights(method.rows[0][1]):
         save_clip(model.clip, out / "merged.safetensors")
         head = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}

@@ -33,6 +33,7 @@ import train
 from clip_model import autocast_dtype, image_transform
 from clip_weights import WeightsError, load_clip
 from data import coop
+from methods import METHODS
 
 # Where CoOp's DATASETS.md puts each shift under ROOT, by the name data/imagenet.py gives its set.
 SHIFTS = {
@@ -87,9 +88,9 @@ def run_method(cfg, device, root):
     model = load_clip(cfg.model, device=device)
     target_tasks = targets(root, model.config.image_size)
     task, eval_task = train.build_data(cfg, model)
-    method = train.setup_method(model, cfg, task)
+    method = METHODS[cfg.method](model, cfg, train.task_for(cfg, model, task))
     if cfg.method != "zero-shot":
-        train.train(cfg, model, method, task, device)
+        train.fine_tune(cfg, model, method, task.train, device)
     train.export(cfg, model, method)
     name, alpha = method.rows[0]
     row = {"method": name}

@@ -14,6 +14,7 @@ import train
 from clip_model import CLIP, PRESETS, image_transform
 from clip_weights import save_clip
 from data import DataError, EvalSet, coop
+from zero_shot import zero_shot_classifier
 
 CLASSES = ["banded", "blotchy", "braided", "bubbly", "bumpy"]  # 5: an odd count, base = 3, new = 2
 
@@ -81,16 +82,16 @@ def test_each_half_is_scored_among_its_own_classes(tmp_path):
     _, eval_task = coop.base_new(task)
     torch.manual_seed(0)
     model = CLIP(PRESETS["tiny"]).eval()
-    full = evaluate.zero_shot_classifier(model, CLASSES, task.templates)
+    full = zero_shot_classifier(model, CLASSES, task.templates)
     for evalset, names in ((eval_task.test, CLASSES[:3]), (eval_task.ood[0], CLASSES[3:])):
-        own = evaluate.zero_shot_classifier(model, names, task.templates)
+        own = zero_shot_classifier(model, names, task.templates)
         images = torch.stack([evalset.dataset[i][0] for i in range(len(evalset.dataset))])
         f = model.encode_image(images, normalize=True).detach()
         torch.testing.assert_close(evalset.project_logits(f @ full.T), f @ own.T)
 
     got = evaluate.score(model, eval_task, split="base", workers=0)[0]
     for name, evalset, names in (("base", eval_task.test, CLASSES[:3]), ("new", eval_task.ood[0], CLASSES[3:])):
-        own = evaluate.zero_shot_classifier(model, names, task.templates)
+        own = zero_shot_classifier(model, names, task.templates)
         correct, _ = evaluate.accuracy(model, own, EvalSet("own", evalset.dataset), workers=0)
         assert got[name] == 100.0 * int(correct.sum()) / len(correct)
     assert got["hm"] == evaluate.harmonic_mean(got["base"], got["new"])

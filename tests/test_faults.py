@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import loop
+import mpm_nce
 import train
 from conftest import catches, step_of
 
@@ -47,7 +49,7 @@ def exits(main, argv, capsys):
 
 def signal_at_loss_call(monkeypatch, n, signum):
     """The n-th loss computation (1-based) sends this process `signum` (inside an optimiser step)."""
-    calls, real = [0], train.mpm_nce_loss
+    calls, real = [0], mpm_nce.mpm_nce_loss
 
     def loss(*a, **k):
         calls[0] += 1
@@ -55,7 +57,7 @@ def signal_at_loss_call(monkeypatch, n, signum):
             os.kill(os.getpid(), signum)
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "mpm_nce_loss", loss)
+    monkeypatch.setattr(mpm_nce, "mpm_nce_loss", loss)
 
 
 @pytest.fixture
@@ -207,14 +209,14 @@ def _read_only(folder):
 
 
 def test_a_read_only_run_folder_keeps_the_previous_checkpoint(train_args, tmp_path, monkeypatch, capsys):
-    run_dir, undo, real = tmp_path / "r-adapter", [], train.save_checkpoint
+    run_dir, undo, real = tmp_path / "r-adapter", [], loop.save_checkpoint
 
     def save_then_lock(state, path):
         real(state, path)
         if not undo:  # after the step-4 checkpoint the folder turns read-only
             undo.append(_read_only(run_dir))
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_lock)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_lock)
     try:
         code, _, err = exits(train.main, flags(train_args, tmp_path), capsys)
     finally:
@@ -230,13 +232,13 @@ def test_a_read_only_run_folder_keeps_the_previous_checkpoint(train_args, tmp_pa
 
 # --------------------------------------------------------- non-finite losses
 def nan_at_loss_call(monkeypatch, n):
-    calls, real = [0], train.mpm_nce_loss
+    calls, real = [0], mpm_nce.mpm_nce_loss
 
     def loss(*a, **k):
         calls[0] += 1
         return real(*a, **k) * (float("nan") if calls[0] == n else 1.0)
 
-    monkeypatch.setattr(train, "mpm_nce_loss", loss)
+    monkeypatch.setattr(mpm_nce, "mpm_nce_loss", loss)
 
 
 def test_a_nan_loss_names_its_step_and_the_last_good_checkpoint(train_args, tmp_path, monkeypatch, capsys):

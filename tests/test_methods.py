@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import baselines
 import clipfit
-import evaluate
+import lora
+import mpm_nce
 import prompt_learners
 import recipes
 import reparam
@@ -22,6 +23,8 @@ import train
 from clip_model import CLIP, PRESETS, tokenize
 from clip_weights import load_clip, save_clip
 from data import toy
+from methods import METHODS
+from zero_shot import zero_shot_classifier
 
 TINY = PRESETS["tiny"]
 N_TINY = sum(p.numel() for p in CLIP(TINY).parameters())
@@ -62,9 +65,9 @@ def n_trainable(model):
 
 
 def setup(method, model, **overrides):
-    """setup_method with the method's recipe (recipes.py) under TrainConfig's defaults."""
+    """The method's setup (methods.METHODS) with its recipe (recipes.py) under TrainConfig's defaults."""
     cfg = train.TrainConfig(**{**recipes.recipe("imagenet", method=method), **overrides, "method": method})
-    return train.setup_method(model, cfg, fake_task())
+    return METHODS[method](model, cfg, train.task_for(cfg, model, fake_task()))
 
 
 def batch(n=8, classes=3, seed=1):
@@ -153,7 +156,7 @@ def test_full_ft_is_wise_ft_end_to_end_image_tower_and_zero_shot_head(method):
     cross-entropy over the head's logits on normalised image features."""
     model = fresh_tiny()
     task = fake_task()
-    zs = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    zs = zero_shot_classifier(model, task.classnames, task.templates)
     fitted = setup(method, model)
     visual = {f"visual.{n}" for n, _ in model.visual.named_parameters()}
     assert trainable(model) == visual | {"classification_head.weight"}
@@ -173,10 +176,10 @@ def test_vit_b16_trainable_counts():
         with torch.device("meta"):
             return CLIP(cfg)
 
-    model = clipfit.setup(meta_b16())
+    model = clipfit.unfreeze(meta_b16())
     assert trainable(model) == clipfit_names(cfg)
     assert clipfit.count(model) == 12 * 512 + (1 + 2 * 12 + 1) * 2 * 768 == 46_080 == clipfit.expected_count(cfg)
-    model = baselines.add_lora(meta_b16(), rank=8)
+    model = lora.add_lora(meta_b16(), rank=8)
     assert n_trainable(model) == 12 * 6 * 8 * 768 + 12 * 6 * 8 * 512 == 737_280 == lora_count(cfg, 8)
     model = ssf.add_ssf(meta_b16())
     assert trainable(model) == ssf_names(cfg)
@@ -190,7 +193,7 @@ def test_vit_b16_trainable_counts():
         prompt_learners.add_prompt_learner(model, ctx_init, conditional)
         assert n_trainable(model) == count  # M x 512 context (+ meta-net 512 x 32 + 32 + 32 x 512 + 512)
     model = meta_b16()
-    baselines.setup_prolip(model)
+    baselines.train_projection(model)
     assert trainable(model) == {"visual.head.weight"} and n_trainable(model) == 768 * 512
     model = baselines.full_finetune(meta_b16())
     assert n_trainable(model) == 149_620_736  # flyp: 149,620,737 parameters, the logit scale frozen
@@ -205,7 +208,7 @@ def test_clipfit_regularizer_is_zero_at_start_and_grows_after_a_step():
     model = fresh_tiny()
     prompts = tokenize([f"a photo of a class{i}." for i in range(3)], TINY.context_length)
     anchor = clipfit.class_embeddings(model, prompts)
-    clipfit.setup(model)
+    clipfit.unfreeze(model)
     assert clipfit.regularizer(model.encode_text(prompts, normalize=True), anchor).abs().item() < 1e-6
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     images, labels = batch()
@@ -220,7 +223,7 @@ def test_prolip_starts_at_zero_shot_and_weights_its_anchor_by_one_over_n():
     assert baselines.prolip_weight(4, 30, 3) == 1 / 4 and baselines.prolip_weight(None, 30, 3) == 1 / 10
     model = fresh_tiny()
     task = fake_task()
-    classifier = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    classifier = zero_shot_classifier(model, task.classnames, task.templates)
     method = setup("prolip", model, shots=4)
     assert trainable(model) == {"visual.head.weight"}
     images, labels = batch()
@@ -261,7 +264,7 @@ def test_prolip_objective_away_from_its_start():
     model = fresh_tiny()
     W0 = model.visual.head.weight.detach().clone()
     task = fake_task()
-    classifier = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    classifier = zero_shot_classifier(model, task.classnames, task.templates)
     method = setup("prolip", model, shots=4)
     randomize([model.visual.head.weight], seed=3, std=0.05)
     images, labels = batch()
@@ -292,8 +295,8 @@ def test_wise_ft_interpolates_every_tensor_at_alpha():
 
 def test_lora_merged_weight_is_w_plus_alpha_scale_b_a():
     """At a non-zero B, each merged Linear holds W + alpha scale B A (scale 0.5, alpha 0.6) and keeps its bias."""
-    model = baselines.add_lora(fresh_tiny(), rank=4, scale=0.5)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, baselines.LoRALinear)}
+    model = lora.add_lora(fresh_tiny(), rank=4, scale=0.5)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
     randomize([m.lora_B for m in layers.values()], seed=5, std=0.05)
     expected = {n: (m.weight + 0.6 * 0.5 * m.lora_B @ m.lora_A).detach() for n, m in layers.items()}
     biases = {n: m.bias.detach().clone() for n, m in layers.items()}
@@ -310,7 +313,7 @@ def test_linear_probe_starts_at_the_zero_shot_classifier():
     model = fresh_tiny()
     method = setup("linear-probe", model)
     task = fake_task()
-    zs = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    zs = zero_shot_classifier(model, task.classnames, task.templates)
     torch.testing.assert_close(method.classifier, model.logit_scale.exp() * zs)
     assert method.classifier is model.classification_head.weight
 
@@ -430,12 +433,12 @@ def test_in_random_templates_draws_for_the_global_batch():
     prompts = torch.arange(T * C * L).view(T, C, L)
     labels = torch.tensor([0, 3, 1, 1, 2, 0])
     torch.manual_seed(0)
-    one = train.in_random_templates(prompts, labels)
+    one = mpm_nce.in_random_templates(prompts, labels)
     assert one.shape == (6, L)
     for row, label in zip(one, labels):  # row = prompts[t, label] for some template t
         assert any(torch.equal(row, prompts[t, label]) for t in range(T))
     ranks = []
     for ddp_rank in range(2):
         torch.manual_seed(0)  # every rank draws as rank 0 does (data.shared_randint)
-        ranks.append(train.in_random_templates(prompts, labels[3 * ddp_rank : 3 * ddp_rank + 3], (ddp_rank, 2)))
+        ranks.append(mpm_nce.in_random_templates(prompts, labels[3 * ddp_rank : 3 * ddp_rank + 3], (ddp_rank, 2)))
     assert torch.equal(torch.cat(ranks), one)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import load_file
 
+import checkpoints
 import r_adapter as ra
 import reparam
 from clip_model import CLIP, PRESETS, CLIPConfig
@@ -227,33 +228,33 @@ def test_save_load_adapters_and_ema_round_trip(tmp_path):
     randomize_adapters(model, seed=5)
     ema.update(model)
     path = tmp_path / "adapters.safetensors"
-    ra.save_adapters(model, path, ema=ema)
-    assert set(ema.shadow) == set(ra.adapter_state_dict(model))  # the EMA of R-Adapter is over its adapters
-    assert set(load_file(path)) == set(ra.adapter_state_dict(model)) | {f"ema.{n}" for n in ema.shadow}
+    checkpoints.save_adapters(model, path, ema=ema)
+    assert set(ema.W_tilde) == set(ra.adapter_state_dict(model))  # the EMA of R-Adapter is over its adapters
+    assert set(load_file(path)) == set(ra.adapter_state_dict(model)) | {f"ema.{n}" for n in ema.W_tilde}
 
-    loaded = ra.load_adapters(copy.deepcopy(base), path, use_ema=False)
+    loaded = checkpoints.load_adapters(copy.deepcopy(base), path, use_ema=False)
     assert loaded.r_adapter_config == model.r_adapter_config
     images, tokens = batch(cfg)
     assert_equal(features(loaded, images, tokens), features(model, images, tokens))
-    loaded_ema = ra.load_ema(loaded, path)
-    assert loaded_ema.m == 0.99 and all(torch.equal(loaded_ema.shadow[n], w) for n, w in ema.shadow.items())
-    from_ema = ra.load_adapters(copy.deepcopy(base), path)  # the EMA weights by default
+    loaded_ema = checkpoints.load_ema(loaded, path)
+    assert loaded_ema.m == 0.99 and all(torch.equal(loaded_ema.W_tilde[n], w) for n, w in ema.W_tilde.items())
+    from_ema = checkpoints.load_adapters(copy.deepcopy(base), path)  # the EMA weights by default
     with ema.applied(model):
         assert_equal(features(from_ema, images, tokens), features(model, images, tokens))
-    ra.save_adapters(model, tmp_path / "live.safetensors")  # no EMA saved: the live weights
+    checkpoints.save_adapters(model, tmp_path / "live.safetensors")  # no EMA saved: the live weights
     assert_equal(
-        features(ra.load_adapters(copy.deepcopy(base), tmp_path / "live.safetensors"), images, tokens),
+        features(checkpoints.load_adapters(copy.deepcopy(base), tmp_path / "live.safetensors"), images, tokens),
         features(model, images, tokens),
     )
     with pytest.raises(ValueError, match="no EMA"):
-        ra.load_adapters(copy.deepcopy(base), tmp_path / "live.safetensors", use_ema=True)
+        checkpoints.load_adapters(copy.deepcopy(base), tmp_path / "live.safetensors", use_ema=True)
 
     other = random_clip(tiny(vision_layers=1))
     with pytest.raises(ValueError, match="adapters.safetensors"):
-        ra.load_adapters(other, path)
+        checkpoints.load_adapters(other, path)
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="junk.safetensors"):
-        ra.load_adapters(copy.deepcopy(base), tmp_path / "junk.safetensors")
+        checkpoints.load_adapters(copy.deepcopy(base), tmp_path / "junk.safetensors")
 
 
 def open_clip_model(cfg):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from test_r_adapter import assert_close, assert_equal, batch, configs, features, open_clip_model, random_clip, tiny
 
-import baselines
+import lora
 import r_adapter
 import reparam
 import ssf
@@ -20,7 +20,7 @@ from clip_weights import load_clip
 FAST = settings(max_examples=10, deadline=None)
 ADD = {  # method -> attach(model, rank): its one wrapping rule
     "r-adapter": lambda model, rank: r_adapter.add_adapters(model, rank),
-    "lora": lambda model, rank: baselines.add_lora(model, rank or 4),
+    "lora": lambda model, rank: lora.add_lora(model, rank or 4),
     "ssf": lambda model, rank: ssf.add_ssf(model),
 }
 ranks = st.one_of(st.none(), st.integers(1, 8))
@@ -155,13 +155,13 @@ def test_ema_closed_form_over_any_method(method, m, k):
     model = ADD[method](copy.deepcopy(base), 2)
     ema = reparam.EMA(model, m)
     W0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert ema.shadow.keys() == W0.keys() and not set(W0) & set(base.state_dict())
+    assert ema.W_tilde.keys() == W0.keys() and not set(W0) & set(base.state_dict())
     _, moved = trained(method, tiny(), rank=2, seed=1)
     W = {n: p.detach().clone() for n, p in moved.named_parameters() if p.requires_grad}
     model.load_state_dict(moved.state_dict())
     for _ in range(k):
         ema.update(model)
-    for n, w in ema.shadow.items():
+    for n, w in ema.W_tilde.items():
         torch.testing.assert_close(w, m**k * W0[n] + (1 - m**k) * W[n], atol=1e-6, rtol=1e-5)
 
 
@@ -187,4 +187,4 @@ def test_merge_with_ema_folds_the_ema_weights_and_keeps_the_live_ones(method):
     assert not all(torch.equal(v, live_before[k]) for k, v in live.items())
     restored = reparam.EMA(model, 0.5)
     restored.load_state_dict(ema.state_dict())
-    assert restored.m == 0.0 and all(torch.equal(restored.shadow[n], w) for n, w in ema.shadow.items())
+    assert restored.m == 0.0 and all(torch.equal(restored.W_tilde[n], w) for n, w in ema.W_tilde.items())

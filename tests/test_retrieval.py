@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import evaluate
+import mpm_nce
 import r_adapter
 import train
 from clip_model import CLIP, PRESETS, tokenize
@@ -139,13 +141,13 @@ def test_bad_trees_are_clear_errors(tree, tmp_path):
 
 
 def test_train_coco_end_to_end(tree, tmp_path, monkeypatch):
-    labels, real = [], train.mpm_nce_loss
+    labels, real = [], mpm_nce.mpm_nce_loss
 
     def recording(f, g, y, **kwargs):
         labels.append(y.tolist())
         return real(f, g, y, **kwargs)
 
-    monkeypatch.setattr(train, "mpm_nce_loss", recording)
+    monkeypatch.setattr(mpm_nce, "mpm_nce_loss", recording)
     train.main(
         [
             "--data",
@@ -204,7 +206,7 @@ def test_evaluate_retrieval_sweep(tree, tmp_path):
         for name, p in r_adapter.adapter_parameters(model):
             if name.endswith("W_adp"):
                 p.normal_(std=0.3)
-    r_adapter.save_adapters(model, tmp_path / "adapters.safetensors")
+    checkpoints.save_adapters(model, tmp_path / "adapters.safetensors")
     common = ["--model", str(tree / "tiny.safetensors"), "--workers", "0"]
     coco = ["--data", "coco", "--data-root", str(tree)]
     evaluate.main([*common, *coco, "--out", str(tmp_path / "zero-shot")])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import baselines
+import lora
 import r_adapter
 import reparam
 import segment
@@ -215,7 +215,7 @@ def test_merged_r_adapter_equals_unmerged_inside_the_segmenter(at_alpha):
 
 def test_lora_merged_equals_unmerged_inside_the_segmenter():
     model = tiny_segmenter()
-    baselines.add_lora(model.clip, rank=2)
+    lora.add_lora(model.clip, rank=2)
     with torch.no_grad():
         for n, p in model.clip.named_parameters():
             if "lora_B" in n:
@@ -225,7 +225,7 @@ def test_lora_merged_equals_unmerged_inside_the_segmenter():
     with torch.no_grad():
         unmerged = model(images, E)
         with reparam.merged(model.clip, 1.0):
-            assert not any(isinstance(m, baselines.LoRALinear) for m in model.modules())
+            assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
             torch.testing.assert_close(model(images, E), unmerged, rtol=1e-4, atol=1e-5)
 
 

@@ -17,8 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import checkpoints
 import data
 import evaluate
+import mpm_nce
 import r_adapter
 import reparam
 import train
@@ -226,7 +228,7 @@ def test_the_table_scores_the_ema_adapters(imagenet_tree, train_args, tmp_path, 
     merged.safetensors written, with the EMA adapters merged at alpha = 0.5, not the live ones."""
     history, row_features = [], []  # adapters before training and after each step; the row's image features
     probe = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # the tiny CLIP's 32 x 32
-    real_train, real_score = train.train, evaluate.score
+    real_train, real_score = train.fine_tune, evaluate.score
 
     def recording_train(cfg, model, method, *rest, **kw):
         params = r_adapter.adapter_parameters(model)
@@ -243,7 +245,7 @@ def test_the_table_scores_the_ema_adapters(imagenet_tree, train_args, tmp_path, 
             row_features.append(model.encode_image(probe))
         return real_score(model, task, **kw)
 
-    monkeypatch.setattr(train, "train", recording_train)
+    monkeypatch.setattr(train, "fine_tune", recording_train)
     monkeypatch.setattr(evaluate, "score", recording_score)
     m = 0.5
     flags = ("--method", "r-adapter", "--epochs", "2", "--lr", "1e-2", "--m", str(m), "--no-sweep")
@@ -264,8 +266,8 @@ def test_the_table_scores_the_ema_adapters(imagenet_tree, train_args, tmp_path, 
         assert (w - live[n]).abs().max() > 1e-5, n  # ... and lags the live adapters
 
     base = load_clip(imagenet_tree / "tiny.safetensors")
-    r_adapter.load_adapters(base, run_dir / "adapters.safetensors", use_ema=False)
-    saved_ema = r_adapter.load_ema(base, run_dir / "adapters.safetensors")
+    checkpoints.load_adapters(base, run_dir / "adapters.safetensors", use_ema=False)
+    saved_ema = checkpoints.load_ema(base, run_dir / "adapters.safetensors")
     with torch.no_grad():
         with reparam.merged(base, 0.5, ema=saved_ema):
             with_ema = base.encode_image(probe)
@@ -303,14 +305,14 @@ def test_accumulation_equals_the_whole_batch_for_a_per_sample_loss(train_args, t
 def test_accumulated_mpm_nce_contrasts_within_each_micro_batch(train_args, tmp_path, monkeypatch):
     """README (Memory): with --accum-steps k the MPM-NCE batch is the micro-batch, batch / k pairs, and a
     step's loss is the mean of its micro-batches' losses."""
-    calls, real = [], train.mpm_nce_loss
+    calls, real = [], mpm_nce.mpm_nce_loss
 
     def recording(f, g, labels, **kw):
         loss = real(f, g, labels, **kw)
         calls.append((len(f), len(g), len(labels), loss.item()))
         return loss
 
-    monkeypatch.setattr(train, "mpm_nce_loss", recording)
+    monkeypatch.setattr(mpm_nce, "mpm_nce_loss", recording)
     train.main(train_args(tmp_path, "--method", "r-adapter", "--epochs", "1", "--accum-steps", "2", "--no-sweep"))
     assert [c[:3] for c in calls] == [(4, 4, 4)] * 8  # 4 steps of 2 micro-batches of 4
     (logged,) = _adapters_and_losses(tmp_path)[1]

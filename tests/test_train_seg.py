@@ -84,8 +84,8 @@ def test_resume_ends_where_a_straight_run_ends(tiny_path, segmentation_root, tmp
     assert a["step"] == b["step"] == 2
     for k in a["trainable"]:
         assert torch.equal(a["trainable"][k], b["trainable"][k]), k
-    for k in a["ema"]["shadow"]:
-        assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
+    for k in a["ema"]["W_tilde"]:
+        assert torch.equal(a["ema"]["W_tilde"][k], b["ema"]["W_tilde"][k]), k
 
 
 def test_print_config_shows_catsegs_recipe_with_sources(capsys):
