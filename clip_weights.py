@@ -12,6 +12,7 @@ which downloads once to ~/.cache/r-adapter ($RADAPTER_CACHE); offline it fails a
 URL and the path to put the file at.
 """
 
+import hashlib
 import io
 import os
 import pickle
@@ -28,6 +29,8 @@ import torch
 from clip_model import CLIP, PRESETS, CLIPConfig
 
 CACHE_DIR = Path(os.environ.get("RADAPTER_CACHE", Path.home() / ".cache" / "r-adapter"))
+TOY_CLIP = Path(__file__).resolve().parent / "assets" / "toy-clip.safetensors"  # toy_experiments.py pretrains it
+TOY_CLIP_SHA256 = "136ebeb6647eff562301e8338a9ecbc3afb2d91b7f8c71296ae164479ea59cd0"
 
 
 class WeightsError(ValueError):
@@ -361,16 +364,14 @@ def _resolve_name(name):
 def load_clip(source, device="cpu", config=None, quick_gelu=None) -> CLIP:
     """Build our CLIP from public weights.
 
-    source:     'toy' (the shipped toy CLIP, data/toy.py), a checkpoint path (OpenAI TorchScript `.pt`,
+    source:     'toy' (the shipped toy CLIP, load_toy_clip), a checkpoint path (OpenAI TorchScript `.pt`,
                 a state dict `.pt/.pth/.bin` with or without a 'state_dict' wrapper or 'module.' prefix,
                 `.safetensors`) or a hub name ('ViT-B-16', 'ViT-B-16:openai', 'ViT-B-32:laion2b_s34b_b79k').
     config:     a preset name or CLIPConfig the file must match (error otherwise).
     quick_gelu: activation; default from the file's metadata or hub tag, else True (OpenAI).
     """
     if str(source) == "toy":
-        from data import toy  # data.toy builds on this module
-
-        return toy.load_toy_clip(device)
+        return load_toy_clip(device)
     path, hub_quick_gelu = Path(source), None
     if not path.exists():
         path, hub_quick_gelu = _resolve_name(str(source))
@@ -396,6 +397,26 @@ def load_clip(source, device="cpu", config=None, quick_gelu=None) -> CLIP:
     except (KeyError, ValueError) as e:
         raise WeightsError(f"{path}: {e.args[0]}") from None
     return model.float().to(device).eval()
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_toy_clip(device="cpu", path=TOY_CLIP, digest=TOY_CLIP_SHA256):
+    """The shipped toy CLIP, after checking that its bytes are the published ones."""
+    if not path.exists():
+        raise WeightsError(
+            f"{path}: the toy CLIP is missing; restore it with `git checkout -- {path.name}` "
+            f"in {path.parent}, or rebuild it with `python toy_experiments.py` and pass --model PATH"
+        )
+    found = sha256(path)
+    if found != digest:
+        raise WeightsError(
+            f"{path}: SHA-256 {found[:16]}..., expected {digest[:16]}...: the file is damaged or "
+            "was replaced; restore it with git, or pass a rebuilt one with --model PATH"
+        )
+    return load_clip(path, device=device)
 
 
 def save_clip(model: CLIP, path, dtype=None):

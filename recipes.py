@@ -141,7 +141,7 @@ SETTINGS = {
         **dict.fromkeys(("full-ft", "wise-ft"), dict(loss="infonce", lr=1e-5, weight_decay=0.1, min_lr=1e-6)),
     },
     # The offline default job: the shipped toy CLIP, three methods, the alpha sweep. The learning rates
-    # are the toy's lr rule (data/toy.py select_lr): each method's argmax of photo validation accuracy
+    # are the toy's lr rule (toy_experiments.select_lr): each method's argmax of photo validation accuracy
     # over one grid, committed as docs/toy_lr_selection.csv; methods not in that table keep their own.
     "toy": {
         "*": {**TOY_JOB, "method": "zero-shot,full-ft,r-adapter", "sweep": True},

@@ -39,11 +39,12 @@ import data
 import evaluate
 import recipes
 import segment
+import toy_experiments
 import train
 from checkpoints import save_adapters
 from clip_model import autocast_dtype, count_trainable
 from clip_weights import load_clip, save_clip, save_safetensors
-from data import segmentation, toy, toy_scenes
+from data import segmentation, toy_scenes
 from method import Task
 from methods import SEGMENTATION
 
@@ -72,7 +73,7 @@ SOURCES = {  # where each recipe value comes from
 # The offline toy job (--data toy-seg): the toy CLIP on the toy scenes at a CPU budget, over CAT-Seg's recipe.
 # A test scene is one crop large, so the sliding window scores it whole. m = 0.9 as in the toy classification
 # job (recipes.TOY_BUDGET: with 0.999 the EMA would stay near its zero start over a short run). Each method's lr
-# is the toy lr rule's (data/toy.py select_lr, run by --select-lr): its argmax of photo validation mIoU over
+# is the toy lr rule's (toy_experiments.select_lr, run by --select-lr): its argmax of photo validation mIoU over
 # one grid, committed as docs/toy_seg_lr_selection.csv.
 TOY_SEG = dict(
     model="toy",
@@ -283,7 +284,7 @@ def evaluate_sets(model, test_sets, templates, cfg, device):
         per_image[test_set.name] = counts = torch.stack(counts)
         for column, classes in test_set.columns.items():
             scores[column] = segmentation.miou(counts.sum(0), classes).item()
-            scores[f"{column}_se"] = segmentation.bootstrap_se(counts, classes)
+            scores[f"{column}_se"] = claims.bootstrap_se(counts, classes, miou=segmentation.miou)
     return {**scores, "skipped": skipped, "unknown_pixels": unknown, "counts": per_image}
 
 
@@ -302,7 +303,7 @@ def fit(cfg, train_set, device, rank=0, world=1):
     """CAT-Seg on cfg.model with the method's weights trainable, trained on train_set: the segmenter, its
     method.Method, the prompt templates and the number of trainable CLIP parameters."""
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    clip = toy.load_toy_clip(device) if cfg.model == "toy" else load_clip(cfg.model, device=device)
+    clip = load_clip(cfg.model, device=device)
     head = segment.HeadConfig() if clip.config.vision_width >= 768 else segment.SMALL
     templates = recipes.templates(cfg.prompts, [])
     torch.manual_seed(cfg.seed)  # the same head for every method
@@ -347,7 +348,9 @@ def run(cfgs, device, rank=0, world=1):
         print(f"mIoU (%) ± bootstrap SE over images; wrote {out / 'results.csv'}")
         runs, tested = {r["run"] for r in rows}, set(rows[0]["counts"])
         if cfgs[0].data == "toy-seg" and {"full", "r-adapter"} <= runs and set(toy_scenes.TESTS) <= tested:
-            checked = claims.toy_seg_claims(rows, cfgs[0].alpha)
+            checked = claims.toy_seg_claims(
+                rows, cfgs[0].alpha, tests=toy_scenes.TESTS, unseen=toy_scenes.UNSEEN, miou=segmentation.miou
+            )
             (out / "claims.json").write_text(json.dumps(checked, indent=2))
             print("\nR-Adapter's claim, checked (delta and se in points; 'within noise' when |delta| < 2 se):")
             for c in checked:
@@ -357,7 +360,7 @@ def run(cfgs, device, rank=0, world=1):
 
 
 def select_lr(cfgs, device, rank=0, world=1):
-    """The toy lr rule (data/toy.py select_lr) for segmentation: each method of the command at every lr of
+    """The toy lr rule (toy_experiments.select_lr) for segmentation: each method of the command at every lr of
     the grid, the rest of its recipe kept, scored by mIoU on the photo validation scenes (seen classes; never
     test, unseen or shifted scenes) at its fully fine-tuned end (R-Adapter merged at alpha = 1)."""
     by_method = {cfg.method: cfg for cfg in cfgs}
@@ -371,7 +374,9 @@ def select_lr(cfgs, device, rank=0, world=1):
             scores = evaluate_sets(model, [val], templates, cfg, device)
         return scores[val.name], scores[f"{val.name}_se"]
 
-    toy.select_lr(list(by_method), grid=toy.LR_GRID, score=score, metric="val_miou", out=TOY_SEG_LR_TABLE)
+    toy_experiments.select_lr(
+        list(by_method), grid=toy_experiments.LR_GRID, score=score, metric="val_miou", out=TOY_SEG_LR_TABLE
+    )
 
 
 def export(cfg, model, method):

@@ -233,17 +233,3 @@ def miou(counts, classes=None):
         present &= torch.isin(torch.arange(counts.shape[-1]), torch.as_tensor(classes))
     iou = torch.where(present, inter / union.clamp(min=1), 0.0)
     return 100 * iou.sum(-1) / present.sum(-1)
-
-
-def bootstrap_se(counts, classes=None, samples=1000, seed=0, baseline=None):
-    """Standard error of miou over images: its spread over `samples` resamplings of the images (with
-    replacement). counts: [N, 3, C], one row per image. With baseline (another model's counts on the same
-    images), the paired SE of the difference miou(counts) - miou(baseline), both on each resampling."""
-    n = len(counts)
-    picks = torch.randint(n, (samples, n), generator=torch.Generator().manual_seed(seed))
-    times = torch.zeros(samples, n, dtype=torch.float64).scatter_add_(
-        1, picks, torch.ones(samples, n, dtype=torch.float64)
-    )
-    resampled = lambda c: miou(torch.einsum("sn,nkc->skc", times, c.double()), classes)
-    values = resampled(counts) - (0 if baseline is None else resampled(baseline))  # [samples]
-    return values[~values.isnan()].std().item()  # a resampling in which no class is present has no mIoU

@@ -10,8 +10,7 @@ import clip_weights
 import evaluate
 import train
 from clip_model import CLIP, PRESETS
-from clip_weights import WeightsError, load_clip, save_clip
-from data import toy
+from clip_weights import TOY_CLIP, WeightsError, load_clip, load_toy_clip, save_clip
 
 NAMES = {"ViT-B-16": "openaipublic.azureedge.net", "ViT-B-32:laion2b_s34b_b79k": "huggingface.co"}
 
@@ -71,8 +70,8 @@ def test_every_entry_point_takes_names_and_fails_at_once_offline(entry, name, tr
 
 
 def test_toy_is_the_checked_shipped_file():
-    assert load_clip("toy").state_dict().keys() == toy.load_toy_clip().state_dict().keys()
-    a, b = load_clip("toy").state_dict(), load_clip(toy.TOY_CLIP).state_dict()
+    assert load_clip("toy").state_dict().keys() == load_toy_clip().state_dict().keys()
+    a, b = load_clip("toy").state_dict(), load_clip(TOY_CLIP).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

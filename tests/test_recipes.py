@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import recipes
+import toy_experiments
 import train
-from data import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = (
@@ -115,9 +115,9 @@ def test_full_ft_prints_wise_fts_imagenet_recipe():
 
 def test_toy_lrs_are_the_selection_tables_argmax():
     """The toy recipe's learning rates are the argmax rows of the committed lr-selection table
-    (photo validation accuracy over one grid, data/toy.py select_lr); wise-ft trains as full-ft."""
-    table = toy.selected_lrs()
-    assert set(table) == {"full-ft", toy.BLOCKS_ONLY, "r-adapter"}
+    (photo validation accuracy over one grid, toy_experiments.select_lr); wise-ft trains as full-ft."""
+    table = toy_experiments.selected_lrs()
+    assert set(table) == {"full-ft", toy_experiments.BLOCKS_ONLY, "r-adapter"}
     for method in ("full-ft", "r-adapter"):
         (cfg,) = train.parse_args(["--method", method])
         assert cfg.lr == table[method], method
@@ -128,7 +128,7 @@ def test_toy_lrs_are_the_selection_tables_argmax():
 
 def test_toy_base_to_new_lrs_are_the_selection_tables_argmax():
     """The same for `--data toy --split base`: its table scores base-class validation images only."""
-    table = toy.selected_lrs("base")
+    table = toy_experiments.selected_lrs("base")
     assert set(table) == set(recipes.TOY_B2N_LR) == {"coop", "cocoop", "clipfit", "r-adapter"}
     for cfg in train.parse_args(["--data", "toy", "--split", "base", "--method", ",".join(table)]):
         assert cfg.lr == table[cfg.method], cfg.method
@@ -137,11 +137,11 @@ def test_toy_base_to_new_lrs_are_the_selection_tables_argmax():
 
 def assert_argmax_of_the_grid(split, table):
     """Every lr of the grid was tried for every method of the table, and the selected one scored highest."""
-    with open(toy.LR_TABLES[split]) as f:
+    with open(toy_experiments.LR_TABLES[split]) as f:
         rows = list(csv.DictReader(f))
     for method in table:
         scores = {float(r["lr"]): float(r["val_top1"]) for r in rows if r["method"] == method}
-        assert sorted(scores) == sorted(toy.LR_GRID) and scores[table[method]] == max(scores.values())
+        assert sorted(scores) == sorted(toy_experiments.LR_GRID) and scores[table[method]] == max(scores.values())
 
 
 def test_the_rest_of_each_setting():

@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import toy_experiments
 import train
 from clip_model import CLIP, PRESETS, TINY
-from clip_weights import load_clip
-from data import DataError, toy
+from clip_weights import TOY_CLIP, WeightsError, load_clip, load_toy_clip
+from data import toy
 
 
 @pytest.fixture
@@ -100,15 +101,15 @@ def test_base_to_new_job_smoke(tmp_path, small_toy):
 
 
 def test_base_to_new_lr_rule_scores_base_class_validation_images(tmp_path, small_toy, monkeypatch):
-    """data/toy.py select_lr with --split base at one epoch: each method at each lr of the grid, scored
+    """toy_experiments.select_lr with --split base at one epoch: each method at each lr of the grid, scored
     on the 6 base classes' validation images only (18 here), the argmax selected."""
     import recipes
 
     budget = {**recipes.TOY_B2N_BUDGET, "epochs": 1, "batch_size": 6}
     monkeypatch.setitem(recipes.SETTINGS["toy-base-to-novel"], "all", budget)
     monkeypatch.setitem(recipes.SETTINGS["toy-base-to-novel"]["*"], "shots", 2)
-    monkeypatch.setitem(toy.LR_TABLES, "base", tmp_path / "selection.csv")
-    toy.select_lr(["coop", "r-adapter"], split="base", grid=(1e-3, 1e-1))
+    monkeypatch.setitem(toy_experiments.LR_TABLES, "base", tmp_path / "selection.csv")
+    toy_experiments.select_lr(["coop", "r-adapter"], split="base", grid=(1e-3, 1e-1))
     with open(tmp_path / "selection.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], float(r["lr"])) for r in rows] == [
@@ -121,24 +122,24 @@ def test_base_to_new_lr_rule_scores_base_class_validation_images(tmp_path, small
         mine = [r for r in rows if r["method"] == method]
         best = max(mine, key=lambda r: float(r["val_top1"]))
         assert [r["selected"] for r in mine] == ["1" if r is best else "0" for r in mine]
-    assert toy.selected_lrs("base") == {r["method"]: float(r["lr"]) for r in rows if r["selected"] == "1"}
+    assert toy_experiments.selected_lrs("base") == {r["method"]: float(r["lr"]) for r in rows if r["selected"] == "1"}
 
 
 def test_shipped_toy_clip_is_checked_like_a_download(tmp_path):
-    model = toy.load_toy_clip()  # the digest in toy.py matches the file in assets/
+    model = load_toy_clip()  # the digest in clip_weights.py matches the file in assets/
     assert model.config == PRESETS["toy"]
-    assert toy.TOY_CLIP.stat().st_size <= 10 * 2**20
+    assert TOY_CLIP.stat().st_size <= 10 * 2**20
 
     damaged = tmp_path / "toy-clip.safetensors"
-    shutil.copy(toy.TOY_CLIP, damaged)
+    shutil.copy(TOY_CLIP, damaged)
     blob = bytearray(damaged.read_bytes())
     blob[-1] ^= 1  # one bit of one weight
     damaged.write_bytes(bytes(blob))
     assert load_clip(damaged).config == PRESETS["toy"]  # still a loadable CLIP ...
     with pytest.raises(ValueError, match=f"{damaged}: SHA-256 .* expected"):  # ... but not the published one
-        toy.load_toy_clip(path=damaged)
-    with pytest.raises(DataError, match="toy CLIP is missing"):
-        toy.load_toy_clip(path=tmp_path / "absent.safetensors")
+        load_toy_clip(path=damaged)
+    with pytest.raises(WeightsError, match="toy CLIP is missing"):
+        load_toy_clip(path=tmp_path / "absent.safetensors")
 
 
 def test_linear_probe_fits_the_regularised_optimum_on_pre_projection_features():
@@ -148,26 +149,26 @@ def test_linear_probe_fits_the_regularised_optimum_on_pre_projection_features():
     x = torch.randn(400, 6, generator=g)
     y = (x[:, :3] + 0.7 * torch.randn(400, 3, generator=g)).argmax(1)
     for lam in (1e-3, 1e-1):
-        W, b = (t.requires_grad_() for t in toy.logistic_regression(x, y, lam, 3))
+        W, b = (t.requires_grad_() for t in toy_experiments.logistic_regression(x, y, lam, 3))
         loss = torch.nn.functional.cross_entropy(x @ W.T + b, y) + lam / 2 * W.pow(2).sum()
         assert max(grad.abs().max().item() for grad in torch.autograd.grad(loss, (W, b))) < 1e-4
-    assert toy.accuracy(*toy.logistic_regression(x, y, 1e-3, 3), x, y) > 60  # chance: 33
+    assert toy_experiments.accuracy(*toy_experiments.logistic_regression(x, y, 1e-3, 3), x, y) > 60  # chance: 33
 
     torch.manual_seed(0)
     model = CLIP(TINY).eval()
     images = torch.randn(5, 3, 32, 32)
     dataset = torch.utils.data.TensorDataset(images, torch.arange(5))  # a ToySplit's interface: items, labels
     dataset.labels = [0, 1, 2, 3, 4]
-    pooled, labels = toy.features(model, dataset, batch_size=2)
+    pooled, labels = toy_experiments.features(model, dataset, batch_size=2)
     assert pooled.shape == (5, TINY.vision_width) and labels.tolist() == dataset.labels
     torch.testing.assert_close(model.visual.head(pooled), model.encode_image(images).detach())
 
 
 def test_toy_pretraining_is_deterministic():
-    recipe = {**toy.TOY_PRETRAIN, "pairs": 64, "steps": 3, "batch_size": 16, "warmup": 1}
-    a, b = (toy.pretrain(recipe, eval_every=0).state_dict() for _ in range(2))
+    recipe = {**toy_experiments.TOY_PRETRAIN, "pairs": 64, "steps": 3, "batch_size": 16, "warmup": 1}
+    a, b = (toy_experiments.pretrain(recipe, eval_every=0).state_dict() for _ in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = toy.pretrain({**recipe, "seed": 1}, eval_every=0).state_dict()
+    c = toy_experiments.pretrain({**recipe, "seed": 1}, eval_every=0).state_dict()
     assert not torch.equal(a["text.proj.weight"], c["text.proj.weight"])
 
 

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import toy_experiments
 import train_seg
 from clip_model import CLIP, PRESETS
 from clip_weights import load_clip, save_clip
 from conftest import write_segmentation_tree
-from data import toy, toy_scenes
+from data import toy_scenes
 from data.segmentation import LAYOUTS
 
 TINY = PRESETS["tiny"]
@@ -170,7 +171,7 @@ def test_toy_seg_job_end_to_end(tmp_path, small_scenes, patch4_path, model):
 
 def test_toy_seg_select_lr_writes_each_methods_argmax(tmp_path, small_scenes, monkeypatch):
     monkeypatch.setattr(train_seg, "TOY_SEG_LR_TABLE", tmp_path / "table.csv")
-    monkeypatch.setattr(toy, "LR_GRID", (1e-4, 1e-1))
+    monkeypatch.setattr(toy_experiments, "LR_GRID", (1e-4, 1e-1))
     train_seg.main(
         ["--data", "toy-seg", "--select-lr", "--method", "frozen,r-adapter", "--iterations", "2", "--batch-size", "2"]
     )
@@ -187,15 +188,15 @@ def test_toy_seg_select_lr_writes_each_methods_argmax(tmp_path, small_scenes, mo
 
 def test_toy_seg_lrs_are_the_selection_tables_argmax():
     """The toy recipe's lrs are the argmax rows of the committed table (photo validation mIoU over the grid
-    of data/toy.py's lr rule), and --print-config names the table as their source."""
-    table = toy.selected_lrs(path=train_seg.TOY_SEG_LR_TABLE)
+    of toy_experiments.py's lr rule), and --print-config names the table as their source."""
+    table = toy_experiments.selected_lrs(path=train_seg.TOY_SEG_LR_TABLE)
     cfgs, _, given = train_seg.parse_args(["--data", "toy-seg"])
     assert {cfg.method: cfg.lr for cfg in cfgs} == table == train_seg.TOY_SEG_LR
     with open(train_seg.TOY_SEG_LR_TABLE) as f:
         rows = list(csv.DictReader(f))
     for method in table:  # every lr of the grid was tried, and the selected one scored highest
         scores = {float(r["lr"]): float(r["val_miou"]) for r in rows if r["method"] == method}
-        assert sorted(scores) == sorted(toy.LR_GRID) and scores[table[method]] == max(scores.values())
+        assert sorted(scores) == sorted(toy_experiments.LR_GRID) and scores[table[method]] == max(scores.values())
     shown = train_seg.describe(cfgs[0], given)
     assert shown["lr"]["source"] == "toy lr rule: docs/toy_seg_lr_selection.csv"
     assert shown["crop"] == {"value": toy_scenes.SIZE, "source": "toy-seg recipe (this repository)"}

@@ -1,0 +1,294 @@
+"""The toy CLIP's experiments: its pretraining, the learning-rate rule and the analogy check (docs/toy.md).
+
+The paper fine-tunes CLIP weights pretrained elsewhere (OpenAI's, on 400M web pairs). The toy jobs do the
+same: `pretrain` trains the `toy` preset on toy_world's web corpus once, and the result ships as
+assets/toy-clip.safetensors (fp16), which `--model toy` loads after checking its SHA-256
+(clip_weights.load_toy_clip), as a downloaded checkpoint would be checked. Pretraining is CLIP's
+(Radford et al., ICML 2021, Sec. 2.5) in miniature: symmetric InfoNCE with the learned logit scale
+clamped at 100, AdamW with linear warm-up and cosine decay, and no weight decay on gains, biases, the
+class token and the logit scale (as open_clip does).
+
+    OMP_NUM_THREADS=1 python toy_experiments.py --out PATH   # rebuild (31 min on 1 CPU core), print the digest
+    python train.py --model PATH                             # fine-tune a rebuilt one
+
+The lr rule: each method trained at every lr of one grid and scored on photo validation images at its
+fully fine-tuned end; the argmax is its toy lr. With --split base the runs are those of `train.py --data
+toy --split base` (16 shots of the 6 base classes), scored on the base classes' validation images.
+
+    python toy_experiments.py --select-lr full-ft,full-ft-blocks,r-adapter            # docs/toy_lr_selection.csv
+    python toy_experiments.py --select-lr coop,cocoop,clipfit,r-adapter --split base  # docs/toy_b2n_lr_selection.csv
+    python toy_experiments.py --check   # the analogy with CLIP on ImageNet: its two figures
+"""
+
+import argparse
+import csv
+import dataclasses
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import evaluate
+import recipes
+import train
+from clip_model import CLIP, CLIP_MEAN, CLIP_STD, PRESETS, tokenize
+from clip_weights import load_toy_clip, save_clip, sha256
+from data import toy_world
+from data.toy import task, validation
+from methods import METHODS
+from mpm_nce import infonce_loss
+
+TOY_PRETRAIN = dict(pairs=200_000, steps=4500, batch_size=256, lr=1e-3, warmup=100, weight_decay=0.1, seed=0)
+
+
+# ------------------------------------------------------------------ pretraining the toy CLIP
+def normalise(images):
+    """uint8 [N, 3, H, W] -> float, normalised as every CLIP input is."""
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return (images.float() / 255 - mean) / std
+
+
+@torch.no_grad()
+def zero_shot_photo(model, test):
+    """Zero-shot top-1 (%) on toy-photo test: the number the pretraining is for."""
+    texts = [t.format(c) for c in toy_world.CLASSNAMES for t in toy_world.TEMPLATES]
+    g = model.encode_text(tokenize(texts, model.config.context_length), normalize=True)
+    classifier = torch.nn.functional.normalize(
+        g.view(len(toy_world.CLASSNAMES), len(toy_world.TEMPLATES), -1).mean(1), dim=-1
+    )  # [C, e]
+    f = torch.cat([model.encode_image(x, normalize=True) for x in normalise(test.images).split(1000)])
+    return 100 * (f @ classifier.T).argmax(1).eq(torch.tensor(test.labels)).float().mean().item()
+
+
+def lr_at(step, p):
+    if step < p["warmup"]:
+        return p["lr"] * (step + 1) / p["warmup"]
+    return 0.5 * p["lr"] * (1 + math.cos(math.pi * (step - p["warmup"]) / max(1, p["steps"] - p["warmup"])))
+
+
+def pretrain(p=TOY_PRETRAIN, eval_every=500, snapshot=None):
+    """The toy CLIP, pretrained on p['pairs'] web pairs for p['steps'] steps; seeded, so a rerun with
+    the same torch build and thread count gives the same weights. snapshot(model, step), if given, is
+    called every eval_every steps."""
+    torch.manual_seed(p["seed"])
+    model = CLIP(PRESETS["toy"]).train()
+    web = toy_world.WebCorpus(p["pairs"], seed=p["seed"])
+    images, tokens = normalise(web.images), tokenize(web.captions, model.config.context_length)  # [n,3,32,32], [n,L]
+    test = toy_world.ToySplit("photo", 250, split="test") if eval_every else None
+    no_decay = {n for n, q in model.named_parameters() if q.ndim < 2 or n == "visual.cls_token"}
+    groups = [[q for n, q in model.named_parameters() if (n in no_decay) == skip] for skip in (False, True)]
+    optimizer = torch.optim.AdamW(
+        [{"params": groups[0], "weight_decay": p["weight_decay"]}, {"params": groups[1], "weight_decay": 0.0}],
+        lr=p["lr"],
+    )
+    order = torch.randperm(len(images))
+    for step in tqdm(range(p["steps"]), desc="pretraining the toy CLIP", mininterval=10):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, p)
+        idx = order[torch.arange(step * p["batch_size"], (step + 1) * p["batch_size"]) % len(order)]
+        f, g, s = model(images[idx], tokens[idx])
+        loss = infonce_loss(f, g, tau=1 / s)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if eval_every and (step + 1) % eval_every == 0:
+            model.eval()
+            tqdm.write(
+                f"step {step + 1}: InfoNCE {loss.item():.3f}, zero-shot toy-photo {zero_shot_photo(model, test):.1f}%"
+            )
+            if snapshot:
+                snapshot(model, step + 1)
+            model.train()
+    return model.eval()
+
+
+# ------------------------------------------ the analogy with CLIP on ImageNet, and the lr rule
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+DOCS = Path(__file__).resolve().parent / "docs"
+LR_TABLES = {None: DOCS / "toy_lr_selection.csv", "base": DOCS / "toy_b2n_lr_selection.csv"}  # by --split
+BLOCKS_ONLY = "full-ft-blocks"  # full-ft with everything before the first image block frozen (--check)
+
+
+def freeze_before_blocks(model):
+    """Freeze what the image tower computes before its first block: the patch embedding, the class
+    token, the position embedding and ln_pre (CLIP ViT-B/16: 0.7% of the tower)."""
+    visual = model.visual
+    for module in (visual.patch_embed, visual.norm_pre):
+        module.requires_grad_(False)
+    visual.cls_token.requires_grad_(False)
+    visual.pos_embed.requires_grad_(False)
+
+
+def fine_tune(method, lr, run_dir, seed=0, split=None):
+    """One run of `method` (or BLOCKS_ONLY) on the toy task (split='base': its base classes) with its
+    toy recipe at learning rate `lr`. Returns the fine-tuned model, its method.Method and config."""
+    argv = ["--method", "full-ft" if method == BLOCKS_ONLY else method, "--lr", str(lr)]
+    cfg = train.parse_args(argv + (["--split", split] if split else []))[0]
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir), seed=seed, sweep=False)
+    model = load_toy_clip()
+    data = train.build_data(cfg, model)[0]
+    fitted = METHODS[cfg.method](model, cfg, train.task_for(cfg, model, data))
+    if method == BLOCKS_ONLY:
+        freeze_before_blocks(model)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    train.fine_tune(cfg, model, fitted, data.train, torch.device("cpu"))
+    return model, fitted, cfg
+
+
+def top1(model, fitted, cfg, task):
+    """Top-1 (%) and its SE on task.test, among task.classnames, at the method's fully fine-tuned end:
+    merged at alpha = 1 for R-Adapter and WiSE-FT, the plain model for the rest."""
+    task = dataclasses.replace(task, train=None, ood=[])
+    with fitted.weights(1.0 if fitted.curve else None):
+        classifier = fitted.classifier if fitted.classifier_for is None else fitted.classifier_for(task.classnames)
+        row = evaluate.evaluate_task(
+            model, task, classifier=classifier, prompts=recipes.templates(cfg.eval_prompts, task.templates), workers=0
+        )
+    return row[task.test.name], row[f"{task.test.name}_se"]
+
+
+def select_lr(methods, split=None, grid=LR_GRID, score=None, metric="val_top1", out=None):
+    """The learning-rate rule: each method at every lr of `grid`, scored on a validation split (never on
+    test, OOD or new classes) by score(method, lr, run_dir) -> (value, SE), by default top-1 on the photo
+    validation split (split='base': its base-class images); writes method, lr, the value (as column
+    `metric`), its SE and the selected flag to `out` (default LR_TABLES[split])."""
+    out = out or LR_TABLES[split]
+    score = score or (lambda method, lr, run_dir: top1(*fine_tune(method, lr, run_dir, split=split), validation(split)))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            for lr in grid:
+                value, se = score(method, lr, Path(tmp) / f"{method}-{lr:g}")
+                print(f"{method} lr {lr:g}: {metric} {value:.2f} ± {se:.2f}")
+                rows.append({"method": method, "lr": lr, metric: round(value, 2), "val_se": round(se, 2)})
+    for method in methods:
+        best = max((r for r in rows if r["method"] == method), key=lambda r: r[metric])
+        for r in rows:
+            if r["method"] == method:
+                r["selected"] = int(r is best)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
+def selected_lrs(split=None, path=None):
+    """{method: lr} of a selection table's argmax rows (default LR_TABLES[split])."""
+    with open(path or LR_TABLES[split]) as f:
+        return {r["method"]: float(r["lr"]) for r in csv.DictReader(f) if r["selected"] == "1"}
+
+
+@torch.no_grad()
+def features(model, dataset, batch_size=1000):
+    """[n, width] image features and [n] labels of a ToySplit: the class token after the final norm, before
+    the projection to the embedding space, where CLIP's linear probes read (Radford et al. 2021, A.3)."""
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    visual = model.visual
+    pooled = [visual.forward_head(visual.forward_features(b), pre_logits=True) for b in x.split(batch_size)]
+    return torch.cat(pooled), torch.tensor(dataset.labels)
+
+
+def logistic_regression(x, y, lam, n_classes):
+    """Multinomial logistic regression by L-BFGS: mean CE + lam / 2 ||W||^2 (bias unpenalised), as
+    the CLIP paper's linear probes (Radford et al. 2021, Sec. 3.2, A.3; sklearn's C = 1 / (lam n)).
+    x [n, d], y [n] -> W [C, d], b [C]."""
+    W = torch.zeros(n_classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([W, b], max_iter=1000, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ W.T + b, y) + lam / 2 * W.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return W.detach(), b.detach()
+
+
+def accuracy(W, b, x, y):
+    """Top-1 (%) of the linear classifier (W, b) on features x [n, d] with labels y [n]."""
+    return 100 * (x @ W.T + b).argmax(1).eq(y).float().mean().item()
+
+
+def linear_probe_gap(model):
+    """(zero-shot, linear probe) top-1 (%) on toy-photo test: the probe fitted on frozen features of the
+    photo training images, its L2 strength chosen on the photo validation split."""
+    data = task()
+    (x, y), (xv, yv), (xt, yt) = (
+        features(model, s) for s in (data.train, validation().test.dataset, data.test.dataset)
+    )
+    mean, std = x.mean(0), x.std(0)  # standardised features: one lambda grid fits every model
+    x, xv, xt = ((z - mean) / std for z in (x, xv, xt))
+    C = len(toy_world.CLASSNAMES)
+    fits = [logistic_regression(x, y, lam, C) for lam in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)]
+    W, b = max(fits, key=lambda fit: accuracy(*fit, xv, yv))
+    return zero_shot_photo(model, data.test.dataset), accuracy(W, b, xt, yt)
+
+
+def check():
+    """The two properties that make the toy stand for CLIP on ImageNet (docs/toy.md, "What the toy stands for")."""
+    model = load_toy_clip()
+    zero_shot, probe = linear_probe_gap(model)
+    print(f"strong features, imperfect alignment: zero-shot {zero_shot:.1f}, linear probe {probe:.1f} on toy-photo")
+    print(f"  probe - zero-shot = {probe - zero_shot:+.1f} points (CLIP ViT-B/16 on ImageNet: 80.2 - 68.3 = +11.9)")
+    lrs = selected_lrs()
+    gains = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("full-ft", BLOCKS_ONLY):
+            fitted = fine_tune(method, lrs[method], Path(tmp) / method)
+            gains[method] = top1(*fitted, task())[0] - zero_shot
+            print(f"  {method} at its selected lr {lrs[method]:g}: ID gain {gains[method]:+.1f} points")
+    share = 100 * gains[BLOCKS_ONLY] / gains["full-ft"]
+    print(f"the gain lives in the blocks: full-ft with everything before the first block frozen reaches {share:.0f}%")
+    print("  of full-ft's ID gain (CLIP ViT-B/16: the patch embedding is 0.7% of the image tower)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/toy-clip.safetensors", help="where to write the fp16 weights")
+    parser.add_argument("--eval-every", type=int, default=500, help="print zero-shot toy-photo every N steps")
+    parser.add_argument("--snapshots", action="store_true", help="also save the weights every --eval-every steps")
+    parser.add_argument(
+        "--select-lr",
+        metavar="METHODS",
+        help=f"instead: the lr rule for these comma-separated methods ({BLOCKS_ONLY} too), written to "
+        f"docs/{LR_TABLES[None].name}",
+    )
+    parser.add_argument(
+        "--split",
+        choices=["base"],
+        help=f"--select-lr on the base-to-new task, written to docs/{LR_TABLES['base'].name}",
+    )
+    parser.add_argument("--check", action="store_true", help="instead: print the toy CLIP's two analogy figures")
+    args = parser.parse_args(argv)
+    if args.split and not args.select_lr:
+        parser.error("--split: it picks the task of --select-lr METHODS, which is not given")
+    if args.check:
+        return check()
+    if args.select_lr:
+        return select_lr(args.select_lr.split(","), args.split)
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def snapshot(model, step):
+        save_clip(model, out.with_name(f"{out.stem}.step{step}.safetensors"), dtype=torch.float16)
+
+    model = pretrain(eval_every=args.eval_every, snapshot=snapshot if args.snapshots else None)
+    save_clip(model, out, dtype=torch.float16)
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, SHA-256 {sha256(out)}) "
+        f"in {(time.perf_counter() - start) / 60:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()
