@@ -100,9 +100,10 @@ class Attention(nn.Module):
 
     def forward(self, x):  # x: [N, L, width]
         N, L, D = x.shape
-        q, k, v = self.qkv(x).view(N, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(N, L, 3, self.heads, D // self.heads)  # [N, L, 3, heads, D/heads]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [N, heads, L, D/heads]
         x = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [N, heads, L, D/heads]
-        return self.proj(x.transpose(1, 2).reshape(N, L, D))
+        return self.proj(x.transpose(1, 2).reshape(N, L, D))  # heads side by side: [N, L, D]
 
 
 class Mlp(nn.Module):

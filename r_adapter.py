@@ -53,9 +53,10 @@ class Adapter(nn.Module):
         z = y @ self.W_adp if self.rank is None else F.linear(F.linear(y, self.A), self.B)
         if self.s is not None:
             z = z * self.s
-        if self.training and self.drop_p > 0:
+        if self.training and self.drop_p > 0:  # gamma ~ Bernoulli(1 - p), the branch scaled by gamma / (1 - p)
+            # one gamma per sample, [N, 1, 1], or per token position shared by the batch, [1, L, 1]
             shape = (len(z),) + (1,) * (z.dim() - 1) if self.drop_mode == "sample" else (1, *z.shape[1:-1], 1)
-            z = z * z.new_empty(shape).bernoulli_(1 - self.drop_p) / (1 - self.drop_p)
+            z = z * z.new_empty(shape).bernoulli_(1 - self.drop_p) / (1 - self.drop_p)  # [N, L, d]
         return z
 
     def linear_weight(self):
