@@ -42,13 +42,16 @@ import prompt_learners
 import r_adapter
 import recipes
 import reparam
+import report
 import ssf
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
 from clip_weights import WeightsError, load_clip, save_clip, save_safetensors
-from data import SeededAugment, StepSampler, coop, retrieval, seed_of, shared_randint
+from data import SeededAugment, StepSampler, coop, retrieval, seed_of
+from distributed import shared_randint
 from faults import read_checkpoint, restore, save_checkpoint
 from mpm_nce import gather_features, infonce_loss, mpm_nce_loss
 from run_log import RunLog
+from zero_shot import zero_shot_classifier
 
 # Re-parameterisable methods: each wraps layers by its one rule; reparam.py merges any of them alike,
 # evaluated at alpha (recipes.py: 0.5 for R-Adapter, 1 for LoRA and SSF). A fourth one is one line here.
@@ -200,7 +203,7 @@ def setup_method(model, cfg, task):
         return Method(loss=learner.loss(model, names, tau), rows=plain, classifier_for=classifier_for)
     head = None  # full-ft, wise-ft and linear-probe: WiSE-FT's head, initialised from the zero-shot classifier
     if names and cfg.method in ("full-ft", "wise-ft", "linear-probe", "prolip"):
-        classifier = evaluate.zero_shot_classifier(model, names, recipes.templates(cfg.eval_prompts, task.templates))
+        classifier = zero_shot_classifier(model, names, recipes.templates(cfg.eval_prompts, task.templates))
         if cfg.method == "prolip":
             lam = baselines.prolip_weight(cfg.shots, len(task.train), len(names))
             return Method(loss=baselines.prolip(model, classifier, tau, lam), rows=plain)
@@ -358,7 +361,7 @@ def check_paths(cfg):
 
 def run(cfgs, device, ddp_rank=0, world_size=1):
     """Train and evaluate each method in turn, once per seed; one table (and alpha sweep) for all of them,
-    pooled over the seeds (evaluate.pool_seeds)."""
+    pooled over the seeds (report.pool_seeds)."""
     for cfg in cfgs:
         check_paths(cfg)
     out = Path(cfgs[0].run_dir or f"runs/{cfgs[0].data}")
@@ -370,8 +373,8 @@ def run(cfgs, device, ddp_rank=0, world_size=1):
         runs.append(run_methods(seeded, seed_dir, device, ddp_rank, world_size))
     if ddp_rank != 0 or not runs[0][0]:
         return [], {}
-    rows, curves = evaluate.pool_seeds([r for r, _, _ in runs], [c for _, c, _ in runs])
-    evaluate.report(rows, curves, out, cfgs[0], runs[0][2])
+    rows, curves = report.pool_seeds([r for r, _, _ in runs], [c for _, c, _ in runs])
+    report.report(rows, curves, out, cfgs[0], runs[0][2])
     return rows, curves
 
 
@@ -398,7 +401,7 @@ def run_methods(cfgs, out, device, ddp_rank=0, world_size=1):
         classifier = method.classifier if method.classifier_for is None else method.classifier_for(eval_task.classnames)
         kwargs = dict(split=cfg.split, prompts=prompts, classifier=classifier, workers=cfg.workers)
         kwargs["autocast_dtype"] = autocast_dtype(device)
-        if method.curve and cfg.sweep:  # every rank scores its shard of each set (evaluate.shard)
+        if method.curve and cfg.sweep:  # every rank scores its shard of each set (distributed.shard)
             curves[method.curve] = evaluate.sweep(model, eval_task, evaluate.ALPHAS, method.weights, **kwargs)
         first = len(rows)
         for name, alpha in method.rows:
@@ -409,7 +412,7 @@ def run_methods(cfgs, out, device, ddp_rank=0, world_size=1):
                 row = dict(method=name, run=cfg.method, alpha=alpha, trainable=n_train)
                 rows.append(row | {k: v for k, v in score.items() if k != "alpha"})
         if ddp_rank == 0:
-            print(evaluate.format_table(rows[first:]))
+            print(report.format_table(rows[first:]))
             export(cfg, model, method)
     return rows, curves, eval_task
 

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 import baselines
 import clipfit
-import evaluate
 import prompt_learners
 import recipes
 import reparam
@@ -22,6 +21,7 @@ import train
 from clip_model import CLIP, PRESETS, tokenize
 from clip_weights import load_clip, save_clip
 from data import toy
+from zero_shot import zero_shot_classifier
 
 TINY = PRESETS["tiny"]
 N_TINY = sum(p.numel() for p in CLIP(TINY).parameters())
@@ -153,7 +153,7 @@ def test_full_ft_is_wise_ft_end_to_end_image_tower_and_zero_shot_head(method):
     cross-entropy over the head's logits on normalised image features."""
     model = fresh_tiny()
     task = fake_task()
-    zs = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    zs = zero_shot_classifier(model, task.classnames, task.templates)
     fitted = setup(method, model)
     visual = {f"visual.{n}" for n, _ in model.visual.named_parameters()}
     assert trainable(model) == visual | {"classification_head.weight"}
@@ -220,7 +220,7 @@ def test_prolip_starts_at_zero_shot_and_weights_its_anchor_by_one_over_n():
     assert baselines.prolip_weight(4, 30, 3) == 1 / 4 and baselines.prolip_weight(None, 30, 3) == 1 / 10
     model = fresh_tiny()
     task = fake_task()
-    classifier = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    classifier = zero_shot_classifier(model, task.classnames, task.templates)
     method = setup("prolip", model, shots=4)
     assert trainable(model) == {"visual.head.weight"}
     images, labels = batch()
@@ -261,7 +261,7 @@ def test_prolip_objective_away_from_its_start():
     model = fresh_tiny()
     W0 = model.visual.head.weight.detach().clone()
     task = fake_task()
-    classifier = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    classifier = zero_shot_classifier(model, task.classnames, task.templates)
     method = setup("prolip", model, shots=4)
     randomize([model.visual.head.weight], seed=3, std=0.05)
     images, labels = batch()
@@ -310,7 +310,7 @@ def test_linear_probe_starts_at_the_zero_shot_classifier():
     model = fresh_tiny()
     method = setup("linear-probe", model)
     task = fake_task()
-    zs = evaluate.zero_shot_classifier(model, task.classnames, task.templates)
+    zs = zero_shot_classifier(model, task.classnames, task.templates)
     torch.testing.assert_close(method.classifier, model.logit_scale.exp() * zs)
     assert method.classifier is model.classification_head.weight
 
@@ -436,6 +436,6 @@ def test_in_random_templates_draws_for_the_global_batch():
         assert any(torch.equal(row, prompts[t, label]) for t in range(T))
     ranks = []
     for ddp_rank in range(2):
-        torch.manual_seed(0)  # every rank draws as rank 0 does (data.shared_randint)
+        torch.manual_seed(0)  # every rank draws as rank 0 does (distributed.shared_randint)
         ranks.append(train.in_random_templates(prompts, labels[3 * ddp_rank : 3 * ddp_rank + 3], (ddp_rank, 2)))
     assert torch.equal(torch.cat(ranks), one)

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from test_coop import CLASSES, make_dtd
 
+import claims
 import evaluate
 import prompt_learners
 import train
 from clip_model import CLIP, PRESETS, image_transform, tokenize
 from clip_weights import save_clip
 from data import EvalSet, coop
+from zero_shot import zero_shot_classifier
 
 TINY = PRESETS["tiny"]
 NAMES = ["dog", "golden retriever", "sea lion"]  # 1, 2 and 2 tokens
@@ -48,7 +50,7 @@ def test_coop_starts_as_the_words_it_is_initialised_from():
     assert learner.ctx.shape == (4, TINY.text_width) and learner.meta_net is None
     tokens, _ = learner.prompts(model, NAMES)
     assert tokens.shape[1] == tokens.argmax(-1).max() + 1 < TINY.context_length  # cut after the longest EOT
-    zero_shot = evaluate.zero_shot_classifier(model, NAMES, ["a photo of a {}."])
+    zero_shot = zero_shot_classifier(model, NAMES, ["a photo of a {}."])
     torch.testing.assert_close(learner.classifier(model, NAMES), zero_shot, atol=1e-6, rtol=1e-5)
 
 
@@ -130,6 +132,6 @@ def test_coop_and_cocoop_base_to_novel_end_to_end(tmp_path):
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"zero-shot", "coop", "cocoop"}
     for r in rows.values():
-        assert math.isclose(float(r["hm"]), evaluate.harmonic_mean(float(r["base"]), float(r["new"])))
+        assert math.isclose(float(r["hm"]), claims.harmonic_mean(float(r["base"]), float(r["new"])))
     assert int(rows["coop"]["trainable"]) == 4 * TINY.text_width
     assert (out / "cocoop" / "prompt_learner.safetensors").exists()
