@@ -71,6 +71,11 @@ def paired(terms, splits):
     return linear([(w / len(splits), row, split) for split in splits for w, row in terms])
 
 
+def harmonic_mean(base, new):
+    """HM = 2 * base * new / (base + new); 0 when both are 0 (CoCoOp's base-to-novel summary)."""
+    return 2 * base * new / (base + new) if base + new else 0.0
+
+
 def hm_terms(row, sign=1):
     """The harmonic mean HM = 2 b n / (b + n) of a row's base and new accuracy as linear() terms.
     HM is homogeneous of degree 1, so HM = b dHM/db + n dHM/dn exactly, with dHM/db = 2 n^2 / (b + n)^2

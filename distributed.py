@@ -1,7 +1,16 @@
-"""Data-parallel plumbing: each rank scores its shard of a set, and the parts are gathered in order."""
+"""Distributed plumbing (torch.distributed): which slice a rank scores, reassembling the slices, one shared draw.
+
+Under torchrun every rank scores its shard() of each evaluation set (contiguous whole batches of the
+one-process order) and gather() returns every rank's part in rank order, which is the dataset order:
+each rank then holds the numbers one process computes. shared_randint makes a random draw for the
+global batch on rank 0 and broadcasts it, so a run's random choices do not depend on the world size.
+Without an initialised process group each is the one-process identity. The gradient-carrying gather of
+the contrastive loss is part of the loss (its global batch): mpm_nce.gather_features.
+"""
 
 import math
 
+import torch
 import torch.distributed as dist
 
 
@@ -20,3 +29,19 @@ def gather(part):
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, part)
     return parts
+
+
+def is_main_process():
+    """Whether this process prints: rank 0, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def shared_randint(high, n):
+    """torch.randint(high, (n,)) as rank 0 draws it, on every rank: rank 0 is seeded as one process is,
+    so under DDP a draw for the global batch is the one a single process would make."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return torch.randint(high, (n,))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    picks = (torch.randint(high, (n,)) if dist.get_rank() == 0 else torch.empty(n, dtype=torch.long)).to(device)
+    dist.broadcast(picks, src=0)  # on the device: NCCL broadcasts CUDA tensors only
+    return picks.cpu()

@@ -1,16 +1,17 @@
-r"""Evaluation: zero-shot classifiers, the robustness table, retrieval recall, alpha sweeps, plots.
+r"""Evaluation protocol: top-1 accuracy with its standard error, base/new/HM, retrieval recall, alpha sweeps.
 
-Protocol (R-Adapter Sec. 4.1, inherited from WiSE-FT): the classifier is built from the (adapted)
-text encoder, one row per class = the normalised mean of the normalised embeddings of every prompt
-template filled with the class name. Accuracy is top-1 on the ID test set and on every OOD set
-found; a set with a class subset (ImageNet-R/A) or class groups (ObjectNet) projects the logits
-first, and "OOD avg" is the plain mean over the OOD sets. Every accuracy carries its standard error.
+Protocol (R-Adapter Sec. 4.1, inherited from WiSE-FT): images are scored against the zero-shot
+classifier of the (adapted) text encoder (zero_shot.py: CLIP's prompt ensemble). Accuracy is top-1 on
+the ID test set and on every OOD set found; a set with a class subset (ImageNet-R/A) or class groups
+(ObjectNet) projects the logits first, and "OOD avg" is the plain mean over the OOD sets. Every
+accuracy carries its standard error.
 Base-to-novel (CoCoOp) scores base and new each among its own classes and reports their harmonic
 mean (its SE by the delta method, claims.hm_terms); retrieval reports R@1/5/10 both ways (Sec. 4).
 Re-scaling alpha (Sec. 3.3) only enters at merge time, so a sweep over alpha needs no retraining:
 merge, evaluate, unmerge for each value.
 Under torchrun every rank scores its shard of each set and the parts are gathered in dataset order,
-so every rank holds the numbers one process computes (shard, gather).
+so every rank holds the numbers one process computes (distributed.py). Tables, result files, pooled
+seeds, claims and plots: report.py.
 
     python evaluate.py --model ViT-B-16:openai --data imagenet --data-root DIR             # zero-shot
     python evaluate.py --model ViT-B-16.pt --adapters runs/imagenet/r-adapter/adapters.safetensors \
@@ -21,8 +22,6 @@ so every rank holds the numbers one process computes (shard, gather).
 """
 
 import argparse
-import csv
-import json
 import math
 import os
 import sys
@@ -30,7 +29,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -41,18 +39,14 @@ import data
 import plots
 import recipes
 import reparam
+import report
 from clip_model import autocast_dtype, image_transform
 from clip_weights import WeightsError, load_clip
 from data import coop, retrieval
-from distributed import gather, shard
+from distributed import gather, is_main_process, shard
 from zero_shot import zero_shot_classifier
 
 ALPHAS = [round(0.1 * i, 1) for i in range(11)]
-
-
-def _main():
-    """Whether this process prints: rank 0, or the only process."""
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 @torch.no_grad()
@@ -66,7 +60,8 @@ def accuracy(model, classifier, evalset, batch_size=256, workers=4, autocast_dty
     images_of_rank = Subset(evalset.dataset, shard(len(evalset.dataset), batch_size))
     loader = DataLoader(images_of_rank, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_skip)
     correct, bad = [torch.zeros(0, dtype=torch.bool)], 0
-    for images, labels, n_bad in tqdm(loader, desc=evalset.name, leave=False, disable=None if _main() else True):
+    progress = tqdm(loader, desc=evalset.name, leave=False, disable=None if is_main_process() else True)
+    for images, labels, n_bad in progress:
         bad += n_bad
         if len(images) == 0:
             continue
@@ -108,11 +103,6 @@ def evaluate_task(model, task, classifier=None, prompts=None, **kwargs):
     return {**acc, **se, "skipped": skipped, "correct": correct}
 
 
-def harmonic_mean(base, new):
-    """HM = 2 * base * new / (base + new); 0 when both are 0."""
-    return 2 * base * new / (base + new) if base + new else 0.0
-
-
 def recall_at_k(image_features, text_features, text_to_image, ks=(1, 5, 10)):
     """Recall@k (%) both ways from [I, D] image and [T, D] text features (normalised) and the [T]
     caption -> image map. Image -> text: a hit if ANY of the image's captions is in its top k; text ->
@@ -152,46 +142,10 @@ def score(model, task, split=None, prompts=None, classifier=None, **kwargs):
         return [{"test": t.name, **evaluate_retrieval(model, t, **kwargs)} for t in task.tests]
     acc = evaluate_task(model, task, classifier, prompts, **kwargs)
     if split:
-        row = {k: acc[k] for k in ("base", "new")} | {"hm": harmonic_mean(acc["base"], acc["new"])}
+        row = {k: acc[k] for k in ("base", "new")} | {"hm": claims.harmonic_mean(acc["base"], acc["new"])}
         row |= {k: acc[k] for k in ("base_se", "new_se")} | {"hm_se": claims.linear(claims.hm_terms(acc))[1]}
         return [row | {k: acc[k] for k in ("skipped", "correct")}]
     return [acc]
-
-
-def pool_seeds(runs, sweeps):
-    """The table rows and alpha sweeps of several seeds (same methods in the same order) as one table:
-    each accuracy the mean over the S seeds, 'correct' the [S, n] per-seed correctness, and each SE
-    sqrt(Var_i(mean_s c_i) / n + Var_s(acc_s) / S): image sampling plus the seed-to-seed spread.
-    One seed passes through unchanged."""
-    if len(runs) == 1:
-        return runs[0], sweeps[0]
-    rows = [_pool(same) for same in zip(*runs)]
-    curves = {name: [_pool(same) for same in zip(*(s[name] for s in sweeps))] for name in sweeps[0]}
-    return rows, curves
-
-
-def _pool(rows):
-    out = dict(rows[0])
-    if "correct" not in out:  # retrieval: the mean of each recall
-        return out | {k: sum(r[k] for r in rows) / len(rows) for k, v in out.items() if isinstance(v, float)}
-
-    def mean_and_se(splits):  # accuracy averaged over splits (independent samples) and seeds
-        per_seed, image_var = 0.0, 0.0
-        for split in splits:
-            c = torch.stack([r["correct"][split] for r in rows]).double()  # [S, n]
-            per_seed = per_seed + 100 * c.mean(1) / len(splits)
-            image_var += 100**2 * c.mean(0).var() / c.shape[1] / len(splits) ** 2
-        return per_seed.mean().item(), math.sqrt(image_var + per_seed.var().item() / len(rows))
-
-    splits = list(out["correct"])
-    out["correct"] = {k: torch.stack([r["correct"][k] for r in rows]) for k in splits}
-    for split in splits:
-        out[split], out[f"{split}_se"] = mean_and_se([split])
-    if "ood_avg" in out:  # the splits after the ID set
-        out["ood_avg"], out["ood_avg_se"] = mean_and_se(splits[1:])
-    if "hm" in out:
-        out["hm"], out["hm_se"] = harmonic_mean(out["base"], out["new"]), claims.linear(claims.hm_terms(out))[1]
-    return out
 
 
 def sweep(model, task, alphas, weights, **kwargs):
@@ -200,66 +154,10 @@ def sweep(model, task, alphas, weights, **kwargs):
     for alpha in alphas:
         with weights(alpha):
             new = [{"alpha": alpha, **s} for s in score(model, task, **kwargs)]
-        if _main():
-            print(format_table(new, header=not rows))
+        if is_main_process():
+            print(report.format_table(new, header=not rows))
         rows += new
     return rows
-
-
-def format_table(rows, header=True):
-    """The paper's layout: one row per method/alpha, ID, each OOD set, OOD avg; a cell reads
-    'acc±se' where the row has the set's standard error."""
-    hidden = ("skipped", "correct", "run") + (("alpha",) if "method" in rows[0] else ())  # the name gives α
-    keys = [k for k in rows[0] if k not in hidden and not k.endswith("_se")]
-
-    def cell(row, k):
-        v, se = row[k], row.get(f"{k}_se")
-        if not isinstance(v, float):
-            return str(v)
-        return f"{v:.2f}" if se is None else f"{v:.2f}±{se:.2f}"
-
-    cells = [[cell(r, k) for k in keys] for r in rows]
-    widths = [max(11, len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = ["  ".join(f"{k:>{w}}" for k, w in zip(keys, widths))] if header else []
-    lines += ["  ".join(f"{c:>{w}}" for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
-def write_results(rows, stem):
-    """rows -> stem.csv and stem.json (without the per-image correctness)."""
-    rows = [{k: v for k, v in r.items() if k != "correct"} for r in rows]
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-
-
-def report(rows, curves, out, cfg, task):
-    """The table (results.csv/.json), the sweeps and their plot (its OOD axis names the task's OOD sets),
-    and for the toy jobs the papers' claims (claims.json)."""
-    ood = [s.name for s in getattr(task, "ood", [])]
-    out.mkdir(parents=True, exist_ok=True)
-    print("\n" + format_table(rows))
-    write_results(rows, out / "results")
-    print(f"wrote {out / 'results.csv'}")
-    if curves:
-        plots.plot(curves, out / "alpha_sweep.png", rows, ood)
-        write_results([{"method": m, **r} for m, rs in curves.items() for r in rs], out / "alpha_sweep")
-        print(f"wrote {out / 'alpha_sweep.png'}")
-    runs, checked = {r["run"] for r in rows}, None
-    if cfg.data == "toy" and not cfg.split and {"zero-shot", "full-ft", "r-adapter"} <= runs:
-        checked = claims.paper_claims(rows, curves, task.test.name, ood, cfg.alpha)
-    if cfg.data == "toy" and cfg.split and {"zero-shot", "coop", "clipfit"} <= runs:
-        checked = claims.base_to_new_claims(rows)
-    if checked:
-        (out / "claims.json").write_text(json.dumps(checked, indent=2))
-        print("\nThe papers' claims, checked (delta and se in points; 'within noise' when |delta| < 2 se):")
-        for c in checked:
-            print(f"  {c['verdict']:>12}  {c['delta']:+6.2f} ± {c['se']:.2f}  {c['claim']}")
-        print(f"wrote {out / 'claims.json'}")
 
 
 @torch.no_grad()
@@ -361,7 +259,7 @@ def run(args, alphas):
     else:
         name, rows = "zero-shot", sweep(model, task, [0.0], lambda a: nullcontext(), **kwargs)
     out = Path(args.out)
-    write_results(rows, out / "results")
+    report.write_results(rows, out / "results")
     if len(alphas) > 1:
         plots.plot({name: rows}, out / "alpha_sweep.png", rows, [s.name for s in getattr(task, "ood", [])])
         print(f"wrote {out / 'alpha_sweep.png'}")

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
-from data import shared_randint
+from distributed import shared_randint
 
 
 def _check(image_features, text_features, tau):

@@ -34,6 +34,7 @@ import faults
 import loop
 import mpm_nce
 import recipes
+import report
 from checkpoints import save_adapters
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
 from clip_weights import WeightsError, load_clip, save_clip, save_safetensors
@@ -199,7 +200,7 @@ def check_paths(cfg):
 
 def run(cfgs, device, ddp_rank=0, world_size=1):
     """Train and evaluate each method in turn, once per seed; one table (and alpha sweep) for all of them,
-    pooled over the seeds (evaluate.pool_seeds)."""
+    pooled over the seeds (report.pool_seeds)."""
     for cfg in cfgs:
         check_paths(cfg)
     out = Path(cfgs[0].run_dir or f"runs/{cfgs[0].data}")
@@ -211,8 +212,8 @@ def run(cfgs, device, ddp_rank=0, world_size=1):
         runs.append(run_methods(seeded, seed_dir, device, ddp_rank, world_size))
     if ddp_rank != 0 or not runs[0][0]:
         return [], {}
-    rows, curves = evaluate.pool_seeds([r for r, _, _ in runs], [c for _, c, _ in runs])
-    evaluate.report(rows, curves, out, cfgs[0], runs[0][2])
+    rows, curves = report.pool_seeds([r for r, _, _ in runs], [c for _, c, _ in runs])
+    report.report(rows, curves, out, cfgs[0], runs[0][2])
     return rows, curves
 
 
@@ -251,7 +252,7 @@ def run_methods(cfgs, out, device, ddp_rank=0, world_size=1):
                 row = dict(method=name, run=cfg.method, alpha=alpha, trainable=n_train)
                 rows.append(row | {k: v for k, v in score.items() if k != "alpha"})
         if ddp_rank == 0:
-            print(evaluate.format_table(rows[first:]))
+            print(report.format_table(rows[first:]))
             export(cfg, model, method)
     return rows, curves, eval_task
 

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 import claims
 import data
-import evaluate
 import recipes
+import report
 import segment
 import toy_experiments
 import train
@@ -340,11 +340,9 @@ def run(cfgs, device, rank=0, world=1):
     if rank == 0 and rows:
         print(
             "\n"
-            + evaluate.format_table(
-                [{k: v for k, v in r.items() if k not in ("unknown_pixels", "counts")} for r in rows]
-            )
+            + report.format_table([{k: v for k, v in r.items() if k not in ("unknown_pixels", "counts")} for r in rows])
         )
-        evaluate.write_results([{k: v for k, v in r.items() if k != "counts"} for r in rows], out / "results")
+        report.write_results([{k: v for k, v in r.items() if k != "counts"} for r in rows], out / "results")
         print(f"mIoU (%) ± bootstrap SE over images; wrote {out / 'results.csv'}")
         runs, tested = {r["run"] for r in rows}, set(rows[0]["counts"])
         if cfgs[0].data == "toy-seg" and {"full", "r-adapter"} <= runs and set(toy_scenes.TESTS) <= tested:

@@ -29,6 +29,7 @@ import torch
 import data
 import evaluate
 import recipes
+import report
 import train
 from clip_model import autocast_dtype, image_transform
 from clip_weights import WeightsError, load_clip
@@ -151,9 +152,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     rows = [over_seeds([{k: v for k, v in r.items() if k != "seed"} for r in rs]) for rs in per_seed.values()]
     print(f"\nCross-dataset transfer and domain generalisation, mean over {seeds} seed(s):")
-    print(evaluate.format_table(rows))
-    evaluate.write_results(rows, out / "results")
-    evaluate.write_results([r for rs in per_seed.values() for r in rs], out / "seeds")
+    print(report.format_table(rows))
+    report.write_results(rows, out / "results")
+    report.write_results([r for rs in per_seed.values() for r in rs], out / "seeds")
     print(f"wrote {out / 'results.csv'} and {out / 'seeds.csv'}")
     return rows
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
 
@@ -143,17 +142,6 @@ class SeededAugment(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed_of(self.seed, epoch, i))
             return self.dataset[i]
-
-
-def shared_randint(high, n):
-    """torch.randint(high, (n,)) as rank 0 draws it, on every rank: rank 0 is seeded as one process is,
-    so under DDP a draw for the global batch is the one a single process would make."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return torch.randint(high, (n,))
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    picks = (torch.randint(high, (n,)) if dist.get_rank() == 0 else torch.empty(n, dtype=torch.long)).to(device)
-    dist.broadcast(picks, src=0)  # on the device: NCCL broadcasts CUDA tensors only
-    return picks.cpu()
 
 
 def names():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import claims
 import evaluate
 import train
 from clip_model import CLIP, PRESETS, image_transform
@@ -94,13 +95,13 @@ def test_each_half_is_scored_among_its_own_classes(tmp_path):
         own = zero_shot_classifier(model, names, task.templates)
         correct, _ = evaluate.accuracy(model, own, EvalSet("own", evalset.dataset), workers=0)
         assert got[name] == 100.0 * int(correct.sum()) / len(correct)
-    assert got["hm"] == evaluate.harmonic_mean(got["base"], got["new"])
+    assert got["hm"] == claims.harmonic_mean(got["base"], got["new"])
 
 
 def test_harmonic_mean():
-    assert evaluate.harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)  # 68.571...
-    assert evaluate.harmonic_mean(80.0, 60.0) == pytest.approx(68.5714286)
-    assert evaluate.harmonic_mean(0.0, 0.0) == 0.0
+    assert claims.harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)  # 68.571...
+    assert claims.harmonic_mean(80.0, 60.0) == pytest.approx(68.5714286)
+    assert claims.harmonic_mean(0.0, 0.0) == 0.0
 
 
 def test_missing_split_file_or_images_are_clear_errors(tmp_path):
@@ -186,7 +187,7 @@ def test_toy_world_base_to_novel(monkeypatch, tmp_path):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["zero-shot", "clipfit"]
-    assert all(math.isclose(float(r["hm"]), evaluate.harmonic_mean(float(r["base"]), float(r["new"]))) for r in rows)
+    assert all(math.isclose(float(r["hm"]), claims.harmonic_mean(float(r["base"]), float(r["new"]))) for r in rows)
 
 
 def test_base_to_novel_end_to_end(tmp_path):
@@ -229,7 +230,7 @@ def test_base_to_novel_end_to_end(tmp_path):
     assert list(rows[0]) == ["method", "run", "alpha", "trainable", *columns]
     for r in rows:
         base, new = float(r["base"]), float(r["new"])
-        assert math.isclose(float(r["hm"]), evaluate.harmonic_mean(base, new))
+        assert math.isclose(float(r["hm"]), claims.harmonic_mean(base, new))
     assert rows[0]["trainable"] == "0" and int(rows[1]["trainable"]) > 0
     config = json.loads((out / "r-adapter" / "config.json").read_text())
     assert (config["split"], config["rank"], config["m"], config["shots"]) == ("base", 4, 0.9, 2)
@@ -250,4 +251,4 @@ def test_evaluate_reads_every_data_that_train_reads(tmp_path):
     evaluate.main([*base, "--split", "base", "--out", str(tmp_path / "split")])
     with open(tmp_path / "split" / "results.csv") as f:
         row = next(csv.DictReader(f))
-    assert math.isclose(float(row["hm"]), evaluate.harmonic_mean(float(row["base"]), float(row["new"])))
+    assert math.isclose(float(row["hm"]), claims.harmonic_mean(float(row["base"]), float(row["new"])))

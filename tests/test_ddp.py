@@ -1,7 +1,7 @@
 """DDP on CPU: `torchrun --nproc-per-node 2` (gloo) trains as one process on the same global batch.
 
 Under DDP each rank holds half of every global batch (StepSampler), MPM-NCE sees the whole batch
-through gather_features, and the templates are drawn for the global batch (data.shared_randint),
+through gather_features, and the templates are drawn for the global batch (distributed.shared_randint),
 so losses and adapters match a single process within fp32 reduction-order noise. Adapter dropping
 is off (--p 0): its masks are drawn per rank, from (seed, step, rank), and cannot match one
 process's draw over the global batch (nor should they: they only need to be independent).

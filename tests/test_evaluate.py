@@ -105,7 +105,7 @@ def test_harmonic_mean_and_its_se_by_hand():
     a = {"base": 50.0, "new": 75.0, "correct": {"base": torch.tensor([1, 1, 0, 0]), "new": torch.tensor([1, 1, 1, 0])}}
     hm, se = claims.linear(claims.hm_terms(a))
     var_b, var_n = 1 / 3, 1 / 4  # unbiased sample variances of the two 0/1 vectors
-    assert hm == pytest.approx(60.0) and hm == pytest.approx(evaluate.harmonic_mean(50.0, 75.0))
+    assert hm == pytest.approx(60.0) and hm == pytest.approx(claims.harmonic_mean(50.0, 75.0))
     assert se == pytest.approx(100 * math.sqrt(0.72**2 * var_b / 4 + 0.32**2 * var_n / 4))
     # B on the same images: base [1,0,0,0] (25%), new as A's: HM 37.5, dHM/db = 2 * 75^2 / 100^2 = 1.125,
     # dHM/dn = 2 * 25^2 / 100^2 = 0.125. The difference is paired per image, split by split.

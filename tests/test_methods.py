@@ -439,6 +439,6 @@ def test_in_random_templates_draws_for_the_global_batch():
         assert any(torch.equal(row, prompts[t, label]) for t in range(T))
     ranks = []
     for ddp_rank in range(2):
-        torch.manual_seed(0)  # every rank draws as rank 0 does (data.shared_randint)
+        torch.manual_seed(0)  # every rank draws as rank 0 does (distributed.shared_randint)
         ranks.append(mpm_nce.in_random_templates(prompts, labels[3 * ddp_rank : 3 * ddp_rank + 3], (ddp_rank, 2)))
     assert torch.equal(torch.cat(ranks), one)

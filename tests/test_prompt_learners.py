@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_coop import CLASSES, make_dtd
 
+import claims
 import evaluate
 import prompt_learners
 import train
@@ -131,6 +132,6 @@ def test_coop_and_cocoop_base_to_novel_end_to_end(tmp_path):
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"zero-shot", "coop", "cocoop"}
     for r in rows.values():
-        assert math.isclose(float(r["hm"]), evaluate.harmonic_mean(float(r["base"]), float(r["new"])))
+        assert math.isclose(float(r["hm"]), claims.harmonic_mean(float(r["base"]), float(r["new"])))
     assert int(rows["coop"]["trainable"]) == 4 * TINY.text_width
     assert (out / "cocoop" / "prompt_learner.safetensors").exists()

@@ -55,7 +55,7 @@ def test_default_job_smoke(tmp_path, small_toy):
 
 def test_seeds_pool_runs_on_the_same_test_images(tmp_path, small_toy):
     """--seeds 2: each seed trains in its own folder; the table is their mean, and an SE adds the seed
-    spread to the image sampling of the seed-mean correctness (evaluate.pool_seeds)."""
+    spread to the image sampling of the seed-mean correctness (report.pool_seeds)."""
     out = tmp_path / "runs"
     argv = ["--max-steps", "2", "--batch-size", "16", "--method", "zero-shot,r-adapter", "--lr", "0.05"]
     train.main([*argv, "--no-sweep", "--seeds", "2", "--run-dir", str(out)])
