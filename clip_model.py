@@ -7,8 +7,9 @@ Logits are s * f(x) . g(t) on L2-normalised features, with the learned scale s =
 
   image tower : timm's `VisionTransformer` configured as CLIP (pre-norm `ln_pre`, no patch-embedding
                 bias, class token, final norm, bias-free projection head, QuickGELU for OpenAI
-                weights). Any input size runs: the position embeddings are resampled (bicubic) to the patch grid, and
-                encode_dense gives every token's feature and intermediate block outputs (segment.py).
+                weights). Any input size runs: the position embeddings are resampled to the patch grid
+                as CAT-Seg's release resamples them (ImageTower), and encode_dense gives every token's
+                feature and intermediate block outputs (segment.py), its last block as that release runs it.
   text tower  : `TextTransformer` below, handwritten, with timm's module names (`norm1`, `attn.qkv`,
                 `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`), so that code walking the blocks of
                 either tower (r_adapter.py, clipfit.py, baselines.py) sees the same structure.
@@ -22,6 +23,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -164,12 +166,43 @@ class TextTransformer(nn.Module):
 
 
 # ---------------------------------------------------------------------- CLIP
+class ImageTower(VisionTransformer):
+    """timm's ViT whose position embeddings follow the patch grid of any input as CAT-Seg's release resamples
+    them (third_party/model_vpt.py, resized_pos_embed): the grid's embeddings resized bicubically
+    (F.interpolate, align_corners=False) without antialiasing, the class token's kept. Switch:
+    pos_embed_antialias = True resamples as timm's resample_abs_pos_embed does by default: antialiased bicubic,
+    whose kernel (Keys' a = -0.5) differs from F.interpolate's (a = -0.75) even when enlarging."""
+
+    pos_embed_antialias = False
+
+    def _pos_embed(self, x):  # x [N, h, w, width] patch tokens -> [N, 1 + h*w, width], class token first
+        N, h, w, width = x.shape
+        pos_embed = resample_abs_pos_embed(
+            self.pos_embed,
+            new_size=(h, w),
+            old_size=self.patch_embed.grid_size,
+            num_prefix_tokens=1,
+            antialias=self.pos_embed_antialias,
+        )  # [1, 1 + h*w, width]
+        x = torch.cat([self.cls_token.expand(N, -1, -1), x.view(N, h * w, width)], dim=1)  # [N, 1 + h*w, width]
+        return self.pos_drop(x + pos_embed)
+
+
+def value_block(block, x):
+    """CAT-Seg's dense last block (third_party/model_vpt.py, forward_dense): no attention; every token's value
+    W_v LN1(x) + b_v through W_O, plus the class token's residual, then the MLP. x [N, L, width] -> [N, L, width]."""
+    width = x.shape[-1]
+    values = block.attn.qkv(block.norm1(x))[..., 2 * width :]  # [N, L, 3 width] -> the v block [N, L, width]
+    x = x[:, :1] + block.ls1(block.attn.proj(block.attn.norm(values)))  # [N, 1, width] broadcast over L
+    return x + block.ls2(block.mlp(block.norm2(x)))
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.config = cfg
         act_layer = QuickGELU if cfg.quick_gelu else nn.GELU
-        self.visual = VisionTransformer(
+        self.visual = ImageTower(
             img_size=cfg.image_size,
             patch_size=cfg.patch_size,
             embed_dim=cfg.vision_width,
@@ -181,7 +214,7 @@ class CLIP(nn.Module):
             num_classes=cfg.embed_dim,
             norm_layer=partial(nn.LayerNorm, eps=1e-5),
             act_layer=act_layer,
-            dynamic_img_size=True,  # any input size: position embeddings resampled (bicubic) to the patch grid
+            dynamic_img_size=True,  # any input size: position embeddings resampled to the patch grid
         )
         self.visual.head = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text = TextTransformer(cfg, act_layer)
@@ -198,15 +231,28 @@ class CLIP(nn.Module):
         x = self.visual(images)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_dense(self, images, blocks=()):
+    def encode_dense(self, images, blocks=(), last_block="values"):
         """Every token's image feature, for any input size (a multiple of the patch size): the final norm and
-        the projection applied to all tokens, [N, 1 + h*w, embed_dim], class token first (encode_image is token
-        0); and the outputs of the image blocks numbered in `blocks` (0-indexed), each [N, width, h, w]."""
-        if blocks:
-            x, features = self.visual.forward_intermediates(images, indices=list(blocks), output_fmt="NCHW")
-        else:
-            x, features = self.visual.forward_features(images), []
-        return self.visual.head(x), features
+        the projection applied to all tokens, [N, 1 + h*w, embed_dim], class token first; and the outputs of the
+        image blocks numbered in `blocks` (0-indexed, before the last), each [N, width, h, w]. Switch:
+        last_block = "values" runs the last block as CAT-Seg's release does (value_block); "attention" runs
+        the plain block, so that token 0 is encode_image."""
+        if last_block not in ("values", "attention"):
+            raise ValueError(f"last_block {last_block!r}: expected values or attention")
+        v = self.visual
+        x = v.patch_embed(images)  # [N, h, w, width]
+        h, w = x.shape[1:3]
+        x = v.norm_pre(v.patch_drop(v._pos_embed(x)))  # [N, 1 + h*w, width]
+        checkpointed = v.grad_checkpointing and self.training and torch.is_grad_enabled()
+        features = []
+        for i, block in enumerate(v.blocks):
+            if i == len(v.blocks) - 1 and last_block == "values":
+                x = value_block(block, x)
+            else:
+                x = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+            if i in blocks:
+                features.append(x[:, 1:].transpose(1, 2).unflatten(2, (h, w)))  # [N, width, h*w] -> [N, width, h, w]
+        return v.head(v.norm(x)), features
 
     def encode_text(self, tokens, normalize=False):  # [N, L] -> [N, embed_dim]
         x = self.text(tokens)

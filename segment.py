@@ -3,7 +3,7 @@
 For an image and C class names, each written in P prompt templates (Sec. 3, "Cost computation and
 embedding"):
   D = dense CLIP image features: every patch token through the final norm and projection, at 384 px
-      (a 24 x 24 grid for ViT-B/16; clip_model.encode_dense)
+      (a 24 x 24 grid for ViT-B/16; clip_model.encode_dense, its last block without attention)
   E = CLIP text embeddings, one per class and template (the prompt ensemble)
   cost(i, c, p) = D_i . E_cp / (|D_i| |E_cp|)   the cost volume, per pixel i, class c, template p
   F = conv7x7(cost): a d-dim cost embedding per class and pixel
@@ -18,13 +18,15 @@ one logit per class and pixel at 1/4 of the input. Loss: per-pixel, per-class bi
 the logits upsampled to the labels. Inference: sliding window (below). CLIP tuning (Sec. 4, "fine-tuning
 CLIP"): only the query and value projections W_q, W_v of every attention block of both towers.
 
-Where the released code (github.com/cvlab-kaist/CAT-Seg) differs: its dense path runs the last image
-block without attention (each token's value through W_O); ours is the plain block, so token 0 is
-encode_image. It pads the classes to 256 with learned tokens and keeps only the 256 best-scoring classes
-of a larger vocabulary; ours attends over all classes. Its class block adds the whole pooled update back
-(x + up(pool(x) + delta)); ours adds the update (x + up(delta)).
+This is the model of CAT-Seg's release (github.com/cvlab-kaist/CAT-Seg, commit 6d3a188); each deliberate
+deviation has one switch, the release's setting its default (docs/segmentation.md): HeadConfig.pad_len (256
+class slots: learned padding tokens, or each image's 256 best classes, the rest at -100 | 0: the C classes),
+HeadConfig.class_residual (x + up(pool(x) + delta) | "update": x + up(delta)), HeadConfig.last_block
+(clip_model.value_block | "attention"), sliding_window's resize ("shortest-edge" | "direct").
+from_released_state_dict maps a released checkpoint's names to ours.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,8 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 
 from clip_model import tokenize
+from clip_weights import from_openai_state_dict
+from data.segmentation import shortest_edge
 from method import Method
 
 
@@ -50,6 +54,10 @@ class HeadConfig:
     decoder_guidance: tuple = (256, 128)  # CLIP block features after the x2 and x4 transposed convs
     decoder_guidance_proj: tuple = (32, 16)  # ... projected to this and concatenated in the decoder
     pool: int = 2  # training only: class aggregation on pool x pool averaged costs (released eval: 1)
+    # the released model; each switch's other setting is ours from before, kept for comparison
+    pad_len: int = 256  # class slots in class aggregation (released); 0: attend over exactly the C classes
+    class_residual: str = "released"  # x + up(pool(x) + delta), 2x + delta at evaluation | "update": x + up(delta)
+    last_block: str = "values"  # dense CLIP features: the release's last block | "attention": the plain block
 
 
 # for the tiny and toy CLIPs (tests, the toy world): a quarter of the widths, one aggregation pair, 4-token windows
@@ -69,19 +77,20 @@ def class_tokens(names, templates, context_length=77):
     """[C, P, L] tokens: every class name in every template. A name listing synonyms ("sofa, couch") is
     prompted with its first one, as the released code does."""
     texts = [t.format(name.split(", ")[0]) for name in names for t in templates]
-    return tokenize(texts, context_length).view(len(names), len(templates), -1)
+    return tokenize(texts, context_length).view(len(names), len(templates), -1)  # [C*P, L] -> [C, P, L]
 
 
 def cost_volume(dense, text):
     """Cosine similarity of every pixel and every (class, template) embedding.
     dense [B, e, h, w], text [C, P, e] -> [B, C, P, h, w]."""
-    return torch.einsum("bdhw,cpd->bcphw", F.normalize(dense, dim=1), F.normalize(text, dim=-1))
+    return torch.einsum("bdhw,cpd->bcphw", F.normalize(dense, dim=1), F.normalize(text, dim=-1))  # [B, C, P, h, w]
 
 
 def bce_loss(logits, labels):
     """Per-pixel, per-class binary cross-entropy against one-hot labels, the logits [B, C, h, w] upsampled
-    (bilinear) to the labels [B, H, W]. A pixel with no class label (IGNORE, or a value >= C) is a negative
-    for every class, as in the released code."""
+    (bilinear) to the labels [B, H, W]. An IGNORE pixel is a negative for every class, as in the released
+    code (its target there is all zeros). A value >= C that is not the ignore value stops the released code
+    (its one-hot has C columns); here it is a negative for every class too."""
     logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     C = logits.shape[1]
     known = (labels >= 0) & (labels < C)
@@ -180,13 +189,15 @@ class SpatialBlock(nn.Module):
         q = self.q(y) + self.q_guide(guidance)[:, None]
         k = self.k(y) + self.k_guide(guidance)[:, None]
         q, k, v = (torch.roll(t, (-shift, -shift), dims=(2, 3)) for t in (q, k, self.v(y)))
-        # windows of T = window^2 tokens, heads split: [B*C, windows, heads, T, d/heads]
+        # [B, C, h, w, d] -> windows [B*C*windows, window, window, d] -> windows of T = window^2 tokens, heads
+        # split: [B*C, windows, T, heads, d/heads] -> [B*C, windows, heads, T, d/heads]
         q, k, v = (window_partition(t.flatten(0, 1), (window, window)) for t in (q, k, v))
         q, k, v = (t.view(B * C, -1, window * window, self.heads, d // self.heads).transpose(2, 3) for t in (q, k, v))
         mask = _shift_mask(h, w, window, shift, x.device)[:, None] if shift else None  # [windows, 1, T, T]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = window_reverse(y.transpose(2, 3).reshape(-1, window, window, d), (window, window), h, w)
-        y = torch.roll(y, (shift, shift), dims=(1, 2)).view(B, C, h, w, d)
+        y = y.transpose(2, 3).reshape(-1, window, window, d)  # [B*C*windows, T, heads, d/heads] -> windows of d
+        y = window_reverse(y, (window, window), h, w)  # [B*C, h, w, d]
+        y = torch.roll(y, (shift, shift), dims=(1, 2)).view(B, C, h, w, d)  # [B*C, h, w, d] -> [B, C, h, w, d]
         x = x + self.proj(y)
         return x + self.mlp(self.norm2(x))
 
@@ -195,38 +206,55 @@ def linear_attention(q, k, v, eps=1e-6):
     """softmax-free attention with the feature map elu(x) + 1 (Katharopoulos et al., ICML 2020), over the
     second axis: q, k, v [N, S, heads, d] -> [N, S, heads, d]. Permuting S permutes the output alike."""
     q, k = F.elu(q) + 1, F.elu(k) + 1
-    kv = torch.einsum("nshd,nshe->nhde", k, v)
-    z = 1 / (torch.einsum("nshd,nhd->nsh", q, k.sum(1)) + eps)
-    return torch.einsum("nshd,nhde,nsh->nshe", q, kv, z)
+    kv = torch.einsum("nshd,nshe->nhde", k, v)  # [N, heads, d, d]: sum over s of k_s v_s^T
+    z = 1 / (torch.einsum("nshd,nhd->nsh", q, k.sum(1)) + eps)  # [N, S, heads]: 1 / (q_s . sum of k)
+    return torch.einsum("nshd,nhde,nsh->nshe", q, kv, z)  # [N, S, heads, d]
 
 
 class ClassBlock(nn.Module):
     """Attention across the classes at every pixel (averaged over pool x pool pixels in training), with the
-    text guidance joining the queries and keys and no positional encoding; then an MLP."""
+    text guidance joining the queries and keys and no positional encoding; then an MLP. With pad_len > C,
+    learned padding tokens (and padding guidance) fill the sequence up to pad_len class slots, as the released
+    ClassTransformerLayer does; they shape the other classes' attention and are dropped after it. residual:
+    "released" adds the pooled input and the update back (x + up(pool(x) + delta)), "update" only the update."""
 
-    def __init__(self, dim, guidance, heads, pool):
+    def __init__(self, dim, guidance, heads, pool, pad_len=0, residual="released"):
         super().__init__()
-        self.heads, self.pool = heads, pool
+        if residual not in ("released", "update"):
+            raise ValueError(f"class_residual {residual!r}: expected released or update")
+        self.heads, self.pool, self.pad_len, self.residual = heads, pool, pad_len, residual
         self.norm1 = nn.LayerNorm(dim)
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.q_guide, self.k_guide = nn.Linear(guidance, dim, bias=False), nn.Linear(guidance, dim, bias=False)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+        if pad_len:
+            self.padding_tokens = nn.Parameter(torch.zeros(dim))  # zero-initialised, as released
+            self.padding_guidance = nn.Parameter(torch.zeros(guidance))
 
-    def forward(self, x, guidance):  # x [B, C, h, w, d], guidance [C, g]
+    def forward(self, x, guidance):  # x [B, C, h, w, d], guidance [B, C, g]
         B, C, h, w, d = x.shape
         pool = self.pool if self.training else 1
         y = x.permute(0, 1, 4, 2, 3).flatten(0, 1)  # [B*C, d, h, w]
         y = F.avg_pool2d(y, pool) if pool > 1 else y
+        hp, wp = y.shape[-2:]
         y = y.unflatten(0, (B, C)).permute(0, 3, 4, 1, 2).flatten(0, 2)  # [B*h'*w', C, d]: a sequence of classes
+        S = max(C, self.pad_len)
+        if S > C:  # the padding tokens, the same at every pixel: [B*h'*w', S, d] and [B, S, g]
+            y = torch.cat([y, self.padding_tokens.expand(len(y), S - C, d)], dim=1)
+            guidance = torch.cat([guidance, self.padding_guidance.expand(B, S - C, -1)], dim=1)
+        q_guide, k_guide = (  # [B, S, d] -> [B*h'*w', S, d], each image's guidance at each of its pixels
+            proj(guidance).repeat_interleave(hp * wp, dim=0) for proj in (self.q_guide, self.k_guide)
+        )
         z = self.norm1(y)
-        q, k, v = self.q(z) + self.q_guide(guidance), self.k(z) + self.k_guide(guidance), self.v(z)
-        z = linear_attention(*(t.unflatten(-1, (self.heads, -1)) for t in (q, k, v))).flatten(-2)
+        q, k, v = self.q(z) + q_guide, self.k(z) + k_guide, self.v(z)
+        z = linear_attention(*(t.unflatten(-1, (self.heads, -1)) for t in (q, k, v))).flatten(-2)  # [N, S, d]
         delta = z + self.mlp(self.norm2(y + z))  # the block's update of y
-        delta = delta.view(B, h // pool, w // pool, C, d).permute(0, 3, 4, 1, 2).flatten(0, 1)
+        out = y + delta if self.residual == "released" else delta
+        out = out[:, :C].unflatten(0, (B, hp, wp)).permute(0, 3, 4, 1, 2).flatten(0, 1)  # [B*C, d, h', w']
         if pool > 1:
-            delta = F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=True)
-        return x + delta.unflatten(0, (B, C)).permute(0, 1, 3, 4, 2)
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)
+        return x + out.unflatten(0, (B, C)).permute(0, 1, 3, 4, 2)  # [B, C, h, w, d]
 
 
 class Up(nn.Module):
@@ -270,7 +298,9 @@ class CATSeg(nn.Module):
         self.spatial = nn.ModuleList(
             [SpatialBlock(d, g, head.heads, shifted) for _ in range(head.layers) for shifted in (False, True)]
         )
-        self.classwise = nn.ModuleList([ClassBlock(d, g, head.heads, head.pool) for _ in range(head.layers)])
+        self.classwise = nn.ModuleList(
+            [ClassBlock(d, g, head.heads, head.pool, head.pad_len, head.class_residual) for _ in range(head.layers)]
+        )
         (g1, g2), (p1, p2) = head.decoder_guidance, head.decoder_guidance_proj
         self.block_up = nn.ModuleList(
             [
@@ -290,38 +320,112 @@ class CATSeg(nn.Module):
         return self.clip.config
 
     def embed_text(self, tokens):  # [C, P, L] -> [C, P, e]
-        return self.clip.encode_text(tokens.flatten(0, 1)).view(*tokens.shape[:2], -1)
+        return self.clip.encode_text(tokens.flatten(0, 1)).view(*tokens.shape[:2], -1)  # [C*P, e] -> [C, P, e]
 
     def forward(self, images, text):
         if not text.is_floating_point():
             text = self.embed_text(text)
-        tokens, blocks = self.clip.encode_dense(images, self.blocks)
+        tokens, blocks = self.clip.encode_dense(images, self.blocks, last_block=self.head.last_block)
         B, _, h, w = blocks[0].shape
         if h % min(self.head.window, h) or w % min(self.head.window, w):
             raise ValueError(f"a {h} x {w} feature grid does not split into {self.head.window}-token windows")
         window = min(self.head.window, h, w)
-        dense = tokens[:, 1:].transpose(1, 2).unflatten(2, (h, w))  # [B, e, h, w]
+        dense = tokens[:, 1:].transpose(1, 2).unflatten(2, (h, w))  # [B, e, h*w] -> [B, e, h, w]
         cost = cost_volume(dense, text)  # [B, C, P, h, w]
-        C = cost.shape[1]
-        x = self.cost_embed(cost.flatten(0, 1)).unflatten(0, (B, C)).permute(0, 1, 3, 4, 2)  # [B, C, h, w, d]
-        image_guide = self.image_guide(dense).permute(0, 2, 3, 1)  # [B, h, w, g]
-        text_guide = self.text_guide(F.normalize(F.normalize(text, dim=-1).mean(1), dim=-1))  # [C, g]
+        C, kept = cost.shape[1], None
+        text = text.expand(B, *text.shape)  # [B, C, P, e]
+        if 0 < self.head.pad_len < C:  # each image keeps its pad_len classes of highest cosine at any pixel
+            kept = cost.flatten(2).amax(-1).topk(self.head.pad_len, dim=1, sorted=False).indices  # [B, K]
+            cost = cost.gather(1, kept[:, :, None, None, None].expand(-1, -1, *cost.shape[2:]))  # [B, K, P, h, w]
+            text = text.gather(1, kept[:, :, None, None].expand(-1, -1, *text.shape[2:]))  # [B, K, P, e]
+        K = cost.shape[1]
+        x = self.cost_embed(cost.flatten(0, 1)).unflatten(0, (B, K)).permute(0, 1, 3, 4, 2)  # [B, K, h, w, d]
+        image_guide = self.image_guide(dense).permute(0, 2, 3, 1)  # [B, g, h, w] -> [B, h, w, g]
+        text_guide = self.text_guide(F.normalize(F.normalize(text, dim=-1).mean(2), dim=-1))  # [B, K, g]
         for i, norm in enumerate(self.guide_norms):
             for block in self.spatial[2 * i : 2 * i + 2]:
                 x = block(x, norm(image_guide), window)
             x = self.classwise[i](x, text_guide)
-        x = x.permute(0, 1, 4, 2, 3).flatten(0, 1)  # [B*C, d, h, w]
+        x = x.permute(0, 1, 4, 2, 3).flatten(0, 1)  # [B, K, h, w, d] -> [B*K, d, h, w]
         for up, guide, block_up, feature in zip(self.decoder, self.block_guide, self.block_up, blocks):
             x = up(x, guide(block_up(feature)))
-        return self.out(x).view(B, C, 4 * h, 4 * w)
+        logits = self.out(x).view(B, K, 4 * h, 4 * w)  # [B*K, 1, 4h, 4w] -> [B, K, 4h, 4w]
+        if kept is None:
+            return logits
+        full = logits.new_full((B, C, 4 * h, 4 * w), -100.0)  # a class not kept scores -100, as released
+        return full.scatter(1, kept[:, :, None, None].expand_as(logits), logits)
+
+
+# ------------------------------------------------------- released checkpoints
+_RELEASED = "sem_seg_head.predictor.transformer."
+_RELEASED_CLIP = "sem_seg_head.predictor.clip_model."
+_HEAD_NAMES = [  # (a released name after _RELEASED, or upsample at the top level, as a regex; ours); MLP -> mlp
+    (r"upsample([12])\.", lambda m: f"block_up.{int(m[1]) - 1}."),
+    (r"conv1\.", lambda m: "cost_embed."),
+    (r"guidance_projection\.0\.", lambda m: "image_guide.0."),
+    (r"text_guidance_projection\.0\.", lambda m: "text_guide.0."),
+    (r"decoder_guidance_projection\.(\d)\.0\.", lambda m: f"block_guide.{m[1]}.0."),
+    (r"decoder([12])\.up\.", lambda m: f"decoder.{int(m[1]) - 1}.up."),
+    (r"decoder([12])\.conv\.double_conv\.", lambda m: f"decoder.{int(m[1]) - 1}.conv."),
+    (r"head\.", lambda m: "out."),
+    (r"layers\.(\d+)\.swin_block\.guidance_norm\.", lambda m: f"guide_norms.{m[1]}."),
+    (r"layers\.(\d+)\.swin_block\.block_([12])\.(?:attn\.)?", lambda m: f"spatial.{2 * int(m[1]) + int(m[2]) - 1}."),
+    (r"layers\.(\d+)\.attention\.(?:attention\.)?", lambda m: f"classwise.{m[1]}."),
+]
+
+
+def from_released_state_dict(state_dict, model):
+    """A released CAT-Seg checkpoint's tensors (model_final.pth's "model") under our names (_HEAD_NAMES; the
+    CLIP's through clip_weights), for model.load_state_dict on a CATSeg whose CLIP no method has changed yet.
+    The released q and k of both kinds of block read [x; guidance]: each weight [d, d + g] is split into ours
+    (x) and q_guide / k_guide (guidance). Its CLIP holds W_q, W_k, W_v apart (q_proj_weight, ...): they are
+    fused into OpenAI's in_proj_weight. The spatial blocks' attn_mask buffers are dropped (computed here)."""
+    ours, clip = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith(_RELEASED_CLIP):
+            clip[key[len(_RELEASED_CLIP) :]] = value
+            continue
+        if key.endswith(".attn_mask"):
+            continue  # the shifted windows' mask, a buffer we compute
+        name = key[len(_RELEASED) :] if key.startswith(_RELEASED) else key
+        for pattern, rename in _HEAD_NAMES:
+            m = re.match(pattern, name)
+            if m:
+                name = rename(m) + name[m.end() :]
+                break
+        else:
+            raise KeyError(f"{key}: not a parameter of the released CAT-Seg (segment.from_released_state_dict)")
+        name = name.replace(".MLP.", ".mlp.")
+        block, proj, kind = name.rpartition(".")[0].rpartition(".")[0], name.split(".")[-2], name.split(".")[-1]
+        if proj in ("q", "k") and kind == "weight":  # [d, d + g] -> [d, d] and [d, g]
+            d = value.shape[0]
+            ours[name], ours[f"{block}.{proj}_guide.weight"] = value[:, :d], value[:, d:]
+        else:
+            padding = name.endswith(("padding_tokens", "padding_guidance"))
+            ours[name] = value.reshape(-1) if padding else value  # padding: [1, 1, d] -> [d]
+    for key in [k for k in clip if k.endswith("attn.q_proj_weight")]:
+        prefix = key[: -len("q_proj_weight")]  # [d, d] x 3 -> [3d, d]
+        clip[prefix + "in_proj_weight"] = torch.cat([clip.pop(prefix + f"{w}_proj_weight") for w in "qkv"])
+    ours.update({f"clip.{k}": v for k, v in from_openai_state_dict(clip, model.clip).items()})
+    return ours
 
 
 @torch.no_grad()
-def sliding_window(model, image, text, window=384, overlap=1 / 3, size=640):
-    """Class probabilities [C, H, W] of one image [3, H, W] (released code, eval.sh): the image resized to
-    size x size and cut into window x window crops overlapping by `overlap`, the sigmoid scores averaged over
-    the crops, then with those of the whole image at window x window, and resized to H x W (bilinear). With
-    size = window the one crop is the whole image, scored once."""
+def sliding_window(model, image, text, window=384, overlap=1 / 3, size=640, resize="shortest-edge", max_size=2560):
+    """Class probabilities [C, H, W] of one image [3, H, W], as the released evaluation computes them (eval.sh):
+    the test resize, detectron2's ResizeShortestEdge (shorter side to `size`, the longer at most max_size;
+    bilinear, antialiased), then CATSeg.inference_sliding_window: the image resized to size x size and cut
+    into window x window crops overlapping by `overlap`, the sigmoid scores averaged over the crops, then with
+    those of the whole image at window x window, and resized to H x W (bilinear). The release resizes the
+    uint8 image with PIL, we the normalised one (the same filter; no rounding to 8 bits). Switch: resize =
+    "direct" skips the shorter-side step. With size = window the one crop is the whole image, scored once."""
+    H, W = image.shape[-2:]
+    if resize not in ("shortest-edge", "direct"):
+        raise ValueError(f"resize {resize!r}: expected shortest-edge or direct")
+    if resize == "shortest-edge" and shortest_edge(H, W, size, max_size) != (H, W):
+        image = F.interpolate(
+            image[None], size=shortest_edge(H, W, size, max_size), mode="bilinear", antialias=True, align_corners=False
+        )[0]
     x = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)
     stride = int(window * (1 - overlap))
     starts = sorted({*range(0, size - window, stride), size - window})
@@ -331,7 +435,7 @@ def sliding_window(model, image, text, window=384, overlap=1 / 3, size=640):
         return logits[0].float().sigmoid()
 
     if size == window:
-        return F.interpolate(scores(x, window)[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+        return F.interpolate(scores(x, window)[None], size=(H, W), mode="bilinear", align_corners=False)[0]
     total = torch.zeros(len(text), size, size, device=image.device)
     count = torch.zeros(size, size, device=image.device)
     for top in starts:
@@ -345,4 +449,4 @@ def sliding_window(model, image, text, window=384, overlap=1 / 3, size=640):
         total / count
         + F.interpolate(scores(whole, window)[None], size=(size, size), mode="bilinear", align_corners=False)[0]
     ) / 2
-    return F.interpolate(probs[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0]

@@ -17,7 +17,8 @@ source). What of CLIP trains (the CAT-Seg head always trains):
 CLIP's own weights train at lr x --clip-lr-scale (CAT-Seg: 0.01); the head and the new weights of
 r-adapter and lora at lr (R-Adapter trains its adapters at a full learning rate). Norm layers and
 embeddings have no weight decay (detectron2's defaults, kept by CAT-Seg). Training is train.py's loop
-(checkpoints, --resume latest, DDP); evaluation is CAT-Seg's sliding window and mIoU with a bootstrap SE.
+(checkpoints, --resume latest, DDP); evaluation is CAT-Seg's sliding window and detectron2's mIoU (over the
+classes present in the labels; data/segmentation.miou) with a bootstrap SE.
 The toy job (--data toy-seg) adds R-Adapter's claim against full fine-tuning, with paired bootstrap SEs.
 """
 

@@ -98,18 +98,72 @@ LAYOUTS = {
 }
 
 
-def train_transform(size=384):
-    """CAT-Seg's training augmentation (released config): shorter side resized to `size` (labels: nearest),
-    a random size x size crop, colour jitter, a random horizontal flip; then CLIP's normalisation. The
-    released SSD colour augmentation applies each jitter with probability 1/2 and shifts brightness
-    additively; torchvision's ColorJitter applies all four, in random order."""
+def shortest_edge(h, w, size, max_size=None):
+    """(h', w') of detectron2's ResizeShortestEdge: the shorter side scaled to `size`, then both scaled down
+    so that the longer is at most max_size (None: no cap), each rounded to the nearest pixel."""
+    scale = size / min(h, w)
+    new_h, new_w = (size, scale * w) if h < w else (scale * h, size)
+    if max_size is not None and max(new_h, new_w) > max_size:
+        scale = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+class ResizeShortestEdge:
+    """(image, label) -> both resized to shortest_edge's size: the image bilinear (a PIL image by PIL, as
+    detectron2 resizes uint8 images; antialiased), the label nearest."""
+
+    def __init__(self, size, max_size=None):
+        self.size, self.max_size = size, max_size
+
+    def __call__(self, image, label):
+        size = list(shortest_edge(*v2.functional.get_size(image), self.size, self.max_size))
+        return v2.functional.resize(image, size, antialias=True), v2.functional.resize(label, size)
+
+
+class RandomCropAtMost:
+    """detectron2's absolute RandomCrop: a random min(size, h) x min(size, w) crop of image and label alike."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image, label):
+        h, w = v2.functional.get_size(image)
+        crop_h, crop_w = min(self.size, h), min(self.size, w)
+        top, left = (int(torch.randint(n + 1, ())) for n in (h - crop_h, w - crop_w))
+        return tuple(v2.functional.crop(x, top, left, crop_h, crop_w) for x in (image, label))
+
+
+class PadTo:
+    """The released mapper's padding: image and label padded on the right and bottom to size x size, the uint8
+    image with 128, the label with IGNORE (no class: a negative for every class in the loss)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image, label):
+        h, w = v2.functional.get_size(image)
+        padding = [0, 0, self.size - w, self.size - h]  # left, top, right, bottom
+        if not any(padding):
+            return image, label
+        return v2.functional.pad(image, padding, fill=128), v2.functional.pad(label, padding, fill=IGNORE)
+
+
+def train_transform(size=384, max_size=1333):
+    """CAT-Seg's training augmentation (released config and mapper): shorter side resized to `size`, the
+    longer to at most max_size (detectron2's default INPUT.MAX_SIZE_TRAIN; labels: nearest), a random crop of
+    at most size x size, colour jitter, a random horizontal flip, padding to size x size (right and bottom);
+    then CLIP's normalisation. Switch: max_size=None leaves the longer side uncapped. The released SSD colour
+    augmentation applies each jitter with probability 1/2 and shifts brightness additively; torchvision's
+    ColorJitter applies all four, in random order."""
     return v2.Compose(
         [
+            ResizeShortestEdge(size, max_size),
             v2.ToImage(),
-            v2.Resize(size),
-            v2.RandomCrop(size),
+            RandomCropAtMost(size),
             v2.ColorJitter(brightness=32 / 255, contrast=0.5, saturation=0.5, hue=18 / 180),
             v2.RandomHorizontalFlip(),
+            PadTo(size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(CLIP_MEAN, CLIP_STD),
         ]
@@ -117,7 +171,8 @@ def train_transform(size=384):
 
 
 def eval_transform():
-    """The image at its own size, normalised; the label untouched (inference resizes: segment.sliding_window)."""
+    """The image at its own size, normalised; the label untouched (segment.sliding_window makes the released
+    test resize: shorter side to 640, then 640 x 640)."""
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
@@ -222,13 +277,21 @@ def iou_counts(pred, target, classes):
     return torch.stack([torch.bincount(c, minlength=classes) for c in counts])
 
 
-def miou(counts, classes=None):
-    """Mean IoU (%) from summed counts [..., 3, C], over the classes (or the subset `classes`) whose union
-    of prediction and label is not empty; a class in neither does not count (torchmetrics' macro average
-    and detectron2's SemSegEvaluator alike)."""
+MIOU_RULES = ("labels", "union")
+
+
+def miou(counts, classes=None, rule="labels"):
+    """Mean IoU (%) from summed counts [..., 3, C] over all classes, or the subset `classes`, that the rule keeps:
+    labels  the classes present in the labels (the default): detectron2's SemSegEvaluator since July 2022
+            (commit f3c1bc1), the evaluator CAT-Seg installs, so CAT-Seg's numbers; a class that is predicted
+            but never labelled does not count
+    union   the classes present in the labels or the predictions: torchmetrics' MulticlassJaccardIndex
+            (average="macro") and detectron2 before that commit; such a class counts with IoU 0"""
+    if rule not in MIOU_RULES:
+        raise ValueError(f"mIoU rule {rule!r}: expected one of {', '.join(MIOU_RULES)}")
     inter, pred, label = counts.double().unbind(-2)
     union = pred + label - inter
-    present = union > 0
+    present = (label > 0) if rule == "labels" else (union > 0)
     if classes is not None:
         present &= torch.isin(torch.arange(counts.shape[-1]), torch.as_tensor(classes))
     iou = torch.where(present, inter / union.clamp(min=1), 0.0)

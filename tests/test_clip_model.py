@@ -249,33 +249,35 @@ def test_forward_returns_normalised_features_and_scale():
 
 @pytest.mark.parametrize("preset", ["tiny", "toy"])
 def test_dense_class_token_is_encode_image_at_the_native_size(preset):
+    """With the plain last block (last_block="attention"); the release's is tested in test_segment.py."""
     torch.manual_seed(0)
     model = clip_model.CLIP(PRESETS[preset]).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        dense, features = model.encode_dense(images, blocks=[0, 2])
+        dense, features = model.encode_dense(images, blocks=[0, 2], last_block="attention")
         assert dense.shape == (2, 1 + 4 * 4, model.config.embed_dim)
         assert [f.shape for f in features] == [(2, model.config.vision_width, 4, 4)] * 2
         torch.testing.assert_close(dense[:, 0], model.encode_image(images), rtol=0, atol=1e-6)
-        torch.testing.assert_close(model.encode_dense(images)[0], dense, rtol=0, atol=0)  # no blocks asked
+        torch.testing.assert_close(model.encode_dense(images, last_block="attention")[0], dense, rtol=0, atol=0)
 
 
 def test_dense_at_another_size_is_a_model_built_for_it_and_blocks_are_block_outputs():
     """At 48 px the dense path equals a CLIP built for 48 px holding the same weights with the position
-    embeddings resampled (timm's resample_abs_pos_embed); the intermediates are what the blocks output."""
+    embeddings resampled (timm's resample_abs_pos_embed without antialiasing, as CAT-Seg's release resamples
+    them); the intermediates are what the blocks output."""
     from timm.layers import resample_abs_pos_embed
 
     torch.manual_seed(0)
     model = clip_model.CLIP(PRESETS["tiny"]).eval()
     big = clip_model.CLIP(replace(PRESETS["tiny"], image_size=48)).eval()
     state = model.state_dict()
-    state["visual.pos_embed"] = resample_abs_pos_embed(state["visual.pos_embed"], (6, 6), (4, 4))
+    state["visual.pos_embed"] = resample_abs_pos_embed(state["visual.pos_embed"], (6, 6), (4, 4), antialias=False)
     big.load_state_dict(state)
     images = torch.randn(2, 3, 48, 48)
     outputs = []
     hooks = [model.visual.blocks[i].register_forward_hook(lambda m, i, o: outputs.append(o)) for i in (1, 3)]
     with torch.no_grad():
-        dense, features = model.encode_dense(images, blocks=[1, 3])
+        dense, features = model.encode_dense(images, blocks=[1, 3], last_block="attention")
         torch.testing.assert_close(dense[:, 0], big.encode_image(images), rtol=0, atol=1e-6)
     for hook in hooks:
         hook.remove()

@@ -232,10 +232,10 @@ def test_segmentation_on_two_ranks_trains_like_one_process(segmentation_root, tm
     ddp = torchrun([*argv, "--run-dir", str(tmp_path / "ddp")], tmp_path / "ddp.log", script=ROOT / "train_seg.py")
     train_seg.main([*argv, "--run-dir", str(tmp_path / "one")])
     finished(ddp)
-    for name in ("head.safetensors", "merged.safetensors"):
+    for name in ("head.safetensors", "merged.safetensors"):  # rounding apart: up to ~2e-5 after 3 AdamW steps
         one, two = (load_file(str(tmp_path / run / "catseg" / name)) for run in ("one", "ddp"))
-        assert one.keys() == two.keys()
-        assert max((one[k].float() - two[k].float()).abs().max().item() for k in one) < 1e-6, name
+        assert one.keys() == two.keys()  # (a rank training on its half alone ends ~1e-3 away)
+        assert max((one[k].float() - two[k].float()).abs().max().item() for k in one) < 1e-4, name
     start = load_file(str(tmp_path / "tiny.safetensors"))
     tuned = load_file(str(tmp_path / "one" / "catseg" / "merged.safetensors"))
     assert any(not torch.equal(tuned[k], start[k]) for k in start if k.endswith("attn.in_proj_weight"))

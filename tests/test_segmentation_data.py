@@ -1,5 +1,7 @@
-"""data/segmentation.py on generated trees in the real layouts, and its mIoU against
-torchmetrics' MulticlassJaccardIndex (the test oracle) with its bootstrap standard error."""
+"""data/segmentation.py on generated trees in the real layouts; the released training resize (detectron2's
+ResizeShortestEdge with its 1,333 px cap, crop, padding); its mIoU, by detectron2's rule against a
+confusion matrix as detectron2's SemSegEvaluator builds it and by the union rule against torchmetrics'
+MulticlassJaccardIndex (the test oracles), with its bootstrap standard error."""
 
 import math
 import warnings
@@ -11,12 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
+from torchvision import tv_tensors
 
 import data
 from claims import bootstrap_se
+from clip_model import CLIP_MEAN, CLIP_STD
 from conftest import write_segmentation_tree
 from data import segmentation
-from data.segmentation import IGNORE, LAYOUTS, iou_counts, miou
+from data.segmentation import IGNORE, LAYOUTS, iou_counts, miou, shortest_edge
 
 CLASSES = {
     "coco-stuff-train": 171,
@@ -60,6 +64,37 @@ def test_train_transform_crops_image_and_label_alike(tmp_path):
     image, label = ds[0]
     assert image.shape == (3, 24, 24) and label.shape == (24, 24) and label.dtype == torch.long
     assert set(label.unique().tolist()) <= set(raw[0][1].unique().tolist())  # nearest: no new label values
+
+
+@pytest.mark.parametrize(
+    "h, w, size, max_size, expected",
+    [
+        (480, 640, 384, 1333, (384, 512)),
+        (427, 640, 384, 1333, (384, 576)),  # 575.55 rounds to 576
+        (640, 427, 384, 1333, (576, 384)),
+        (100, 1000, 384, 1333, (133, 1333)),  # 384 x 3840 capped: x 1333 / 3840
+        (100, 1000, 384, None, (384, 3840)),
+        (500, 375, 640, 2560, (853, 640)),  # the test resize
+    ],
+)
+def test_shortest_edge_is_detectron2s_size_rule(h, w, size, max_size, expected):
+    assert shortest_edge(h, w, size, max_size) == expected
+
+
+def test_training_resize_caps_the_longer_side_and_pads_right_and_bottom():
+    """A 20 x 100 image at size 24 with the longer side capped at 60: resized to 12 x 60, a 12 x 24 crop,
+    padded at the bottom to 24 x 24 with grey (128) and IGNORE. Uncapped, the crop is a full 24 x 24."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (20, 100, 3), dtype=np.uint8))
+    label = tv_tensors.Mask(torch.from_numpy(rng.integers(0, 5, (20, 100))))
+    grey = ((128 / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD))[:, None, None]
+    torch.manual_seed(0)
+    x, y = segmentation.train_transform(size=24, max_size=60)(image, label)
+    assert x.shape == (3, 24, 24) and y.shape == (24, 24)
+    assert (y[12:] == IGNORE).all() and (y[:12] >= 0).all()
+    torch.testing.assert_close(x[:, 12:], grey.expand(3, 12, 24))
+    x, y = segmentation.train_transform(size=24, max_size=None)(image, label)
+    assert x.shape == (3, 24, 24) and (y >= 0).all()
 
 
 def test_test_sets_skip_absent_ones_and_refuse_unknown_names(tmp_path, capsys):
@@ -121,21 +156,61 @@ def random_maps(rng, n, C, used, size=(6, 7)):
     return pred, target
 
 
+def detectron2_miou(pred, target, C):
+    """mIoU (%) as detectron2's SemSegEvaluator computes it (process, then evaluate, since July 2022): a
+    (C + 1) x (C + 1) confusion matrix [prediction, label], the ignored label as column C; IoU over the classes
+    with a labelled pixel."""
+    gt = target.numpy().copy()
+    gt[gt == IGNORE] = C
+    conf = np.bincount((C + 1) * pred.numpy().reshape(-1) + gt.reshape(-1), minlength=(C + 1) ** 2)
+    return detectron2_evaluate(conf.reshape(C + 1, C + 1))
+
+
+def detectron2_evaluate(conf):
+    tp = conf.diagonal()[:-1].astype(float)
+    pos_gt, pos_pred = conf[:-1, :-1].sum(0).astype(float), conf[:-1, :-1].sum(1).astype(float)
+    union = pos_gt + pos_pred - tp
+    valid = (pos_gt > 0) & (union > 0)
+    return 100 * (tp[valid] / union[valid]).sum() / valid.sum()
+
+
+def test_miou_on_a_class_predicted_but_never_labelled():
+    """Class 2 is predicted (3 pixels) and never labelled. detectron2 averages over classes 0 and 1, the
+    union rule (torchmetrics) counts class 2 with IoU 0."""
+    pred = torch.tensor([[0, 0, 2, 2], [1, 1, 1, 2]])
+    target = torch.tensor([[0, 0, 0, 0], [1, 1, IGNORE, 1]])
+    conf = np.array(  # [prediction, label]; the last column holds the ignored pixel, the last row is unused
+        [[2, 0, 0, 0], [0, 2, 0, 1], [2, 1, 0, 0], [0, 0, 0, 0]]
+    )
+    counts = iou_counts(pred, target, 3)
+    assert miou(counts).item() == pytest.approx(detectron2_evaluate(conf)) == pytest.approx(100 * (2 / 4 + 2 / 3) / 2)
+    oracle = MulticlassJaccardIndex(num_classes=3, average="macro", ignore_index=IGNORE)
+    union = oracle(pred, target).item() * 100
+    assert miou(counts, rule="union").item() == pytest.approx(union, abs=1e-4)
+    assert union == pytest.approx(100 * (2 / 4 + 2 / 3 + 0) / 3, abs=1e-4)
+    with pytest.raises(ValueError, match="mIoU rule 'both'"):
+        miou(counts, rule="both")
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(2, 12), st.integers(1, 5), st.integers(0, 2**32 - 1))
-def test_miou_is_torchmetrics_macro_jaccard(C, n, seed):
+def test_miou_is_detectron2s_and_the_union_rule_torchmetrics(C, n, seed):
     rng = np.random.default_rng(seed)
     pred, target = random_maps(rng, n, C, used=int(rng.integers(1, C + 1)))
+    target[target == C - 1] = IGNORE  # the last class may be predicted, never labelled
+    counts = torch.stack([iou_counts(p, t, C) for p, t in zip(pred, target)]).sum(0)
+    if counts[2].sum() > 0:
+        assert miou(counts).item() == pytest.approx(detectron2_miou(pred, target, C), abs=1e-9)
     oracle = MulticlassJaccardIndex(num_classes=C, average="macro", ignore_index=IGNORE)
     oracle.update(pred, target)
-    counts = torch.stack([iou_counts(p, t, C) for p, t in zip(pred, target)]).sum(0)
-    torch.testing.assert_close(miou(counts).float() / 100, oracle.compute(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(miou(counts, rule="union").float() / 100, oracle.compute(), rtol=1e-6, atol=1e-6)
     per_class = MulticlassJaccardIndex(num_classes=C, average="none", ignore_index=IGNORE)(pred, target)
-    present = (counts[1] + counts[2]) > 0
-    seen = [c for c in range(C) if c % 2 == 0]  # a seen / unseen split: the mean over the present seen classes
-    expected = per_class[present & (torch.arange(C) % 2 == 0)].mean()
-    if not torch.isnan(expected):
-        torch.testing.assert_close(miou(counts, seen).float() / 100, expected, rtol=1e-6, atol=1e-6)
+    labelled, union = counts[2] > 0, (counts[1] + counts[2]) > 0
+    seen = [c for c in range(C) if c % 2 == 0]  # a seen / unseen split: the mean over the seen classes kept
+    for rule, kept in (("labels", labelled), ("union", union)):
+        expected = per_class[kept & (torch.arange(C) % 2 == 0)].mean()
+        if not torch.isnan(expected):
+            torch.testing.assert_close(miou(counts, seen, rule).float() / 100, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_labels_that_are_no_class_are_left_out():

@@ -1,6 +1,6 @@
 """train_seg.py end to end on a tiny CLIP and generated trees in the real layouts: one training step per
 method, what each trains, resume, --print-config, and one-line errors; the toy job (--data toy-seg) at a
-tiny budget, its lr rule and the recipe's lrs as the committed table's argmax."""
+tiny budget, its lr rule and the recipe's lrs as the committed table's argmax; evaluation's mIoU rule."""
 
 import csv
 import dataclasses
@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -215,3 +216,45 @@ def test_toy_seg_flags_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train_seg.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ evaluation as released
+class Painter(torch.nn.Module):
+    """Stands in for CATSeg: at each 4 x 4 block it predicts the class its image's first channel holds there."""
+
+    config = TINY
+
+    def embed_text(self, tokens):  # [C, P, L] -> [C, P, e]
+        return torch.zeros(*tokens.shape[:2], 8)
+
+    def forward(self, images, text):
+        classes = F.avg_pool2d(images[:, :1], 4).round().long()[:, 0]  # [B, H/4, W/4]
+        return 20.0 * F.one_hot(classes, len(text)).permute(0, 3, 1, 2).float() - 10.0
+
+
+class Painted(torch.utils.data.Dataset):
+    """One 32 x 32 image: left half labelled 0 and predicted 0 (top) or 2 (bottom), right half labelled and
+    predicted 1. Class 2 is predicted and never labelled."""
+
+    name, names, classes, prompt_class, columns = "painted", ["a", "b", "c"], 3, None, {"painted": None}
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        painted = torch.ones(32, 32)
+        painted[:16, :16], painted[16:, :16] = 0, 2
+        label = torch.ones(32, 32, dtype=torch.long)
+        label[:, :16] = 0
+        return painted.expand(3, 32, 32), label
+
+
+def test_evaluation_scores_detectron2s_miou():
+    """The confusion matrix: class 0 has 256 of its 512 labelled pixels right and no false positive (IoU 1/2),
+    class 1 all 512 (IoU 1), class 2 is predicted on 256 pixels but never labelled: detectron2's mIoU
+    (3/4) leaves it out; the union rule would count it as 0 (1/2)."""
+    cfg = train_seg.SegConfig(crop=32, eval_size=32, workers=0, precision="fp32")
+    scores = train_seg.evaluate_sets(Painter(), [Painted()], ["a {}."], cfg, torch.device("cpu"))
+    assert scores["painted"] == pytest.approx(75.0)
+    (counts,) = scores["counts"]["painted"]
+    assert counts.tolist() == [[256, 512, 0], [256, 512, 256], [512, 512, 0]]
