@@ -36,14 +36,15 @@ from tqdm import tqdm
 
 import baselines
 import claims
+import cli
 import data
 import plots
 import r_adapter
-import recipes
 import reparam
 from clip_model import autocast_dtype, image_transform, tokenize
 from clip_weights import WeightsError, load_clip
 from data import coop, retrieval
+from data.templates import templates
 
 ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
@@ -313,7 +314,7 @@ def predict_images(model, paths, classnames, templates, topk=5):
 
 def main(argv=None):
     doc = argparse.RawDescriptionHelpFormatter
-    parser = recipes.ArgumentParser(description=__doc__, formatter_class=doc, allow_abbrev=False)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=doc, allow_abbrev=False)
     parser.add_argument("--model", required=True, help="the zero-shot CLIP: toy, a file, ViT-B-16 or ARCH:TAG")
     parser.add_argument("--adapters", help="R-Adapter weights saved by train.py (adapters.safetensors)")
     parser.add_argument("--finetuned", help="a fully fine-tuned CLIP export, for WiSE-FT interpolation")
@@ -346,9 +347,7 @@ def main(argv=None):
         parser.error("--classes needs --images FILE|DIR, the images to classify")
     if args.data not in data.names():
         parser.error(f"--data {args.data}: expected one of {', '.join(data.names())}")
-    recipes.at_least(
-        parser, ("--workers", args.workers, 0), ("--batch-size", args.batch_size, 1), ("--topk", args.topk, 1)
-    )
+    cli.at_least(parser, ("--workers", args.workers, 0), ("--batch-size", args.batch_size, 1), ("--topk", args.topk, 1))
     try:
         check_paths(args)
         run(args, alphas)
@@ -381,7 +380,7 @@ def run(args, alphas):
     if args.split:
         task = coop.base_new(task)[1]
     kwargs = dict(split=args.split, batch_size=args.batch_size, workers=args.workers)
-    kwargs |= dict(prompts=recipes.templates(args.prompts, getattr(task, "templates", [])))
+    kwargs |= dict(prompts=templates(args.prompts, getattr(task, "templates", [])))
     kwargs["autocast_dtype"] = autocast_dtype(args.device)
     if args.adapters:
         r_adapter.load_adapters(model, args.adapters)

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import baselines
+import cli
 import clipfit
 import data
 import evaluate
@@ -123,7 +124,17 @@ class TrainConfig:
 def parse_args(argv=None) -> list[TrainConfig]:
     """One fully resolved TrainConfig per method of the command (recipes.py's rule), flags checked.
     --print-config prints them, each value with its source, and exits, as --help does."""
-    return recipes.parse(TrainConfig, METHODS, __doc__, argv)
+    cfgs, _ = cli.parse(
+        TrainConfig,
+        argv,
+        description=__doc__,
+        methods=METHODS,
+        recipe=recipes.recipe,
+        check=cli.check_train,
+        header=cli.train_header,
+        warn=lambda cfg: data.check_root(cfg.data, cfg.data_root),
+    )
+    return cfgs
 
 
 # --------------------------------------------------------------------- schedule

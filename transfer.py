@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import evaluate
 import recipes
@@ -33,6 +34,7 @@ import train
 from clip_model import autocast_dtype, image_transform
 from clip_weights import WeightsError, load_clip
 from data import coop
+from data.templates import templates
 
 # Where CoOp's DATASETS.md puts each shift under ROOT, by the name data/imagenet.py gives its set.
 SHIFTS = {
@@ -46,7 +48,7 @@ OWN_FLAGS = ("--data", "--data-root", "--shots", "--split", "--seed", "--ood", "
 
 def parse_args(argv=None):
     """(CoOp root, seeds, run dir, [[TrainConfig per method] per seed])."""
-    parser = recipes.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--data-root", required=True, help="CoOp's dataset root (layout: data/coop.py)")
@@ -98,7 +100,7 @@ def run_method(cfg, device, root):
         for target, t in [("imagenet", eval_task), *target_tasks.items()]:
             prompts = cfg.eval_prompts if target == "imagenet" else target_prompts(target, cfg.method)
             classifier = None if method.classifier_for is None else method.classifier_for(t.classnames)
-            acc = evaluate.evaluate_task(model, t, classifier, recipes.templates(prompts, t.templates), **kwargs)
+            acc = evaluate.evaluate_task(model, t, classifier, templates(prompts, t.templates), **kwargs)
             sets = [t.test.name] + [s.name for s in t.ood if s.name in SHIFTS]
             row |= {k: acc[k] for s in sets for k in (s, f"{s}_se")}
     return row
@@ -106,7 +108,7 @@ def run_method(cfg, device, root):
 
 def target_prompts(target, method):
     """The evaluation prompts the recipe gives `method` on `target` (its dataset template by default)."""
-    return recipes.recipe(target, shots=16, method=method).get("eval_prompts", "task")
+    return recipes.values(target, method, shots=16).get("eval_prompts", "task")
 
 
 def with_means(row, targets_found):

@@ -63,7 +63,7 @@ def n_trainable(model):
 
 def setup(method, model, **overrides):
     """setup_method with the method's recipe (recipes.py) under TrainConfig's defaults."""
-    cfg = train.TrainConfig(**{**recipes.recipe("imagenet", method=method), **overrides, "method": method})
+    cfg = train.TrainConfig(**{**recipes.values("imagenet", method), **overrides, "method": method})
     return train.setup_method(model, cfg, fake_task())
 
 
