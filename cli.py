@@ -75,11 +75,13 @@ RANGES = {  # field: (check, what it must be); a config is checked on the fields
     "clip_lr_scale": (lambda v: v >= 0, ">= 0"),
     "grad_clip": (lambda v: v >= 0, ">= 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "crop_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
 }
 CHOICES = {
     "loss": ("mpm-nce", "infonce", "ce"),
     "drop_mode": ("sample", "token"),
     "optimizer": ("adamw", "sgd"),
+    "schedule": ("cosine", "dassl"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "split": (None, "base"),
     "report_to": (None, "tensorboard"),
@@ -107,6 +109,8 @@ def check_train(cfg):
         return problem
     if cfg.min_lr > cfg.lr:
         return f"--min-lr {cfg.min_lr}: expected <= --lr {cfg.lr}"
+    if cfg.schedule == "dassl" and cfg.warmup_epochs and cfg.warmup_lr is None:
+        return "--schedule dassl: its warm-up is constant: give --warmup-lr (or --warmup-epochs 0)"
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
     if cfg.batch_size % (world * cfg.accum_steps):
         return f"--batch-size {cfg.batch_size}: expected a multiple of --accum-steps {cfg.accum_steps} x {world} GPUs"

@@ -36,10 +36,12 @@ def dassl(config):
         "weight_decay": (5e-4, "Dassl, dassl/config/defaults.py: OPTIM.WEIGHT_DECAY"),
         "min_lr": (0.0, "Dassl, dassl/optim/lr_scheduler.py: CosineAnnealingLR, eta_min 0"),
         "batch_size": (32, f"{config}: DATALOADER.TRAIN_X.BATCH_SIZE"),
+        "schedule": ("dassl", f"{config}: OPTIM.LR_SCHEDULER cosine, stepped per epoch after the warm-up epochs"),
         "warmup_epochs": (1, f"{config}: OPTIM.WARMUP_EPOCH"),
         "warmup_lr": (1e-5, f"{config}: OPTIM.WARMUP_CONS_LR (WARMUP_TYPE constant)"),
         "grad_clip": (0.0, "Dassl, dassl/engine/trainer.py: no gradient clipping"),
         "flip": (True, f"{config}: INPUT.TRANSFORMS random_flip"),
+        "crop_scale": (0.08, f"{config}: INPUT.TRANSFORMS random_resized_crop, Dassl's INPUT.RRCROP_SCALE (0.08, 1)"),
     }
 
 

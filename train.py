@@ -92,18 +92,31 @@ class TrainConfig:
     ctx_init: str = arg(
         "a photo of a", "CoOp, CoCoOp: the words the context starts from, or a number M of random vectors"
     )
-    optimizer: str = arg("adamw", "adamw | sgd (momentum 0.9)")
+    optimizer: str = arg(
+        "adamw",
+        "adamw: AdamW, weight decay decoupled from the gradient step (R-Adapter, WiSE-FT) | sgd: SGD with "
+        "momentum 0.9, weight decay added to the gradient as an L2 penalty's (Dassl: CoOp, CoCoOp, CLIPFit)",
+    )
     epochs: int = arg(10, "passes over the training set")
     batch_size: int = arg(512, "global batch (all GPUs, all accumulation steps)")
     accum_steps: int = arg(1, "gradient accumulation steps per optimiser step")
     lr: float = arg(5e-4, "peak learning rate")
     min_lr: float = arg(1e-6, "learning rate at the end of the cosine")
-    weight_decay: float = arg(0.0, "decoupled weight decay")
+    weight_decay: float = arg(0.0, "weight decay: decoupled under adamw, an L2 penalty's gradient under sgd")
+    schedule: str = arg(
+        "cosine",
+        "cosine: warm-up, then cosine to --min-lr, per step (R-Adapter) | dassl: --warmup-epochs at --warmup-lr, "
+        "then a cosine over --epochs held for each epoch, never reaching --min-lr (Dassl's, for CoOp, CoCoOp, CLIPFit)",
+    )
     warmup: int = arg(500, "warm-up steps")
     warmup_epochs: Optional[float] = arg(None, "warm-up length in epochs (replaces --warmup)")
     warmup_lr: Optional[float] = arg(None, "constant learning rate during warm-up (default: linear ramp)")
     grad_clip: float = arg(1.0, "max gradient norm; 0 = no clipping")
     flip: bool = arg(False, "random horizontal flip in training")
+    crop_scale: float = arg(
+        0.9,
+        "training crop: RandomResizedCrop's smallest share of the image area, scale (s, 1) (R-Adapter 0.9, Dassl 0.08)",
+    )
     precision: str = arg("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (+ GradScaler) | fp32")
     compile: bool = arg(False, "torch.compile the model")
     grad_checkpointing: bool = arg(False, "recompute each block in backward: far less activation memory")
@@ -139,7 +152,16 @@ def parse_args(argv=None) -> list[TrainConfig]:
 
 # --------------------------------------------------------------------- schedule
 def lr_at(step, total, cfg):
-    """Warm-up for cfg.warmup steps (a linear ramp to lr, or a constant warmup_lr), then cosine to min_lr."""
+    """The learning rate of a step of `total`. cosine (R-Adapter): warm-up for cfg.warmup steps (a linear ramp
+    to lr, or a constant warmup_lr), then cosine to min_lr, per step. dassl (CoOp, CoCoOp, CLIPFit): Dassl's
+    ConstantWarmupScheduler over CosineAnnealingLR(T_max=epochs), stepped once per epoch: warmup_lr for the
+    first warmup_epochs epochs, then epoch e at the cosine's value for e - warmup_epochs (the cosine starts
+    after the warm-up), so the last epoch stays above min_lr."""
+    if cfg.schedule == "dassl":
+        epoch, warm = step // (total // cfg.epochs), cfg.warmup_epochs or 0
+        if epoch < warm:
+            return cfg.warmup_lr
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * (epoch - warm) / cfg.epochs))
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup if cfg.warmup_lr is None else cfg.warmup_lr
     progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
@@ -348,7 +370,7 @@ def train(cfg, model, method, task, device, ddp_rank=0, world_size=1):
 
 # ------------------------------------------------------------------- the driver
 def build_data(cfg, model):
-    train_transform = image_transform(model.config.image_size, train=True, flip=cfg.flip)
+    train_transform = image_transform(model.config.image_size, train=True, flip=cfg.flip, scale=(cfg.crop_scale, 1.0))
     ood = dict(o.split("=", 1) for o in cfg.ood)
     kw = dict(context_length=model.config.context_length, shots=cfg.shots, seed=cfg.seed, ood=ood, strict=cfg.strict)
     eval_transform = image_transform(model.config.image_size)

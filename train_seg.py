@@ -136,7 +136,7 @@ class SegConfig:
     lr: float = arg(2e-4, "peak learning rate (AdamW) of the head and of new weights")
     clip_lr_scale: float = arg(0.01, "learning rate multiplier of CLIP's own weights")
     min_lr: float = arg(0.0, "learning rate at the end of the cosine")
-    weight_decay: float = arg(1e-4, "decoupled weight decay (none on norm layers and embeddings)")
+    weight_decay: float = arg(1e-4, "AdamW's decoupled weight decay (none on norm layers and embeddings)")
     warmup: int = arg(0, "warm-up steps")
     grad_clip: float = arg(0.01, "max L2 norm of all gradients together; 0 = no clipping")
     precision: str = arg("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (+ GradScaler) | fp32")
@@ -152,6 +152,7 @@ class SegConfig:
     max_steps: Optional[int] = arg(None, "stop after N steps (smoke tests); the schedule still spans --iterations")
     # fixed for segmentation; train.train reads them
     optimizer = "adamw"
+    schedule = "cosine"
     warmup_epochs = None
     warmup_lr = None
 

@@ -125,6 +125,7 @@ BAD = {
     "crop": 0,
     "eval_size": 0,
     "clip_lr_scale": -1.0,
+    "crop_scale": 0.0,
 }
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(train.TrainConfig)}
 

@@ -9,12 +9,15 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from torchvision.transforms import RandomResizedCrop
 
 import cli
 import recipes
 import train
+from clip_model import PRESETS
 from data import toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,6 +269,19 @@ def test_a_command_runs_one_recipe_per_method():
     assert fit.epochs == setting["epochs"][0] == 100 and fit.batch_size == setting["batch_size"][0]
     assert fit.clipfit_lambda == recipes.DATASETS["dtd", "clipfit"]["clipfit_lambda"][0] != setting["clipfit_lambda"][0]
     assert fit.lr == 1.0 and fit.p == train.TrainConfig.p
+
+
+def test_the_dassl_family_trains_on_dassls_schedule_and_crop(tree):
+    """CoOp, CoCoOp and CLIPFit: Dassl's per-epoch schedule and RandomResizedCrop(scale=(0.08, 1)) reach the
+    training transform; R-Adapter keeps its per-step cosine and (0.9, 1)."""
+    argv = ["--data", "folder", "--data-root", str(tree), "--method", "coop,cocoop,clipfit,r-adapter"]
+    model = SimpleNamespace(config=PRESETS["tiny"])
+    for cfg in train.parse_args(argv):
+        task, _ = train.build_data(cfg, model)
+        (crop,) = [t for t in task.train.transform.transforms if isinstance(t, RandomResizedCrop)]
+        dassl = cfg.method != "r-adapter"
+        assert crop.scale == ((0.08, 1.0) if dassl else (0.9, 1.0)), cfg.method
+        assert cfg.schedule == ("dassl" if dassl else "cosine"), cfg.method
 
 
 def test_config_replays_a_run(tree, tmp_path):
