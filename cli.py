@@ -144,11 +144,20 @@ def check_train(cfg):
     return None
 
 
+# Which prompt sets a method reads: CoOp's and CoCoOp's learned context replaces both; CLIPFit's loss reads the
+# first training template only; the head of full-ft, WiSE-FT, the linear probe and ProLIP starts from the
+# evaluation templates' zero-shot classifier, and their losses read no training template.
+READS_NO_TRAINING_TEMPLATES = ("coop", "cocoop", "zero-shot", "full-ft", "wise-ft", "linear-probe", "prolip")
+READS_NO_EVALUATION_TEMPLATES = ("coop", "cocoop")
+
+
 def train_header(cfg):
-    """--print-config's first line for a train.TrainConfig: how many templates its prompt sets hold."""
+    """--print-config's first line for a train.TrainConfig: how many templates of its prompt sets it reads."""
     own = prompt_sets.own(cfg.data)
-    count = {name: len(prompt_sets.templates(getattr(cfg, name), own)) for name in ("prompts", "eval_prompts")}
-    return f"# {cfg.method}: {count['prompts']} training templates, {count['eval_prompts']} evaluation templates"
+    train, evaluation = (len(prompt_sets.templates(getattr(cfg, name), own)) for name in ("prompts", "eval_prompts"))
+    train = 0 if cfg.method in READS_NO_TRAINING_TEMPLATES else min(train, 1) if cfg.method == "clipfit" else train
+    evaluation = 0 if cfg.method in READS_NO_EVALUATION_TEMPLATES else evaluation
+    return f"# {cfg.method}: {train} training templates, {evaluation} evaluation templates"
 
 
 # ---------------------------------------------------------- --config FILE

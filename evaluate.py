@@ -16,6 +16,8 @@ so every rank holds the numbers one process computes (shard, gather).
     python evaluate.py --model ViT-B-16.pt --adapters runs/imagenet/r-adapter/adapters.safetensors \
         --data imagenet --data-root DIR --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1   # sweep + PNG
     python evaluate.py --model ViT-B-16.pt --finetuned runs/imagenet/full-ft/merged.safetensors --alpha 0.5
+    python evaluate.py --model ViT-B-16:openai --prompt-learner output/.../prompt_learner/model.pth.tar-10 \
+        --data dtd --data-root DIR --split base                           # a released CoOp / CoCoOp checkpoint
     python evaluate.py --model ViT-B-16.pt --images photos/ --classes cat,dog,car       # top-k per image
     python evaluate.py --model toy --images photo.png --classes circle,square           # the shipped toy CLIP
 """
@@ -39,6 +41,7 @@ import claims
 import cli
 import data
 import plots
+import prompt_learners
 import r_adapter
 import reparam
 from clip_model import autocast_dtype, image_transform, tokenize
@@ -318,6 +321,10 @@ def main(argv=None):
     parser.add_argument("--model", required=True, help="the zero-shot CLIP: toy, a file, ViT-B-16 or ARCH:TAG")
     parser.add_argument("--adapters", help="R-Adapter weights saved by train.py (adapters.safetensors)")
     parser.add_argument("--finetuned", help="a fully fine-tuned CLIP export, for WiSE-FT interpolation")
+    parser.add_argument(
+        "--prompt-learner",
+        help="CoOp / CoCoOp context: train.py's prompt_learner.safetensors or a released checkpoint (model.pth.tar-N)",
+    )
     parser.add_argument("--alpha", default="0.5", help="re-scaling coefficient(s) in [0, 1], comma separated")
     parser.add_argument("--data", default="imagenet", help=f"one of: {', '.join(data.names())}")
     parser.add_argument("--data-root", help="dataset root (layouts: data/imagenet.py, coop.py, retrieval.py)")
@@ -341,6 +348,8 @@ def main(argv=None):
         parser.error(f"--alpha {args.alpha}: expected numbers in [0, 1], comma separated")
     if not all(0 <= a <= 1 for a in alphas):
         parser.error(f"--alpha {args.alpha}: expected values in [0, 1]")
+    if sum(bool(a) for a in (args.adapters, args.finetuned, args.prompt_learner)) > 1:
+        parser.error("--adapters, --finetuned, --prompt-learner: give one of them")
     if args.images and not args.classes:
         parser.error("--images needs --classes a,b,c")
     if args.classes and not args.images:
@@ -361,7 +370,11 @@ def check_paths(args):
         raise data.DataError(f"--images {args.images}: no such file or folder")
     if not args.images:
         data.check_root(args.data, args.data_root)
-    for flag, path in (("--adapters", args.adapters), ("--finetuned", args.finetuned)):
+    for flag, path in (
+        ("--adapters", args.adapters),
+        ("--finetuned", args.finetuned),
+        ("--prompt-learner", args.prompt_learner),
+    ):
         if path and not Path(path).is_file():
             raise data.DataError(f"{flag} {path}: no such file")
 
@@ -385,6 +398,10 @@ def run(args, alphas):
     if args.adapters:
         r_adapter.load_adapters(model, args.adapters)
         name, rows = "R-Adapter", sweep(model, task, alphas, lambda a: reparam.merged(model, a), **kwargs)
+    elif args.prompt_learner:  # the learned prompts of the task's classes (CoCoOp: of each image)
+        learner = prompt_learners.load_prompt_learner(model, args.prompt_learner)
+        name, classifier = "CoOp" if learner.meta_net is None else "CoCoOp", learner.classifier(model, task.classnames)
+        rows = sweep(model, task, [0.0], lambda a: nullcontext(), classifier=classifier, **kwargs)
     elif args.finetuned:
         zero_shot = load_clip(args.model, device=args.device).state_dict()
         name, rows = "WiSE-FT", sweep(model, task, alphas, lambda a: baselines.wise_ft(model, zero_shot, a), **kwargs)

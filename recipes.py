@@ -6,14 +6,15 @@ rule, later entries winning (cli.resolve; --print-config names each value's sour
     TrainConfig's default (train.py) < RECIPES[setting, method] < DATASETS[data, method]
         < --config FILE < the flags given
 
-A recipe is flat: each value it sets, on its own line with its source. Blocks shared by several
-recipes (Dassl's trainer, a setting's values, the toy budget) are spread into them, a later key
-winning as in any dict. The toy jobs also name their methods (METHOD_LISTS), used when no --method
-is given. TrainConfig's defaults are R-Adapter's ImageNet recipe (paper Sec. 4.1, docs/RUN.md of its
-release). "R-Adapter release" is github.com/tjddus9597/R-Adapter-ECCV2024, "CLIPFit release"
-github.com/minglllli/CLIPFit, "CoOp release" github.com/KaiyangZhou/CoOp (CoOp's and CoCoOp's), "Dassl"
-github.com/KaiyangZhou/Dassl.pytorch, "WiSE-FT release" github.com/mlfoundations/wise-ft, "SSF release"
-github.com/dongzelian/SSF. `python recipes.py` prints the table in docs/recipes.md.
+A recipe is flat: each value it sets, on its own line with its source (CoOp's few-shot epochs: one
+line per number of shots, `pick`). Blocks shared by several recipes (Dassl's trainer, a setting's
+values, the toy budget) are spread into them, a later key winning as in any dict. The toy jobs also
+name their methods (METHOD_LISTS), used when no --method is given. TrainConfig's defaults are
+R-Adapter's ImageNet recipe (paper Sec. 4.1, docs/RUN.md of its release). Releases: "R-Adapter"
+github.com/tjddus9597/R-Adapter-ECCV2024, "CLIPFit" github.com/minglllli/CLIPFit, "CoOp"
+github.com/KaiyangZhou/CoOp (CoOp's and CoCoOp's), "Dassl" github.com/KaiyangZhou/Dassl.pytorch,
+"WiSE-FT" github.com/mlfoundations/wise-ft, "SSF" github.com/dongzelian/SSF. `python recipes.py`
+prints the table of docs/recipes.md.
 """
 
 import shlex
@@ -44,6 +45,31 @@ def dassl(config):
         "crop_scale": (0.08, f"{config}: INPUT.TRANSFORMS random_resized_crop, Dassl's INPUT.RRCROP_SCALE (0.08, 1)"),
     }
 
+
+def seeds(source):
+    """Seeds 1, 2 and 3, pooled into one table: the few-shot and base-to-new settings as the released scripts
+    run them."""
+    return {"seed": (1, source), "seeds": (3, source)}
+
+
+COOP_SEEDS = "CoOp release, scripts/coop/main.sh: for SEED in 1 2 3"
+COCOOP_SEEDS = "CoOp release, scripts/cocoop/base2new_train.sh: SEED 1, 2 and 3 (COCOOP.md)"
+CLIPFIT_SEEDS = "CLIPFit release, scripts/ClipFit/main.sh: for SEED in 1 2 3"
+CLIPFIT_B2N_SEEDS = "CLIPFit release, scripts/ClipFit/base2new_train.sh: for SEED in 1 2 3"
+COOP_FEW_SHOT = "CoOp release, COOP.md and scripts/coop/main.sh"
+COOP_TRAINERS = "CoOp release, configs/trainers/CoOp"
+# CoOp's few-shot tables (CoOp paper Fig. 3): 16 random context vectors, epochs by the number of shots.
+COOP_FEW_SHOT_RECIPE = {
+    **dassl(f"{COOP_TRAINERS}/vit_b16.yaml"),
+    "ctx_init": ("16", f"{COOP_FEW_SHOT}: NCTX 16, random (configs/trainers/CoOp/vit_b16*.yaml set no CTX_INIT)"),
+    "epochs": {  # by --shots (`pick`), as COOP.md picks the config
+        1: (50, f"{COOP_TRAINERS}/vit_b16_ep50.yaml: OPTIM.MAX_EPOCH (1 shot: COOP.md)"),
+        2: (100, f"{COOP_TRAINERS}/vit_b16_ep100.yaml: OPTIM.MAX_EPOCH (2 and 4 shots: COOP.md)"),
+        4: (100, f"{COOP_TRAINERS}/vit_b16_ep100.yaml: OPTIM.MAX_EPOCH (2 and 4 shots: COOP.md)"),
+        8: (200, f"{COOP_TRAINERS}/vit_b16.yaml: OPTIM.MAX_EPOCH (8 and 16 shots: COOP.md)"),
+        16: (200, f"{COOP_TRAINERS}/vit_b16.yaml: OPTIM.MAX_EPOCH (8 and 16 shots: COOP.md)"),
+    },
+}
 
 WISE_FT_RELEASE = "WiSE-FT release, its ImageNet command"
 WISE_FT = {  # the R-Adapter paper's FT row; TrainConfig's batch, epochs, warm-up and clipping are WiSE-FT's too
@@ -128,6 +154,11 @@ B2N = {
     "prompts": (IMAGENET_80, f"{RUN_MD}: base-to-novel command, a random OpenAI template per image"),
     "eval_prompts": (IMAGENET_80, f"{RUN_MD}: base-to-novel command, the OpenAI template ensemble"),
 }
+# --split base: CoCoOp's protocol as the released scripts run it, for every method.
+B2N_PROTOCOL = {
+    "shots": (16, "CoOp release, scripts/cocoop/base2new_train.sh: SHOTS=16 (R-Adapter's command: --k=16)"),
+    **seeds(COCOOP_SEEDS),
+}
 # --data coco | flickr30k: R-Adapter paper Sec. 4 (alpha 0.8 for retrieval) and its COCO command.
 RETRIEVAL = {
     "alpha": (0.8, "R-Adapter paper, Sec. 4: retrieval"),
@@ -181,29 +212,39 @@ METHOD_LISTS = {  # setting: its methods when no --method is given
 RECIPES = {
     # --data imagenet | folder | a CoOp dataset: each method's own recipe
     **{("full", method): recipe for method, recipe in OWN.items()},
-    # --shots K
-    **{("few-shot", method): recipe for method, recipe in OWN.items()},
+    # --shots K: each method's own recipe, seeds 1, 2, 3
+    **{("few-shot", method): {**recipe, **seeds(COOP_SEEDS)} for method, recipe in OWN.items()},
     # (The paper's few-shot text uses low-rank adapters; the script trains full rank: --rank r.)
     ("few-shot", "r-adapter"): {
         "epochs": (50, f"{RUN_MD}: few-shot command"),
         "batch_size": (256, f"{RUN_MD}: few-shot command"),
         "warmup": (0, f"{RUN_MD}: few-shot command, --warmup_length"),
         "prompts": ("a photo of a {}", "R-Adapter release: few-shot training prompt"),
+        **seeds(COOP_SEEDS),
     },
     ("few-shot", "clipfit"): {
         **OWN["clipfit"],
-        "epochs": (100, "CLIPFit release: few-shot configs (ImageNet, Food-101: 10, DATASETS)"),
+        "epochs": (100, "CLIPFit release, scripts/ClipFit/main.sh: CFG vit_b16_ep100_ctxv1 (ImageNet, Food-101: 10)"),
         "clipfit_lambda": (2.0, "CLIPFit paper: few-shot lambda (DTD, SUN397: 8, DATASETS)"),
+        **seeds(CLIPFIT_SEEDS),
     },
-    # --split base
-    **{("base-to-novel", method): {**B2N, **recipe} for method, recipe in OWN.items()},
-    ("base-to-novel", "r-adapter"): {**B2N, "rank": (4, f"{RUN_MD}: base-to-novel command, --adapter 4,4")},
+    ("few-shot", "coop"): {**COOP_FEW_SHOT_RECIPE, **seeds(COOP_SEEDS)},
+    # --split base: R-Adapter's command under each method's own recipe, 16 shots, seeds 1, 2, 3
+    **{("base-to-novel", method): {**B2N, **B2N_PROTOCOL, **recipe} for method, recipe in OWN.items()},
+    ("base-to-novel", "r-adapter"): {
+        **B2N,
+        **B2N_PROTOCOL,
+        "rank": (4, f"{RUN_MD}: base-to-novel command, --adapter 4,4"),
+    },
     ("base-to-novel", "clipfit"): {
         **B2N,
+        **B2N_PROTOCOL,
         **OWN["clipfit"],
-        "epochs": (100, "CLIPFit release: base-to-new configs (ImageNet, Food-101: 10, DATASETS)"),
+        "epochs": (100, f"{CLIPFIT_CFG}: OPTIM.MAX_EPOCH, base-to-new (ImageNet, Food-101: vit_b16_ep10_ctxv1.yaml)"),
         "prompts": ("task", "CLIPFit release: its own prompt"),
         "eval_prompts": ("task", "CLIPFit release: its own prompt"),
+        "shots": (16, "CLIPFit release, scripts/ClipFit/base2new_train.sh: SHOTS=16"),
+        **seeds(CLIPFIT_B2N_SEEDS),
     },
     # --data coco | flickr30k
     **{("retrieval", method): {**RETRIEVAL, **recipe} for method, recipe in OWN.items()},
@@ -279,15 +320,24 @@ def setting(data, split=None, shots=None):
     return "few-shot" if shots else "full"
 
 
+def pick(entry, shots):
+    """A recipe's (value, source), or of {K: (value, source)} given by the number of shots, the entry of the
+    largest K not above --shots."""
+    if isinstance(entry, tuple):
+        return entry
+    return entry[max((k for k in entry if k <= (shots or 0)), default=min(entry))]
+
+
 def recipe(command, method=None):
     """{field: (value, source)} of `method` in a command ({field: value}: its data, split and shots pick the
     setting): RECIPES[setting, method] with DATASETS[data, method] over it. Without a method: the setting's
     own method list ({'method': ...}), if it has one."""
-    data = command["data"]
-    name = setting(data, command.get("split"), command.get("shots"))
+    data, shots = command["data"], command.get("shots")
+    name = setting(data, command.get("split"), shots)
     if method is None:
         return {"method": METHOD_LISTS[name]} if name in METHOD_LISTS else {}
-    return {**RECIPES.get((name, method), {}), **DATASETS.get((data, method), {})}
+    flat = {**RECIPES.get((name, method), {}), **DATASETS.get((data, method), {})}
+    return {k: pick(entry, shots) for k, entry in flat.items()}
 
 
 def values(data, method, split=None, shots=None):
@@ -309,9 +359,11 @@ WHERE = {
 def as_flags(recipe):
     """{field: (value, source)} as the flags that give it: --batch-size 256 --no-flip --prompts 'a photo of a {}'."""
     out = []
-    for name, (value, _) in recipe.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
+    for name, entry in recipe.items():
+        flag, value = "--" + name.replace("_", "-"), entry[0] if isinstance(entry, tuple) else None
+        if value is None:  # by the number of shots
+            out.append(f"{flag} " + ", ".join(f"{v} ({k} shots)" for k, (v, _) in entry.items()))
+        elif isinstance(value, bool):
             out.append(flag if value else "--no-" + flag[2:])
         else:
             out.append(f"{flag} {shlex.quote(str(value))}")
@@ -325,7 +377,8 @@ def table():
     rows = [(WHERE[s], f"{m}", r) for (s, m), r in RECIPES.items()]
     rows += [(f"`--data {d}`, any setting", f"{m}", r) for (d, m), r in DATASETS.items()]
     for where, method, recipe in rows:
-        sources = "; ".join(dict.fromkeys(source.split(",")[0].split(":")[0] for _, source in recipe.values()))
+        entries = [e for entry in recipe.values() for e in ([entry] if isinstance(entry, tuple) else entry.values())]
+        sources = "; ".join(dict.fromkeys(source.split(",")[0].split(":")[0] for _, source in entries))
         lines.append(f"| {where} | {method} | `{as_flags(recipe)}` | {sources} |" if recipe else "")
     return "\n".join(line for line in lines if line)
 

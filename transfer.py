@@ -8,7 +8,9 @@ datasets (each with its own classes and prompt) and on ImageNet-V2, -Sketch, -A 
 ROOT has CoOp's layout (data/coop.py): ROOT/imagenet/images/{train,val}, the ten dataset folders, and
 the four shifts where CoOp's DATASETS.md puts them (SHIFTS); an absent one is skipped with one line.
 Every other flag is train.py's, and each method's recipe resolves as for `--data imagenet --shots 16`
-(recipes.py). Each target is scored with the prompts that method's recipe gives that dataset.
+(recipes.py), except CoOp's context, which starts from "a photo of a" as in the cross-dataset scripts
+(vit_b16_ep50_ctxv1), not from CoOp's few-shot 16 random vectors. Each target is scored with the
+prompts that method's recipe gives that dataset.
 
 One table, runs/xd/results.{csv,json}: per method, ImageNet, each target, their mean `xd_avg`, each
 shift and their mean `dg_avg`; a cell is the mean over the seeds ± its standard error over the seeds
@@ -63,7 +65,8 @@ def parse_args(argv=None):
     root = Path(ours.data_root)
     ood = [f"--ood={name}={root / path}" for name, path in SHIFTS.items() if (root / path).is_dir()]
     imagenet = ["--data", "imagenet", "--data-root", str(root / "imagenet" / "images"), "--shots", "16", *ood]
-    runs = [train.parse_args([*rest, *imagenet, "--seed", str(seed)]) for seed in range(1, ours.seeds + 1)]
+    xd = ["--ctx-init", "a photo of a"]  # scripts/cocoop/xd_train.sh: CoOp from vit_b16_ep50_ctxv1; flags given win
+    runs = [train.parse_args([*xd, *rest, *imagenet, "--seed", str(seed)]) for seed in range(1, ours.seeds + 1)]
     if any(cfg.method == "linear-probe" for cfg in runs[0]):
         parser.error("--method linear-probe: its classifier has ImageNet's classes only, so it cannot transfer")
     return root, ours.seeds, Path(ours.run_dir), runs

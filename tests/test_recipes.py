@@ -256,8 +256,9 @@ def test_docs_recipe_table_is_recipes_table():
     fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
     for recipe in [*recipes.RECIPES.values(), *recipes.DATASETS.values()]:
         for name, entry in recipe.items():
-            assert name in fields and isinstance(entry, tuple) and len(entry) == 2, (name, entry)
-            assert isinstance(entry[1], str) and entry[1], name
+            by_shots = entry.values() if isinstance(entry, dict) else [entry]  # {K: (value, source)} by --shots
+            assert name in fields and all(isinstance(e, tuple) and len(e) == 2 for e in by_shots), (name, entry)
+            assert all(isinstance(source, str) and source for _, source in by_shots), name
 
 
 def test_a_command_runs_one_recipe_per_method():
@@ -282,6 +283,38 @@ def test_the_dassl_family_trains_on_dassls_schedule_and_crop(tree):
         dassl = cfg.method != "r-adapter"
         assert crop.scale == ((0.08, 1.0) if dassl else (0.9, 1.0)), cfg.method
         assert cfg.schedule == ("dassl" if dassl else "cosine"), cfg.method
+
+
+@pytest.mark.parametrize("shots, epochs", [(1, 50), (2, 100), (3, 100), (4, 100), (8, 200), (16, 200), (32, 200)])
+def test_coops_few_shot_recipe_is_the_releases(shots, epochs):
+    """CoOp's few-shot tables as released (COOP.md, scripts/coop/main.sh): 16 random context vectors, 50 epochs
+    for 1 shot, 100 for 2 and 4, 200 for 8 and 16 (ImageNet: 50 for every shot count), seeds 1, 2, 3 pooled."""
+    (coop,) = train.parse_args(["--data", "dtd", "--data-root", "D", "--shots", str(shots), "--method", "coop"])
+    assert (coop.ctx_init, coop.epochs, coop.seed, coop.seeds) == ("16", epochs, 1, 3)
+    argv = ["--data", "imagenet", "--data-root", "D", "--shots", str(shots), "--method", "coop"]
+    assert train.parse_args(argv)[0].epochs == 50
+
+
+def test_print_config_shows_dassls_recipe_with_release_files(tmp_path):
+    """The Dassl family in the few-shot and base-to-new settings: Dassl's schedule and crop, CoOp's 16 context
+    vectors (few-shot; base-to-new starts from "a photo of a", as its script's ctxv1 config), epochs by shots,
+    16 shots for --split base and 3 seeds, each with the release file it comes from."""
+    common = ["--data", "dtd", "--data-root", str(tmp_path), "--method", "coop,cocoop,clipfit"]
+    few = printed(print_config(*common, "--shots", "16", cwd=tmp_path).stdout)[0]
+    b2n = printed(print_config(*common, "--split", "base", cwd=tmp_path).stdout)[0]
+    release_file = re.compile(r"(CoOp|CLIPFit) release, (configs|scripts)/\S+\.(yaml|sh)")
+    for fields in (few, b2n):
+        for method, config in fields.items():
+            expected = dict(schedule="dassl", crop_scale=0.08, seed=1, seeds=3, epochs=None)
+            for name, value in expected.items():
+                assert value is None or config[name][0] == value, (method, name)
+                assert release_file.search(config[name][1]), (method, name, config[name][1])
+    assert few["coop"]["ctx_init"][0] == "16" and release_file.search(few["coop"]["ctx_init"][1]) is None
+    assert "scripts/coop/main.sh" in few["coop"]["ctx_init"][1]
+    assert [few[m]["epochs"][0] for m in ("coop", "cocoop", "clipfit")] == [200, 10, 100]
+    assert "vit_b16.yaml" in few["coop"]["epochs"][1]  # 8 and 16 shots
+    assert b2n["coop"]["ctx_init"][0] == "a photo of a" and all(c["shots"][0] == 16 for c in b2n.values())
+    assert all("base2new_train.sh" in c["shots"][1] for c in b2n.values())
 
 
 def test_config_replays_a_run(tree, tmp_path):
