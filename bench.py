@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 import baselines
+import cli
 import r_adapter
-import recipes
 import reparam
 from clip_model import CLIP_MEAN, CLIP_STD, PRESETS, image_transform, tokenize
 from clip_weights import WeightsError, load_clip
@@ -390,7 +390,7 @@ def bench_pipeline(args, device, step_rate, step_name):
 
 
 def main(argv=None):
-    parser = recipes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = "cpu, cuda, or all: both when a GPU is present (--train, --model: cuda if present, else cpu)"
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all", help=where)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls of each contender; the median is shown")
@@ -402,8 +402,8 @@ def main(argv=None):
     parser.add_argument("--jpegs", type=int, default=2000, help="--train: synthetic JPEGs for the input pipeline")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="--train: DataLoader workers")
     args = parser.parse_args(argv)
-    recipes.at_least(parser, ("--repeats", args.repeats, 1), ("--batch", args.batch, 1), ("--jpegs", args.jpegs, 1))
-    recipes.at_least(parser, ("--workers", args.workers, 0))
+    cli.at_least(parser, ("--repeats", args.repeats, 1), ("--batch", args.batch, 1), ("--jpegs", args.jpegs, 1))
+    cli.at_least(parser, ("--workers", args.workers, 0))
     if args.model and args.train:
         parser.error(f"--model {args.model}: --train times the --preset shapes against open_clip, not a given CLIP")
     args.tmp = "/tmp/bench_clip.pt"

@@ -285,12 +285,13 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def image_transform(image_size, train=False, flip=False):
-    """Eval: bicubic resize + center crop. Train: RandomResizedCrop(scale 0.9-1.0), no flip (R-Adapter's
-    recipe), or with a random horizontal flip first (CLIPFit's)."""
+def image_transform(image_size, train=False, flip=False, scale=(0.9, 1.0)):
+    """Eval: bicubic resize + center crop. Train: a bicubic RandomResizedCrop of `scale` (the crop's share of
+    the image area): (0.9, 1) without flip is R-Adapter's recipe, (0.08, 1) with a random horizontal flip
+    first Dassl's (CoOp, CoCoOp, CLIPFit)."""
     bicubic = transforms.InterpolationMode.BICUBIC
     geometry = (
-        [transforms.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=bicubic)]
+        [transforms.RandomResizedCrop(image_size, scale=scale, interpolation=bicubic)]
         if train
         else [transforms.Resize(image_size, interpolation=bicubic), transforms.CenterCrop(image_size)]
     )

@@ -300,6 +300,44 @@ def _read_torchscript(archive: zipfile.ZipFile):
     return tensors
 
 
+class _Inert:
+    """Stands in for any object of a pickle other than tensors and plain containers: keeps nothing, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _InertUnpickler(pickle.Unpickler):
+    """torch.load's unpickler for read_inert: tensors are rebuilt (torch.load supplies their storages), every
+    other class or function the pickle names is _Inert."""
+
+    _REBUILD = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._REBUILD:
+            return getattr(torch._utils, name)
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return _Inert
+
+
+def read_inert(path):
+    """A torch.save'd file whose pickle holds objects besides tensors (a Dassl checkpoint pickles its
+    scheduler, so torch.load(weights_only=True) refuses it): its tensors and containers, every other object
+    an inert stand-in; no code of the file runs."""
+    load = lambda f, **kw: _InertUnpickler(f, **kw).load()
+    inert = type("inert", (), {"__name__": "inert", "Unpickler": _InertUnpickler, "load": staticmethod(load)})
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=inert)
+
+
 def read_state_dict(path):
     """Tensors of a checkpoint file (no code runs), with OpenAI/open_clip key names.
 

@@ -17,6 +17,8 @@ seeds, claims and plots: report.py.
     python evaluate.py --model ViT-B-16.pt --adapters runs/imagenet/r-adapter/adapters.safetensors \
         --data imagenet --data-root DIR --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1   # sweep + PNG
     python evaluate.py --model ViT-B-16.pt --finetuned runs/imagenet/full-ft/merged.safetensors --alpha 0.5
+    python evaluate.py --model ViT-B-16:openai --prompt-learner output/.../prompt_learner/model.pth.tar-10 \
+        --data dtd --data-root DIR --split base                           # a released CoOp / CoCoOp checkpoint
     python evaluate.py --model ViT-B-16.pt --images photos/ --classes cat,dog,car       # top-k per image
     python evaluate.py --model toy --images photo.png --classes circle,square           # the shipped toy CLIP
 """
@@ -35,14 +37,16 @@ from tqdm import tqdm
 import baselines
 import checkpoints
 import claims
+import cli
 import data
 import plots
-import recipes
+import prompt_learners
 import reparam
 import report
 from clip_model import autocast_dtype, image_transform
 from clip_weights import WeightsError, load_clip
 from data import coop, retrieval
+from data.templates import templates
 from distributed import gather, is_main_process, shard
 from zero_shot import zero_shot_classifier
 
@@ -180,10 +184,14 @@ def predict_images(model, paths, classnames, templates, topk=5):
 
 def main(argv=None):
     doc = argparse.RawDescriptionHelpFormatter
-    parser = recipes.ArgumentParser(description=__doc__, formatter_class=doc, allow_abbrev=False)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=doc, allow_abbrev=False)
     parser.add_argument("--model", required=True, help="the zero-shot CLIP: toy, a file, ViT-B-16 or ARCH:TAG")
     parser.add_argument("--adapters", help="R-Adapter weights saved by train.py (adapters.safetensors)")
     parser.add_argument("--finetuned", help="a fully fine-tuned CLIP export, for WiSE-FT interpolation")
+    parser.add_argument(
+        "--prompt-learner",
+        help="CoOp / CoCoOp context: train.py's prompt_learner.safetensors or a released checkpoint (model.pth.tar-N)",
+    )
     parser.add_argument("--alpha", default="0.5", help="re-scaling coefficient(s) in [0, 1], comma separated")
     parser.add_argument("--data", default="imagenet", help=f"one of: {', '.join(data.names())}")
     parser.add_argument("--data-root", help="dataset root (layouts: data/imagenet.py, coop.py, retrieval.py)")
@@ -207,15 +215,15 @@ def main(argv=None):
         parser.error(f"--alpha {args.alpha}: expected numbers in [0, 1], comma separated")
     if not all(0 <= a <= 1 for a in alphas):
         parser.error(f"--alpha {args.alpha}: expected values in [0, 1]")
+    if sum(bool(a) for a in (args.adapters, args.finetuned, args.prompt_learner)) > 1:
+        parser.error("--adapters, --finetuned, --prompt-learner: give one of them")
     if args.images and not args.classes:
         parser.error("--images needs --classes a,b,c")
     if args.classes and not args.images:
         parser.error("--classes needs --images FILE|DIR, the images to classify")
     if args.data not in data.names():
         parser.error(f"--data {args.data}: expected one of {', '.join(data.names())}")
-    recipes.at_least(
-        parser, ("--workers", args.workers, 0), ("--batch-size", args.batch_size, 1), ("--topk", args.topk, 1)
-    )
+    cli.at_least(parser, ("--workers", args.workers, 0), ("--batch-size", args.batch_size, 1), ("--topk", args.topk, 1))
     try:
         check_paths(args)
         run(args, alphas)
@@ -229,7 +237,11 @@ def check_paths(args):
         raise data.DataError(f"--images {args.images}: no such file or folder")
     if not args.images:
         data.check_root(args.data, args.data_root)
-    for flag, path in (("--adapters", args.adapters), ("--finetuned", args.finetuned)):
+    for flag, path in (
+        ("--adapters", args.adapters),
+        ("--finetuned", args.finetuned),
+        ("--prompt-learner", args.prompt_learner),
+    ):
         if path and not Path(path).is_file():
             raise data.DataError(f"{flag} {path}: no such file")
 
@@ -248,11 +260,15 @@ def run(args, alphas):
     if args.split:
         task = coop.base_new(task)[1]
     kwargs = dict(split=args.split, batch_size=args.batch_size, workers=args.workers)
-    kwargs |= dict(prompts=recipes.templates(args.prompts, getattr(task, "templates", [])))
+    kwargs |= dict(prompts=templates(args.prompts, getattr(task, "templates", [])))
     kwargs["autocast_dtype"] = autocast_dtype(args.device)
     if args.adapters:
         checkpoints.load_adapters(model, args.adapters)
         name, rows = "R-Adapter", sweep(model, task, alphas, lambda a: reparam.merged(model, a), **kwargs)
+    elif args.prompt_learner:  # the learned prompts of the task's classes (CoCoOp: of each image)
+        learner = prompt_learners.load_prompt_learner(model, args.prompt_learner)
+        name, classifier = "CoOp" if learner.meta_net is None else "CoCoOp", learner.classifier(model, task.classnames)
+        rows = sweep(model, task, [0.0], lambda a: nullcontext(), classifier=classifier, **kwargs)
     elif args.finetuned:
         zero_shot = load_clip(args.model, device=args.device).state_dict()
         name, rows = "WiSE-FT", sweep(model, task, alphas, lambda a: baselines.wise_ft(model, zero_shot, a), **kwargs)

@@ -18,7 +18,8 @@ after the longest EOT among them (exact, and far shorter than 77 tokens for clas
 
 Where the releases (github.com/KaiyangZhou/CoOp, trainers/coop.py and cocoop.py) differ: they count
 the context from the init's words, assuming one token per word; we count its BPE tokens (the same
-for "a photo of a").
+for "a photo of a"). Their checkpoints load (`load_prompt_learner`, `evaluate.py --prompt-learner`):
+Dassl's prompt_learner/model.pth.tar-N, CoCoOp's meta-net layers named linear1/linear2 (RELEASED_NAMES).
 """
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_model import tokenize
+from clip_weights import WeightsError, cause, read_inert, read_state_dict
 from method import Method
 
 
@@ -127,3 +129,48 @@ def setup(model, cfg, task):
         rows=[(cfg.method, None)],
         classifier_for=lambda classnames: learner.classifier(model, classnames),
     )
+
+
+RELEASED_NAMES = {"meta_net.linear1.": "meta_net.0.", "meta_net.linear2.": "meta_net.2."}  # CoCoOp release: ours
+
+
+def released_state(state):
+    """A released prompt learner's state dict in our names: CoCoOp's meta-net layers renamed (RELEASED_NAMES),
+    the frozen class-name embeddings token_prefix and token_suffix dropped (the release's load_model drops
+    them too: they are rebuilt for the classes scored)."""
+    out = {}
+    for name, tensor in state.items():
+        if name not in ("token_prefix", "token_suffix"):
+            old = next((old for old in RELEASED_NAMES if name.startswith(old)), None)
+            out[RELEASED_NAMES[old] + name.removeprefix(old) if old else name] = tensor
+    return out
+
+
+def load_prompt_learner(model, path):
+    """Freeze CLIP and attach the prompt learner saved at `path` as model.prompt_learner: train.py's
+    prompt_learner.safetensors, or a released CoOp or CoCoOp checkpoint (Dassl's
+    prompt_learner/model.pth.tar-N, read by clip_weights.read_inert: no code of the file runs). CoCoOp's
+    when it holds a meta-net."""
+    try:
+        if str(path).endswith(".safetensors"):
+            state, metadata = read_state_dict(path)
+        else:
+            checkpoint, metadata = read_inert(path), {}
+            state = released_state(checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint)
+    except WeightsError:
+        raise
+    except Exception as e:  # a damaged file or another format: one line naming it
+        raise WeightsError(f"{path}: not a CoOp or CoCoOp prompt learner checkpoint ({cause(e)})") from None
+    if not all(isinstance(v, torch.Tensor) for v in state.values()) or "ctx" not in state:
+        raise WeightsError(f"{path}: expected a prompt learner's tensors (ctx, and CoCoOp's meta_net)")
+    ctx = state["ctx"]
+    if ctx.dim() != 2:
+        raise WeightsError(f"{path}: context of shape {tuple(ctx.shape)}: class-specific contexts are not supported")
+    learner = add_prompt_learner(model, str(len(ctx)), conditional=any(k.startswith("meta_net.") for k in state))
+    learner.prefix = metadata.get("prefix", learner.prefix)
+    reference = learner.ctx
+    try:
+        learner.load_state_dict({k: v.to(reference.dtype) for k, v in state.items()})
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: does not fit this CLIP ({str(e).splitlines()[-1].strip()})") from None
+    return learner

@@ -1,459 +1,369 @@
-"""Every training recipe: what a command resolves to, and where each value comes from.
+"""Every training recipe: the values a train.py command runs with, each with its source.
 
-TrainConfig's defaults (train.py) are R-Adapter's ImageNet recipe (paper Sec. 4.1 and its released
-ImageNet script). A command's --data, --shots and --split pick a setting; then every field
-resolves by one rule, later entries winning (`layers`; --print-config names each value's source):
+A command's --data, --shots and --split pick its setting (`setting`). Every field then resolves by one
+rule, later entries winning (cli.resolve; --print-config names each value's source):
 
-    TrainConfig default < SETTINGS[setting]['*'] < METHODS[method] < SETTINGS[setting]['all']
-        < SETTINGS[setting][method] < DATASETS[(data, method)] < --config FILE < the flags given
+    TrainConfig's default (train.py) < RECIPES[setting, method] < DATASETS[data, method]
+        < --config FILE < the flags given
 
-('*' holds a setting's values under each method's own recipe, 'all' those over it.)
-
-"R-Adapter release" is github.com/tjddus9597/R-Adapter-ECCV2024 (its run scripts); "CLIPFit
-release" is github.com/minglllli/CLIPFit (configs/trainers/ClipFit and scripts). Prompts name a
-template set: 'task' (the dataset's own: 80 OpenAI templates for ImageNet, CoOp's one per CoOp
-dataset), 'imagenet-80' (the 80 OpenAI ImageNet templates), or one literal template with '{}'.
+A recipe is flat: each value it sets, on its own line with its source (CoOp's few-shot epochs: one
+line per number of shots, `pick`). Blocks shared by several recipes (Dassl's trainer, a setting's
+values, the toy budget) are spread into them, a later key winning as in any dict. The toy jobs also
+name their methods (METHOD_LISTS), used when no --method is given. TrainConfig's defaults are
+R-Adapter's ImageNet recipe (paper Sec. 4.1, docs/RUN.md of its release). Releases: "R-Adapter"
+github.com/tjddus9597/R-Adapter-ECCV2024, "CLIPFit" github.com/minglllli/CLIPFit, "CoOp"
+github.com/KaiyangZhou/CoOp (CoOp's and CoCoOp's), "Dassl" github.com/KaiyangZhou/Dassl.pytorch,
+"WiSE-FT" github.com/mlfoundations/wise-ft, "SSF" github.com/dongzelian/SSF. `python recipes.py`
+prints the table of docs/recipes.md.
 """
 
-import argparse
-import dataclasses
-import importlib.util
-import json
-import os
 import shlex
-import sys
-import typing
-from dataclasses import asdict
-from pathlib import Path
-from typing import Optional
 
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from data import retrieval, toy_world
+from data.templates import IMAGENET_80
 
-from data import DataError, check_root, coop, imagenet, names, toy_world
+RUN_MD = "R-Adapter release, docs/RUN.md"
+COOP_CFG = "CoOp release, configs/trainers/CoOp/vit_b16_ctxv1.yaml"
+COCOOP_CFG = "CoOp release, configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"
+CLIPFIT_CFG = "CLIPFit release, configs/trainers/ClipFit/vit_b16_ep100_ctxv1.yaml"
 
-IMAGENET_80 = "imagenet-80"
-RETRIEVAL = ("coco", "flickr30k")
 
-WISE_FT = dict(loss="ce", lr=3e-5, weight_decay=0.1, min_lr=0.0)
-# Dassl's trainer (CoOp, CoCoOp and CLIPFit are built on it): SGD lr 0.002 with momentum 0.9 and weight
-# decay 5e-4, cosine to 0, one warm-up epoch at a constant 1e-5, batch 32, random crop + flip, no
-# clipping, CE.
-DASSL = dict(
-    loss="ce",
-    optimizer="sgd",
-    lr=0.002,
-    weight_decay=5e-4,
-    min_lr=0.0,
-    batch_size=32,
-    warmup_epochs=1,
-    warmup_lr=1e-5,
-    grad_clip=0.0,
-    flip=True,
-)
-COOP = {**DASSL, "epochs": 200, "ctx_init": "a photo of a"}
+def dassl(config):
+    """Dassl's trainer as a release's config file sets it (CoOp, CoCoOp and CLIPFit are built on Dassl)."""
+    return {
+        "loss": ("ce", f"{config.split(',')[0]}, its trainer: cross-entropy over the class logits"),
+        "optimizer": ("sgd", f"{config}: OPTIM.NAME (Dassl: momentum 0.9)"),
+        "lr": (0.002, f"{config}: OPTIM.LR"),
+        "weight_decay": (5e-4, "Dassl, dassl/config/defaults.py: OPTIM.WEIGHT_DECAY"),
+        "min_lr": (0.0, "Dassl, dassl/optim/lr_scheduler.py: CosineAnnealingLR, eta_min 0"),
+        "batch_size": (32, f"{config}: DATALOADER.TRAIN_X.BATCH_SIZE"),
+        "schedule": ("dassl", f"{config}: OPTIM.LR_SCHEDULER cosine, stepped per epoch after the warm-up epochs"),
+        "warmup_epochs": (1, f"{config}: OPTIM.WARMUP_EPOCH"),
+        "warmup_lr": (1e-5, f"{config}: OPTIM.WARMUP_CONS_LR (WARMUP_TYPE constant)"),
+        "grad_clip": (0.0, "Dassl, dassl/engine/trainer.py: no gradient clipping"),
+        "flip": (True, f"{config}: INPUT.TRANSFORMS random_flip"),
+        "crop_scale": (0.08, f"{config}: INPUT.TRANSFORMS random_resized_crop, Dassl's INPUT.RRCROP_SCALE (0.08, 1)"),
+    }
 
-# Each method's own optimisation recipe (flags not given).
-METHODS = {
-    # CLIPFit release (its Dassl trainer config): DASSL; CE over one hand-written template, which it also
-    # evaluates with.
-    "clipfit": DASSL,
-    # FLYP (Goyal et al., CVPR 2023), its ImageNet recipe: contrastive full fine-tuning, AdamW lr 1e-5, wd 0.1.
-    "flyp": dict(loss="infonce", lr=1e-5, weight_decay=0.1),
-    # WiSE-FT release (mlfoundations/wise-ft, src/models/finetune.py and its ImageNet command), the R-Adapter
-    # paper's FT row: image tower + zero-shot head, CE, AdamW lr 3e-5, wd 0.1, batch 512, 10 epochs, 500
-    # warm-up steps, cosine to 0, gradient clipping 1.0 (TrainConfig's batch, epochs, warm-up and clipping).
-    "full-ft": WISE_FT,
-    # WiSE-FT: the same training, always swept over alpha.
-    "wise-ft": {**WISE_FT, "sweep": True},
-    # ProLIP (Fahes et al., 2024) release: Adam lr 1e-3, cosine, no warm-up, no clipping, CE.
-    "prolip": dict(loss="ce", lr=1e-3, weight_decay=0.0, warmup=0, grad_clip=0.0),
-    # Zero-shot-initialised linear probe: CE, AdamW lr 1e-3 (our choice; no paper recipe).
-    "linear-probe": dict(loss="ce", lr=1e-3, weight_decay=0.0),
-    # LoRA (Hu et al., ICLR 2022), close to CLIP-LoRA's few-shot set-up (our choice): rank 8, CE, AdamW 2e-4;
-    # no EMA, evaluated as trained (alpha 1: the merged update unscaled).
-    "lora": dict(rank=8, loss="ce", lr=2e-4, weight_decay=0.01, batch_size=32, m=0.0, alpha=1.0),
-    # CoOp release (KaiyangZhou/CoOp, configs/trainers/CoOp/vit_b16_ctxv1.yaml; Dassl's SGD defaults as for
-    # CLIPFit): context from "a photo of a", SGD lr 0.002, batch 32, 200 epochs, cosine, 1 constant warm-up
-    # epoch at 1e-5, random crop + flip, CE. (Its few-shot tables: 16 random vectors, --ctx-init 16.)
-    "coop": COOP,
-    # CoCoOp as CLIPFit's release ships it (configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml, the
-    # one CoOp's repository has too): 4 context tokens from "a photo of a", SGD lr 0.002, batch 1, 10
-    # epochs, cosine, 1 constant warm-up epoch at 1e-5, random crop + flip, CE.
-    "cocoop": {**COOP, "batch_size": 1, "epochs": 10},
-    # SSF release (dongzelian/SSF, train_scripts/vit/imagenet_1k/train_ssf.sh): AdamW lr 1e-3, batch 256
-    # (32 x 8 GPUs), 30 epochs, 5 linear warm-up epochs, cosine to 1e-8, no clipping, model EMA 0.99992,
-    # timm's default flip; its weight decay 0.05 skips 1-D tensors (timm's optimiser factory), i.e. every
-    # gamma and beta: 0 here. CE over the class prompts (the release trains a linear head; its drop path
-    # 0.1 and colour jitter are not here); evaluated as trained (alpha 1).
-    "ssf": dict(
-        loss="ce",
-        lr=1e-3,
-        weight_decay=0.0,
-        min_lr=1e-8,
-        batch_size=256,
-        epochs=30,
-        warmup_epochs=5,
-        grad_clip=0.0,
-        m=0.99992,
-        alpha=1.0,
-        flip=True,
-    ),
+
+def seeds(source):
+    """Seeds 1, 2 and 3, pooled into one table: the few-shot and base-to-new settings as the released scripts
+    run them."""
+    return {"seed": (1, source), "seeds": (3, source)}
+
+
+COOP_SEEDS = "CoOp release, scripts/coop/main.sh: for SEED in 1 2 3"
+COCOOP_SEEDS = "CoOp release, scripts/cocoop/base2new_train.sh: SEED 1, 2 and 3 (COCOOP.md)"
+CLIPFIT_SEEDS = "CLIPFit release, scripts/ClipFit/main.sh: for SEED in 1 2 3"
+CLIPFIT_B2N_SEEDS = "CLIPFit release, scripts/ClipFit/base2new_train.sh: for SEED in 1 2 3"
+COOP_FEW_SHOT = "CoOp release, COOP.md and scripts/coop/main.sh"
+COOP_TRAINERS = "CoOp release, configs/trainers/CoOp"
+# CoOp's few-shot tables (CoOp paper Fig. 3): 16 random context vectors, epochs by the number of shots.
+COOP_FEW_SHOT_RECIPE = {
+    **dassl(f"{COOP_TRAINERS}/vit_b16.yaml"),
+    "ctx_init": ("16", f"{COOP_FEW_SHOT}: NCTX 16, random (configs/trainers/CoOp/vit_b16*.yaml set no CTX_INIT)"),
+    "epochs": {  # by --shots (`pick`), as COOP.md picks the config
+        1: (50, f"{COOP_TRAINERS}/vit_b16_ep50.yaml: OPTIM.MAX_EPOCH (1 shot: COOP.md)"),
+        2: (100, f"{COOP_TRAINERS}/vit_b16_ep100.yaml: OPTIM.MAX_EPOCH (2 and 4 shots: COOP.md)"),
+        4: (100, f"{COOP_TRAINERS}/vit_b16_ep100.yaml: OPTIM.MAX_EPOCH (2 and 4 shots: COOP.md)"),
+        8: (200, f"{COOP_TRAINERS}/vit_b16.yaml: OPTIM.MAX_EPOCH (8 and 16 shots: COOP.md)"),
+        16: (200, f"{COOP_TRAINERS}/vit_b16.yaml: OPTIM.MAX_EPOCH (8 and 16 shots: COOP.md)"),
+    },
 }
 
-# The toy world's budget, the same for every method: 2 epochs of 12,000 images at batch 128 (186
-# steps). With m = 0.999 the EMA would still hold 83% of its zero initialisation after 186 steps, so
-# the toy uses the paper's short-run momentum (its base-to-novel value, 0.9).
-TOY_BUDGET = dict(epochs=2, batch_size=128, warmup=20, m=0.9)
-TOY_LR = {"full-ft": 1e-3, "wise-ft": 1e-3, "r-adapter": 1e-2}  # docs/toy_lr_selection.csv, selected rows
+WISE_FT_RELEASE = "WiSE-FT release, its ImageNet command"
+WISE_FT = {  # the R-Adapter paper's FT row; TrainConfig's batch, epochs, warm-up and clipping are WiSE-FT's too
+    "loss": ("ce", "WiSE-FT release, src/models/finetune.py: CE over the zero-shot head"),
+    "lr": (3e-5, WISE_FT_RELEASE),
+    "weight_decay": (0.1, WISE_FT_RELEASE),
+    "min_lr": (0.0, "WiSE-FT release: cosine to 0"),
+}
+SSF_SH = "SSF release, train_scripts/vit/imagenet_1k/train_ssf.sh"
+
+# Each method's own recipe (TrainConfig's defaults where it sets nothing), in every setting RECIPES does
+# not change it in.
+OWN = {
+    "r-adapter": {},  # TrainConfig's defaults: R-Adapter's ImageNet recipe
+    "zero-shot": {},  # nothing trains
+    # CLIPFit: Dassl's trainer; CE over one hand-written template, which it also evaluates with.
+    "clipfit": dassl(CLIPFIT_CFG),
+    "flyp": {  # FLYP (Goyal et al., CVPR 2023), its ImageNet recipe: contrastive full fine-tuning
+        "loss": ("infonce", "FLYP paper: contrastive loss over image-caption pairs"),
+        "lr": (1e-5, "FLYP paper, ImageNet"),
+        "weight_decay": (0.1, "FLYP paper, ImageNet"),
+    },
+    "full-ft": WISE_FT,  # WiSE-FT's end-to-end fine-tuning: image tower + zero-shot head
+    "wise-ft": {**WISE_FT, "sweep": (True, "WiSE-FT paper: the same training, always swept over alpha")},
+    "prolip": {  # ProLIP (Fahes et al., 2024)
+        "loss": ("ce", "ProLIP release"),
+        "lr": (1e-3, "ProLIP release: Adam"),
+        "weight_decay": (0.0, "ProLIP release"),
+        "warmup": (0, "ProLIP release: no warm-up"),
+        "grad_clip": (0.0, "ProLIP release: no clipping"),
+    },
+    "linear-probe": {  # zero-shot-initialised head; no paper recipe
+        "loss": ("ce", "our choice"),
+        "lr": (1e-3, "our choice"),
+        "weight_decay": (0.0, "our choice"),
+    },
+    "lora": {  # LoRA (Hu et al., ICLR 2022), close to CLIP-LoRA's few-shot set-up; evaluated as trained
+        "rank": (8, "our choice, after CLIP-LoRA"),
+        "loss": ("ce", "our choice, after CLIP-LoRA"),
+        "lr": (2e-4, "our choice, after CLIP-LoRA"),
+        "weight_decay": (0.01, "our choice, after CLIP-LoRA"),
+        "batch_size": (32, "our choice, after CLIP-LoRA"),
+        "m": (0.0, "LoRA paper: no EMA"),
+        "alpha": (1.0, "LoRA paper: the merged update unscaled"),
+    },
+    "coop": {  # CoOp's ctxv1 config (its few-shot tables: 16 random vectors, --ctx-init 16)
+        **dassl(COOP_CFG),
+        "epochs": (200, f"{COOP_CFG}: OPTIM.MAX_EPOCH"),
+        "ctx_init": ("a photo of a", f"{COOP_CFG}: TRAINER.COOP.CTX_INIT"),
+    },
+    "cocoop": {  # also shipped by the CLIPFit release
+        **dassl(COCOOP_CFG),
+        "epochs": (10, f"{COCOOP_CFG}: OPTIM.MAX_EPOCH"),
+        "batch_size": (1, f"{COCOOP_CFG}: DATALOADER.TRAIN_X.BATCH_SIZE"),
+        "ctx_init": ("a photo of a", f"{COCOOP_CFG}: TRAINER.COCOOP.CTX_INIT"),
+    },
+    # SSF: its weight decay 0.05 skips 1-D tensors (timm's optimiser factory), i.e. every gamma and beta: 0
+    # here. CE over the class prompts (the release trains a linear head; its drop path 0.1 and colour jitter
+    # are not here); evaluated as trained (alpha 1).
+    "ssf": {
+        "loss": ("ce", "our choice: CE over the class prompts"),
+        "lr": (1e-3, f"{SSF_SH}: AdamW"),
+        "weight_decay": (0.0, f"{SSF_SH}: 0.05 on no SSF tensor (1-D tensors skipped)"),
+        "min_lr": (1e-8, SSF_SH),
+        "batch_size": (256, f"{SSF_SH}: 32 x 8 GPUs"),
+        "epochs": (30, SSF_SH),
+        "warmup_epochs": (5, f"{SSF_SH}: linear warm-up"),
+        "grad_clip": (0.0, f"{SSF_SH}: no clipping"),
+        "m": (0.99992, f"{SSF_SH}: model EMA"),
+        "alpha": (1.0, "SSF paper: evaluated as trained"),
+        "flip": (True, f"{SSF_SH}: timm's default flip"),
+    },
+}
+
+# --split base: R-Adapter's base-to-novel command, under each method's own recipe.
+B2N = {
+    "epochs": (101, f"{RUN_MD}: base-to-novel command"),
+    "batch_size": (32, f"{RUN_MD}: base-to-novel command"),
+    "m": (0.9, f"{RUN_MD}: base-to-novel command, --ema"),
+    "delta": (0.1, f"{RUN_MD}: base-to-novel command, --mg"),
+    "epsilon": (0.0, f"{RUN_MD}: base-to-novel command, --ls"),
+    "prompts": (IMAGENET_80, f"{RUN_MD}: base-to-novel command, a random OpenAI template per image"),
+    "eval_prompts": (IMAGENET_80, f"{RUN_MD}: base-to-novel command, the OpenAI template ensemble"),
+}
+# --split base: CoCoOp's protocol as the released scripts run it, for every method.
+B2N_PROTOCOL = {
+    "shots": (16, "CoOp release, scripts/cocoop/base2new_train.sh: SHOTS=16 (R-Adapter's command: --k=16)"),
+    **seeds(COCOOP_SEEDS),
+}
+# --data coco | flickr30k: R-Adapter paper Sec. 4 (alpha 0.8 for retrieval) and its COCO command.
+RETRIEVAL = {
+    "alpha": (0.8, "R-Adapter paper, Sec. 4: retrieval"),
+    "epsilon": (0.0, f"{RUN_MD}: COCO command, --ls"),
+    "grad_clip": (0.0, f"{RUN_MD}: COCO command (no --grad-clip-norm)"),
+}
+# No classes for WiSE-FT's head on retrieval: both towers with FLYP's contrastive recipe (no retrieval
+# FT recipe is published).
+FLYP_RETRIEVAL = {
+    "loss": ("infonce", "FLYP paper (no retrieval FT recipe is published)"),
+    "lr": (1e-5, "FLYP paper (no retrieval FT recipe is published)"),
+    "weight_decay": (0.1, "FLYP paper (no retrieval FT recipe is published)"),
+    "min_lr": (1e-6, "FLYP paper (no retrieval FT recipe is published)"),
+}
+
+# The offline toy jobs: the shipped toy CLIP, in process, under each method's own recipe.
+TOY = "toy job (this repository)"
+TOY_JOB = {
+    "model": ("toy", f"{TOY}: the shipped toy CLIP"),
+    "workers": (0, f"{TOY}: in process"),
+    "save_every": (200, TOY),
+}
+# The toy world's budget, the same for every method, over its own recipe: 2 epochs of 12,000 images at
+# batch 128 (186 steps). With m = 0.999 the EMA would still hold 83% of its zero initialisation after
+# 186 steps, so the toy uses the paper's short-run momentum (its base-to-novel value, 0.9).
+TOY_BUDGET = {
+    "epochs": (2, f"{TOY}: budget"),
+    "batch_size": (128, f"{TOY}: budget"),
+    "warmup": (20, f"{TOY}: budget"),
+    "m": (0.9, f"{TOY}: budget (the paper's short-run EMA)"),
+}
+# Learning rates: the toy lr rule (data/toy.py select_lr), each method's argmax of photo validation
+# accuracy over one grid; methods not in the table keep their own.
+TOY_LR = {"full-ft": 1e-3, "wise-ft": 1e-3, "r-adapter": 1e-2}  # docs/toy_lr_selection.csv (wise-ft: full-ft's)
+TOY_LR_SOURCE = "toy lr rule: docs/toy_lr_selection.csv"
 # The toy base-to-novel job (--data toy --split base): CoCoOp's protocol, 16 shots of the 6 base classes
 # (96 images), and one budget over each method's own recipe: 100 epochs at batch 32 (300 steps; the
 # base-to-novel runs of R-Adapter and CLIPFit are 101 and 100 epochs at batch 32, CoCoOp's batch is 1).
-TOY_B2N_BUDGET = {**TOY_BUDGET, "epochs": 100, "batch_size": 32}
+TOY_B2N = "toy base-to-novel job (this repository)"
+TOY_B2N_JOB = {**TOY_JOB, "shots": (16, f"{TOY_B2N}: CoCoOp's 16 shots"), "run_dir": ("runs/toy-b2n", TOY_B2N)}
+TOY_B2N_BUDGET = {**TOY_BUDGET, "epochs": (100, f"{TOY_B2N}: budget"), "batch_size": (32, f"{TOY_B2N}: budget")}
 TOY_B2N_LR = {"coop": 1e-3, "cocoop": 3e-3, "clipfit": 1e-2, "r-adapter": 1e-4}  # docs/toy_b2n_lr_selection.csv
-TOY_JOB = dict(model="toy", workers=0, save_every=200)  # both toy jobs: the shipped toy CLIP, in process
+TOY_B2N_LR_SOURCE = "toy lr rule: docs/toy_b2n_lr_selection.csv"
+TOY_TEMPLATE = toy_world.TEMPLATES[0]  # CLIPFit's one template, in the toy world
 
-SETTINGS = {
-    "full": {},  # the paper's ImageNet recipe: TrainConfig's defaults
-    "few-shot": {  # --shots K
-        # R-Adapter release, ImageNet 16-shot script: 50 epochs, batch 256, no warm-up, one prompt.
-        # (The paper's few-shot text uses low-rank adapters; the script trains full rank: --rank r.)
-        "r-adapter": dict(epochs=50, batch_size=256, warmup=0, prompts="a photo of a {}"),
-        # CLIPFit release, few-shot configs: 100 epochs (ImageNet, Food-101: 10, below); CLIPFit paper,
-        # few-shot: lambda 2 (8 for DTD and SUN397, below).
-        "clipfit": dict(epochs=100, clipfit_lambda=2.0),
+METHOD_LISTS = {  # setting: its methods when no --method is given
+    "toy": ("zero-shot,full-ft,r-adapter", f"{TOY}: the rows of R-Adapter's Table 1"),
+    "toy-base-to-novel": ("zero-shot,coop,cocoop,clipfit,r-adapter", f"{TOY_B2N}: the rows of CLIPFit's Table 1"),
+}
+
+RECIPES = {
+    # --data imagenet | folder | a CoOp dataset: each method's own recipe
+    **{("full", method): recipe for method, recipe in OWN.items()},
+    # --shots K: each method's own recipe, seeds 1, 2, 3
+    **{("few-shot", method): {**recipe, **seeds(COOP_SEEDS)} for method, recipe in OWN.items()},
+    # (The paper's few-shot text uses low-rank adapters; the script trains full rank: --rank r.)
+    ("few-shot", "r-adapter"): {
+        "epochs": (50, f"{RUN_MD}: few-shot command"),
+        "batch_size": (256, f"{RUN_MD}: few-shot command"),
+        "warmup": (0, f"{RUN_MD}: few-shot command, --warmup_length"),
+        "prompts": ("a photo of a {}", "R-Adapter release: few-shot training prompt"),
+        **seeds(COOP_SEEDS),
     },
-    "base-to-novel": {  # --split base
-        # R-Adapter release, base-to-novel script: 101 epochs, batch 32, EMA 0.9, margin 0.1, no label
-        # smoothing, a random one of the 80 ImageNet templates in training and their ensemble at test.
-        "*": dict(
-            epochs=101, batch_size=32, m=0.9, delta=0.1, epsilon=0.0, prompts=IMAGENET_80, eval_prompts=IMAGENET_80
-        ),
-        "r-adapter": dict(rank=4),  # same script: --adapter 4,4 (low rank 4 in both towers; --rank full)
-        # CLIPFit release, base-to-new configs: 100 epochs (ImageNet, Food-101: 10), its own prompt.
-        "clipfit": dict(epochs=100, prompts="task", eval_prompts="task"),
+    ("few-shot", "clipfit"): {
+        **OWN["clipfit"],
+        "epochs": (100, "CLIPFit release, scripts/ClipFit/main.sh: CFG vit_b16_ep100_ctxv1 (ImageNet, Food-101: 10)"),
+        "clipfit_lambda": (2.0, "CLIPFit paper: few-shot lambda (DTD, SUN397: 8, DATASETS)"),
+        **seeds(CLIPFIT_SEEDS),
     },
-    # R-Adapter paper Sec. 4 (alpha 0.8 for retrieval) and release, COCO script: no label smoothing,
-    # no gradient clipping.
-    "retrieval": {
-        "*": dict(alpha=0.8, epsilon=0.0, grad_clip=0.0),
-        # No classes for WiSE-FT's head: full fine-tuning of both towers with FLYP's contrastive recipe
-        # (the R-Adapter paper does not give its retrieval FT recipe).
-        **dict.fromkeys(("full-ft", "wise-ft"), dict(loss="infonce", lr=1e-5, weight_decay=0.1, min_lr=1e-6)),
+    ("few-shot", "coop"): {**COOP_FEW_SHOT_RECIPE, **seeds(COOP_SEEDS)},
+    # --split base: R-Adapter's command under each method's own recipe, 16 shots, seeds 1, 2, 3
+    **{("base-to-novel", method): {**B2N, **B2N_PROTOCOL, **recipe} for method, recipe in OWN.items()},
+    ("base-to-novel", "r-adapter"): {
+        **B2N,
+        **B2N_PROTOCOL,
+        "rank": (4, f"{RUN_MD}: base-to-novel command, --adapter 4,4"),
     },
-    # The offline default job: the shipped toy CLIP, three methods, the alpha sweep. The learning rates
-    # are the toy's lr rule (toy_experiments.select_lr): each method's argmax of photo validation accuracy
-    # over one grid, committed as docs/toy_lr_selection.csv; methods not in that table keep their own.
-    "toy": {
-        "*": {**TOY_JOB, "method": "zero-shot,full-ft,r-adapter", "sweep": True},
-        "all": TOY_BUDGET,
-        **{method: {"lr": lr} for method, lr in TOY_LR.items()},
+    ("base-to-novel", "clipfit"): {
+        **B2N,
+        **B2N_PROTOCOL,
+        **OWN["clipfit"],
+        "epochs": (100, f"{CLIPFIT_CFG}: OPTIM.MAX_EPOCH, base-to-new (ImageNet, Food-101: vit_b16_ep10_ctxv1.yaml)"),
+        "prompts": ("task", "CLIPFit release: its own prompt"),
+        "eval_prompts": ("task", "CLIPFit release: its own prompt"),
+        "shots": (16, "CLIPFit release, scripts/ClipFit/base2new_train.sh: SHOTS=16"),
+        **seeds(CLIPFIT_B2N_SEEDS),
     },
-    # The toy base-to-novel job (above): five methods; its lrs are the toy lr rule on base-class validation
-    # images, committed as docs/toy_b2n_lr_selection.csv. R-Adapter keeps its base-to-novel rank and
-    # loss, CLIPFit its one template (the toy's first); the others use the toy's templates.
-    "toy-base-to-novel": {
-        "*": {**TOY_JOB, "method": "zero-shot,coop,cocoop,clipfit,r-adapter", "shots": 16, "run_dir": "runs/toy-b2n"},
-        "all": TOY_B2N_BUDGET,
-        "r-adapter": dict(rank=4, delta=0.1, epsilon=0.0, lr=TOY_B2N_LR["r-adapter"]),
-        "clipfit": dict(prompts=toy_world.TEMPLATES[0], eval_prompts=toy_world.TEMPLATES[0], lr=TOY_B2N_LR["clipfit"]),
-        **{method: {"lr": TOY_B2N_LR[method]} for method in ("coop", "cocoop")},
+    # --data coco | flickr30k
+    **{("retrieval", method): {**RETRIEVAL, **recipe} for method, recipe in OWN.items()},
+    ("retrieval", "full-ft"): {**RETRIEVAL, **WISE_FT, **FLYP_RETRIEVAL},
+    ("retrieval", "wise-ft"): {**RETRIEVAL, **OWN["wise-ft"], **FLYP_RETRIEVAL},
+    # --data toy: the offline default job, with the alpha sweep
+    **{
+        ("toy", method): {**TOY_JOB, "sweep": (True, f"{TOY}: the alpha sweep"), **recipe, **TOY_BUDGET}
+        for method, recipe in OWN.items()
+    },
+    **{
+        ("toy", method): {
+            **TOY_JOB,
+            "sweep": (True, f"{TOY}: the alpha sweep"),
+            **OWN[method],
+            **TOY_BUDGET,
+            "lr": (lr, TOY_LR_SOURCE if method != "wise-ft" else f"{TOY_LR_SOURCE} (full-ft's)"),
+        }
+        for method, lr in TOY_LR.items()
+    },
+    # --data toy --split base. R-Adapter keeps its base-to-novel rank and loss, CLIPFit its one template (the
+    # toy's first); the others use the toy's templates.
+    **{("toy-base-to-novel", method): {**TOY_B2N_JOB, **recipe, **TOY_B2N_BUDGET} for method, recipe in OWN.items()},
+    ("toy-base-to-novel", "r-adapter"): {
+        **TOY_B2N_JOB,
+        **TOY_B2N_BUDGET,
+        "rank": (4, f"{RUN_MD}: base-to-novel command, --adapter 4,4"),
+        "delta": (0.1, f"{RUN_MD}: base-to-novel command, --mg"),
+        "epsilon": (0.0, f"{RUN_MD}: base-to-novel command, --ls"),
+        "lr": (TOY_B2N_LR["r-adapter"], TOY_B2N_LR_SOURCE),
+    },
+    ("toy-base-to-novel", "clipfit"): {
+        **TOY_B2N_JOB,
+        **OWN["clipfit"],
+        **TOY_B2N_BUDGET,
+        "prompts": (TOY_TEMPLATE, "CLIPFit release: one template (the toy's first)"),
+        "eval_prompts": (TOY_TEMPLATE, "CLIPFit release: one template (the toy's first)"),
+        "lr": (TOY_B2N_LR["clipfit"], TOY_B2N_LR_SOURCE),
+    },
+    **{
+        ("toy-base-to-novel", method): {**TOY_B2N_JOB, **OWN[method], **TOY_B2N_BUDGET, "lr": (lr, TOY_B2N_LR_SOURCE)}
+        for method, lr in TOY_B2N_LR.items()
+        if method in ("coop", "cocoop")
     },
 }
 
-# Per-dataset exceptions of one method.
+# Per-dataset exceptions of one method, over its recipe in any setting (--data names the dataset).
 DATASETS = {
-    ("imagenet", "clipfit"): dict(epochs=10, prompts="a photo of a {}.", eval_prompts="a photo of a {}."),
-    ("imagenet", "coop"): dict(epochs=50),  # CoOp release: *_ep50 configs for ImageNet in every setting
-    ("food101", "clipfit"): dict(epochs=10),  # CLIPFit release: 10 epochs for Food-101 too
-    # CLIPFit release: its DTD prompt (CoOp's is '{} texture.'); CLIPFit paper: lambda 8 on DTD and SUN397.
-    ("dtd", "clipfit"): dict(
-        prompts="a photo of a {}, a type of texture.",
-        eval_prompts="a photo of a {}, a type of texture.",
-        clipfit_lambda=8.0,
-    ),
-    ("sun397", "clipfit"): dict(clipfit_lambda=8.0),
+    ("imagenet", "clipfit"): {
+        "epochs": (10, "CLIPFit release: ImageNet configs (vit_b16_ep10)"),
+        "prompts": ("a photo of a {}.", "CLIPFit release: its ImageNet prompt"),
+        "eval_prompts": ("a photo of a {}.", "CLIPFit release: its ImageNet prompt"),
+    },
+    ("imagenet", "coop"): {"epochs": (50, "CoOp release, COOP.md: *_ep50 configs for ImageNet in every setting")},
+    ("food101", "clipfit"): {"epochs": (10, "CLIPFit release: 10 epochs for Food-101")},
+    ("dtd", "clipfit"): {  # CoOp's DTD prompt is '{} texture.'
+        "prompts": ("a photo of a {}, a type of texture.", "CLIPFit release: its DTD prompt"),
+        "eval_prompts": ("a photo of a {}, a type of texture.", "CLIPFit release: its DTD prompt"),
+        "clipfit_lambda": (8.0, "CLIPFit paper: lambda 8 on DTD"),
+    },
+    ("sun397", "clipfit"): {"clipfit_lambda": (8.0, "CLIPFit paper: lambda 8 on SUN397")},
 }
-
-
-# Where each entry above comes from (the README's recipe table is `python recipes.py`).
-SOURCES = {
-    ("method", "clipfit"): "CLIPFit release",
-    ("method", "flyp"): "FLYP paper",
-    ("method", "full-ft"): "WiSE-FT release",
-    ("method", "wise-ft"): "WiSE-FT release",
-    ("method", "coop"): "CoOp release",
-    ("method", "cocoop"): "CLIPFit release (CoCoOp config)",
-    ("method", "ssf"): "SSF release",
-    ("retrieval", "full-ft"): "FLYP paper (no retrieval FT recipe is published)",
-    ("retrieval", "wise-ft"): "FLYP paper (no retrieval FT recipe is published)",
-    ("toy", "full-ft"): "toy lr rule: docs/toy_lr_selection.csv",
-    ("toy", "wise-ft"): "toy lr rule: docs/toy_lr_selection.csv (full-ft's)",
-    ("toy", "r-adapter"): "toy lr rule: docs/toy_lr_selection.csv",
-    ("toy-base-to-novel", "*"): "this repository",
-    ("toy-base-to-novel", "all"): "this repository",
-    ("toy-base-to-novel", "r-adapter"): "R-Adapter release (rank, loss); toy lr rule: docs/toy_b2n_lr_selection.csv",
-    ("toy-base-to-novel", "clipfit"): "CLIPFit release (one template); toy lr rule: docs/toy_b2n_lr_selection.csv",
-    **dict.fromkeys(
-        [("toy-base-to-novel", m) for m in ("coop", "cocoop")], "toy lr rule: docs/toy_b2n_lr_selection.csv"
-    ),
-    ("imagenet", "coop"): "CoOp release",
-    ("method", "prolip"): "ProLIP release",
-    ("method", "linear-probe"): "our choice",
-    ("method", "lora"): "our choice, after CLIP-LoRA",
-    ("few-shot", "r-adapter"): "R-Adapter release",
-    ("few-shot", "clipfit"): "CLIPFit release, paper",
-    ("base-to-novel", "*"): "R-Adapter release",
-    ("base-to-novel", "r-adapter"): "R-Adapter release",
-    ("base-to-novel", "clipfit"): "CLIPFit release",
-    ("retrieval", "*"): "R-Adapter paper, release",
-    ("toy", "*"): "this repository",
-    ("toy", "all"): "this repository",
-    ("imagenet", "clipfit"): "CLIPFit release",
-    ("food101", "clipfit"): "CLIPFit release",
-    ("dtd", "clipfit"): "CLIPFit release, paper",
-    ("sun397", "clipfit"): "CLIPFit paper",
-}
-
-
-class ConfigError(ValueError):
-    """A --config file that is not a run's config.json; the message names it."""
-
-
-def rank(text):
-    """--rank: an integer r, or full (d x d adapters)."""
-    return None if text == "full" else int(text)
 
 
 def setting(data, split=None, shots=None):
+    """The setting a command's --data, --split and --shots pick."""
     if data == "toy":
         return "toy-base-to-novel" if split == "base" else "toy"
-    if data in RETRIEVAL:
+    if data in retrieval.DATASETS:
         return "retrieval"
     if split == "base":
         return "base-to-novel"
     return "few-shot" if shots else "full"
 
 
-def layers(data, split=None, shots=None, method=None):
-    """[(source, values)] that a command's setting, method and dataset set, in the order they apply
-    (without method: the setting's '*' only)."""
-    name = setting(data, split, shots)
-    rules = SETTINGS[name]
-    out = [(f"setting {name}", rules.get("*", {}))]
-    if method is not None:
-        out += [
-            (f"method {method}", METHODS.get(method, {})),
-            (f"setting {name}, every method", rules.get("all", {})),
-            (f"setting {name}, method {method}", rules.get(method, {})),
-            (f"dataset {data}, method {method}", DATASETS.get((data, method), {})),
-        ]
-    return [(source, values) for source, values in out if values]
+def pick(entry, shots):
+    """A recipe's (value, source), or of {K: (value, source)} given by the number of shots, the entry of the
+    largest K not above --shots."""
+    if isinstance(entry, tuple):
+        return entry
+    return entry[max((k for k in entry if k <= (shots or 0)), default=min(entry))]
 
 
-def recipe(data, split=None, shots=None, method=None):
-    """The values a command's setting, method and dataset set, later layers winning."""
-    return {k: v for _, values in layers(data, split, shots, method) for k, v in values.items()}
+def recipe(command, method=None):
+    """{field: (value, source)} of `method` in a command ({field: value}: its data, split and shots pick the
+    setting): RECIPES[setting, method] with DATASETS[data, method] over it. Without a method: the setting's
+    own method list ({'method': ...}), if it has one."""
+    data, shots = command["data"], command.get("shots")
+    name = setting(data, command.get("split"), shots)
+    if method is None:
+        return {"method": METHOD_LISTS[name]} if name in METHOD_LISTS else {}
+    flat = {**RECIPES.get((name, method), {}), **DATASETS.get((data, method), {})}
+    return {k: pick(entry, shots) for k, entry in flat.items()}
 
 
-def resolve(chosen, defaults):
-    """One ({field: value}, {field: source}) per method of a command: `chosen` = [(source, {field:
-    value})] of --config FILE and the flags, applied over `defaults` and the command's `layers`."""
-    given = {k: v for _, values in chosen for k, v in values.items()}
-    where = dict(data=given.get("data", defaults["data"]), split=given.get("split"), shots=given.get("shots"))
-    out = []
-    for method in {**defaults, **recipe(**where), **given}["method"].split(","):
-        applied = [("default", defaults), *layers(**where, method=method), *chosen]
-        values = {k: v for _, layer in applied for k, v in layer.items()}
-        sources = {k: source for source, layer in applied for k in layer}  # the last layer that set k
-        out.append(({**values, "method": method, "ood": tuple(values["ood"])}, sources))
-    return out
+def values(data, method, split=None, shots=None):
+    """The recipe's values alone: {field: value}."""
+    return {k: v for k, (v, _) in recipe(dict(data=data, split=split, shots=shots), method).items()}
 
 
-def read_config(path, types):
-    """--config FILE: a run's config.json as {field: value}, each value checked against types[field]."""
-    try:
-        values = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"--config {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise ConfigError(f"--config {path}: not JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a run's config.json, one object of fields")
-    for name, value in values.items():
-        if name not in types:
-            raise ConfigError(f"--config {path}: unknown field {name!r}")
-        kinds = typing.get_args(types[name]) or (types[name],)  # Optional[int] -> (int, NoneType)
-        kinds += (int,) if float in kinds else (list,) if tuple in kinds else ()  # JSON's 1 and [..]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise ConfigError(f"--config {path}: {name} = {json.dumps(value)} is not of type {types[name]}")
-    return values
-
-
-# ---------------------------------------------------------------- checks
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag, not the usage of forty flags
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
-
-
-def at_least(parser, *checks):
-    """parser.error for the first (flag, value, least) with value < least; a value of None was not given."""
-    for flag, value, least in checks:
-        if value is not None and value < least:
-            parser.error(f"{flag} {value}: expected >= {least}")
-
-
-RANGES = {  # flag: (check, what it must be)
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "epochs": (lambda v: v >= 1, ">= 1"),
-    "accum_steps": (lambda v: v >= 1, ">= 1"),
-    "lr": (lambda v: v > 0, "> 0"),
-    "warmup": (lambda v: v >= 0, ">= 0"),
-    "p": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "m": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "shots": (lambda v: v is None or v >= 1, ">= 1"),
-    "tau": (lambda v: v is None or v > 0, "> 0"),
-    "epsilon": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "delta": (lambda v: v >= 0, ">= 0"),
-    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "save_every": (lambda v: v >= 1, ">= 1"),
-    "log_every": (lambda v: v >= 1, ">= 1"),
-    "rank": (lambda v: v is None or v >= 1, ">= 1 or full"),
-    "workers": (lambda v: v >= 0, ">= 0"),
-    "min_lr": (lambda v: v >= 0, ">= 0"),
-    "max_steps": (lambda v: v is None or v >= 1, ">= 1"),
-    "seeds": (lambda v: v >= 1, ">= 1"),
-}
-CHOICES = {
-    "loss": ("mpm-nce", "infonce", "ce"),
-    "drop_mode": ("sample", "token"),
-    "optimizer": ("adamw", "sgd"),
-    "precision": ("auto", "bf16", "fp16", "fp32"),
-    "split": (None, "base"),
-    "report_to": (None, "tensorboard"),
+# ------------------------------------------------------------- the table
+WHERE = {
+    "full": "`--data imagenet`, `folder`, a CoOp dataset",
+    "few-shot": "`--shots K`",
+    "base-to-novel": "`--split base`",
+    "retrieval": "`--data coco`, `flickr30k`",
+    "toy": "`--data toy`",
+    "toy-base-to-novel": "`--data toy --split base`",
 }
 
 
-def check(cfg):
-    """What is wrong with a resolved config, as one line naming the flag, or None."""
-    if cfg.data not in names():
-        return f"--data {cfg.data}: expected one of {', '.join(names())}"
-    for name, (ok, want) in RANGES.items():
-        if not ok(getattr(cfg, name)):
-            return f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {want}"
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            return f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of {', '.join(map(str, choices))}"
-    if cfg.min_lr > cfg.lr:
-        return f"--min-lr {cfg.min_lr}: expected <= --lr {cfg.lr}"
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
-    if cfg.batch_size % (world * cfg.accum_steps):
-        return f"--batch-size {cfg.batch_size}: expected a multiple of --accum-steps {cfg.accum_steps} x {world} GPUs"
-    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        return "--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard)"
-    if cfg.data != "toy" and cfg.data_root is None:
-        return f"--data {cfg.data} needs --data-root DIR"
-    retrieval_task = cfg.data in RETRIEVAL
-    if cfg.split and retrieval_task:
-        return f"--split base: --data {cfg.data} has captions, not classes (use a CoOp dataset, imagenet or toy)"
-    if cfg.ood and (cfg.split or cfg.data in coop.DATASETS):
-        return "--ood: base-to-novel and the CoOp datasets evaluate their own test set only"
-    if cfg.split and cfg.method in ("linear-probe", "full-ft", "wise-ft"):
-        return (
-            f"--split base: --method {cfg.method} learns head rows for the base classes only: it cannot score new ones"
-        )
-    ce_only = ("clipfit", "coop", "cocoop", "linear-probe", "prolip")
-    ce_only += () if retrieval_task else ("full-ft", "wise-ft")
-    if cfg.method in ce_only and cfg.loss != "ce":
-        return f"--method {cfg.method} trains with cross-entropy over class logits: drop --loss {cfg.loss}"
-    if retrieval_task and cfg.loss == "ce":
-        return f"--data {cfg.data} is retrieval (captions, no classes): --method {cfg.method} needs another --loss"
-    if cfg.method == "lora" and cfg.rank is None:
-        return "--method lora needs --rank r >= 1"
-    if not cfg.ctx_init.strip() or (cfg.ctx_init.isdigit() and int(cfg.ctx_init) < 1):
-        return f"--ctx-init {cfg.ctx_init!r}: expected words or a number M >= 1 of context vectors"
-    for name in ("prompts", "eval_prompts"):
-        value = getattr(cfg, name)
-        if value not in ("task", IMAGENET_80) and "{}" not in value:
-            return f"--{name.replace('_', '-')} {value!r}: expected task, imagenet-80 or a template with {{}}"
-    return None
-
-
-def parse(config_class, methods, description, argv=None):
-    """train.py's command line: one flag per field of config_class (its help in the field's metadata),
-    --config FILE and --print-config; returns one checked config_class per method of the command."""
-    doc = argparse.RawDescriptionHelpFormatter
-    parser = ArgumentParser(description=description, formatter_class=doc, allow_abbrev=False)
-    fields = dataclasses.fields(config_class)
-    for f in fields:
-        flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=f.metadata["help"])
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "ood":
-            parser.add_argument(flag, action="append", metavar="NAME=DIR", **kw)
-        else:
-            kind = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(f.type, f.type)
-            parser.add_argument(flag, type=rank if f.name == "rank" else kind, **kw)
-    parser.add_argument("--config", metavar="FILE", help="replay a run's config.json; the flags given override it")
-    parser.add_argument("--print-config", action="store_true", help="print each method's config, each value's source")
-    flags = vars(parser.parse_args(argv))
-    config, print_config = flags.pop("config", None), flags.pop("print_config")
-    try:
-        chosen = [(f"config {config}", read_config(config, {f.name: f.type for f in fields}))] if config else []
-    except ConfigError as e:
-        parser.exit(1, f"error: {e}\n")
-    resolved = resolve([*chosen, ("flag", flags)], defaults={f.name: f.default for f in fields})
-    cfgs = [config_class(**values) for values, _ in resolved]
-    for cfg in cfgs:
-        problem = (
-            check(cfg) if cfg.method in methods else f"--method {cfg.method}: expected one of {', '.join(methods)}"
-        )
-        if problem:
-            parser.error(problem)
-    if print_config:
-        print("\n\n".join(describe(cfg, sources) for cfg, (_, sources) in zip(cfgs, resolved)))
-        try:
-            check_root(cfgs[0].data, cfgs[0].data_root)
-        except DataError as e:  # the config is still worth seeing
-            print(f"warning: {e}", file=sys.stderr)
-        parser.exit(0)
-    return cfgs
-
-
-def templates(name, task_templates):
-    """A prompt set (TrainConfig.prompts) as a list of templates."""
-    if name == "task":
-        return list(task_templates)
-    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] if name == IMAGENET_80 else [name]
-
-
-def describe(cfg, sources):
-    """--print-config: each field's value and where it came from (`layers`, 'config FILE', 'flag'
-    or 'default'), and how many templates the prompt sets hold."""
-    own = {
-        "toy": len(toy_world.TEMPLATES),
-        "folder": len(imagenet.FOLDER_TEMPLATES),
-        "imagenet": 80,
-        **dict.fromkeys(coop.DATASETS, 1),
-        **dict.fromkeys(RETRIEVAL, 0),
-    }[cfg.data]
-    count = {
-        name: own if getattr(cfg, name) == "task" else len(templates(getattr(cfg, name), []))
-        for name in ("prompts", "eval_prompts")
-    }
-    values = {name: json.dumps(value) for name, value in asdict(cfg).items()}
-    width, value_width = max(map(len, values)), max(map(len, values.values()))
-    lines = [f"# {cfg.method}: {count['prompts']} training templates, {count['eval_prompts']} evaluation templates"]
-    for name, value in values.items():
-        lines.append(f"{name:<{width}}  {value:<{value_width}}  {sources.get(name, 'default')}")
-    return "\n".join(lines)
-
-
-def as_flags(values):
-    """{field: value} as the flags that give it: --batch-size 256 --no-flip --prompts 'a photo of a {}'."""
+def as_flags(recipe):
+    """{field: (value, source)} as the flags that give it: --batch-size 256 --no-flip --prompts 'a photo of a {}'."""
     out = []
-    for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
+    for name, entry in recipe.items():
+        flag, value = "--" + name.replace("_", "-"), entry[0] if isinstance(entry, tuple) else None
+        if value is None:  # by the number of shots
+            out.append(f"{flag} " + ", ".join(f"{v} ({k} shots)" for k, (v, _) in entry.items()))
+        elif isinstance(value, bool):
             out.append(flag if value else "--no-" + flag[2:])
         else:
             out.append(f"{flag} {shlex.quote(str(value))}")
@@ -461,21 +371,16 @@ def as_flags(values):
 
 
 def table():
-    """The README's recipe table: every entry above as the flags it amounts to, with its source."""
-    where = {
-        "few-shot": "`--shots K`",
-        "base-to-novel": "`--split base`",
-        "retrieval": "`--data coco`, `flickr30k`",
-        "toy": "`--data toy`",
-        "toy-base-to-novel": "`--data toy --split base`",
-    }
-    who = {"*": "all, under their own recipe", "all": "all, over their own recipe"}
-    entries = [(("method", m), "any", m, values) for m, values in METHODS.items()]
-    entries += [((s, m), where[s], who.get(m, m), v) for s, rules in SETTINGS.items() for m, v in rules.items()]
-    entries += [((d, m), f"`--data {d}`", m, values) for (d, m), values in DATASETS.items()]
-    lines = ["| setting | method | differs from the defaults by | source |", "|---|---|---|---|"]
-    lines += [f"| {s} | {m} | `{as_flags(values)}` | {SOURCES[key]} |" for key, s, m, values in entries]
-    return "\n".join(lines)
+    """docs/recipes.md's table: every recipe as the flags it amounts to, and where its values come from
+    (--print-config gives each value's own source)."""
+    lines = ["| setting | method | runs with (over TrainConfig's defaults) | sources |", "|---|---|---|---|"]
+    rows = [(WHERE[s], f"{m}", r) for (s, m), r in RECIPES.items()]
+    rows += [(f"`--data {d}`, any setting", f"{m}", r) for (d, m), r in DATASETS.items()]
+    for where, method, recipe in rows:
+        entries = [e for entry in recipe.values() for e in ([entry] if isinstance(entry, tuple) else entry.values())]
+        sources = "; ".join(dict.fromkeys(source.split(",")[0].split(":")[0] for _, source in entries))
+        lines.append(f"| {where} | {method} | `{as_flags(recipe)}` | {sources} |" if recipe else "")
+    return "\n".join(line for line in lines if line)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import evaluate
-import recipes
 import train
 from clip_model import CLIP, CLIP_MEAN, CLIP_STD, PRESETS, tokenize
 from clip_weights import load_toy_clip, save_clip, sha256
 from data import toy_world
+from data.templates import templates
 from data.toy import task, validation
 from methods import METHODS
 from mpm_nce import infonce_loss
@@ -148,7 +148,7 @@ def top1(model, fitted, cfg, task):
     with fitted.weights(1.0 if fitted.curve else None):
         classifier = fitted.classifier if fitted.classifier_for is None else fitted.classifier_for(task.classnames)
         row = evaluate.evaluate_task(
-            model, task, classifier=classifier, prompts=recipes.templates(cfg.eval_prompts, task.templates), workers=0
+            model, task, classifier=classifier, prompts=templates(cfg.eval_prompts, task.templates), workers=0
         )
     return row[task.test.name], row[f"{task.test.name}_se"]
 

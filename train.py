@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+import cli
 import clipfit
 import data
 import evaluate
@@ -39,6 +40,7 @@ from checkpoints import save_adapters
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
 from clip_weights import WeightsError, load_clip, save_clip, save_safetensors
 from data import coop, retrieval, seed_of
+from data.templates import templates
 from method import Task
 from methods import METHODS as SETUPS
 
@@ -75,18 +77,31 @@ class TrainConfig:
     ctx_init: str = arg(
         "a photo of a", "CoOp, CoCoOp: the words the context starts from, or a number M of random vectors"
     )
-    optimizer: str = arg("adamw", "adamw | sgd (momentum 0.9)")
+    optimizer: str = arg(
+        "adamw",
+        "adamw: AdamW, weight decay decoupled from the gradient step (R-Adapter, WiSE-FT) | sgd: SGD with "
+        "momentum 0.9, weight decay added to the gradient as an L2 penalty's (Dassl: CoOp, CoCoOp, CLIPFit)",
+    )
     epochs: int = arg(10, "passes over the training set")
     batch_size: int = arg(512, "global batch (all GPUs, all accumulation steps)")
     accum_steps: int = arg(1, "gradient accumulation steps per optimiser step")
     lr: float = arg(5e-4, "peak learning rate")
     min_lr: float = arg(1e-6, "learning rate at the end of the cosine")
-    weight_decay: float = arg(0.0, "decoupled weight decay")
+    weight_decay: float = arg(0.0, "weight decay: decoupled under adamw, an L2 penalty's gradient under sgd")
+    schedule: str = arg(
+        "cosine",
+        "cosine: warm-up, then cosine to --min-lr, per step (R-Adapter) | dassl: --warmup-epochs at --warmup-lr, "
+        "then a cosine over --epochs held for each epoch, never reaching --min-lr (Dassl's, for CoOp, CoCoOp, CLIPFit)",
+    )
     warmup: int = arg(500, "warm-up steps")
     warmup_epochs: Optional[float] = arg(None, "warm-up length in epochs (replaces --warmup)")
     warmup_lr: Optional[float] = arg(None, "constant learning rate during warm-up (default: linear ramp)")
     grad_clip: float = arg(1.0, "max gradient norm; 0 = no clipping")
     flip: bool = arg(False, "random horizontal flip in training")
+    crop_scale: float = arg(
+        0.9,
+        "training crop: RandomResizedCrop's smallest share of the image area, scale (s, 1) (R-Adapter 0.9, Dassl 0.08)",
+    )
     precision: str = arg("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (+ GradScaler) | fp32")
     compile: bool = arg(False, "torch.compile the model")
     grad_checkpointing: bool = arg(False, "recompute each block in backward: far less activation memory")
@@ -107,12 +122,31 @@ class TrainConfig:
 def parse_args(argv=None) -> list[TrainConfig]:
     """One fully resolved TrainConfig per method of the command (recipes.py's rule), flags checked.
     --print-config prints them, each value with its source, and exits, as --help does."""
-    return recipes.parse(TrainConfig, METHODS, __doc__, argv)
+    cfgs, _ = cli.parse(
+        TrainConfig,
+        argv,
+        description=__doc__,
+        methods=METHODS,
+        recipe=recipes.recipe,
+        check=cli.check_train,
+        header=cli.train_header,
+        warn=lambda cfg: data.check_root(cfg.data, cfg.data_root),
+    )
+    return cfgs
 
 
 # --------------------------------------------------------------------- schedule
 def lr_at(step, total, cfg):
-    """Warm-up for cfg.warmup steps (a linear ramp to lr, or a constant warmup_lr), then cosine to min_lr."""
+    """The learning rate of a step of `total`. cosine (R-Adapter): warm-up for cfg.warmup steps (a linear ramp
+    to lr, or a constant warmup_lr), then cosine to min_lr, per step. dassl (CoOp, CoCoOp, CLIPFit): Dassl's
+    ConstantWarmupScheduler over CosineAnnealingLR(T_max=epochs), stepped once per epoch: warmup_lr for the
+    first warmup_epochs epochs, then epoch e at the cosine's value for e - warmup_epochs (the cosine starts
+    after the warm-up), so the last epoch stays above min_lr."""
+    if cfg.schedule == "dassl":
+        epoch, warm = step // (total // cfg.epochs), cfg.warmup_epochs or 0
+        if epoch < warm:
+            return cfg.warmup_lr
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * (epoch - warm) / cfg.epochs))
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup if cfg.warmup_lr is None else cfg.warmup_lr
     progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
@@ -122,7 +156,7 @@ def lr_at(step, total, cfg):
 # ------------------------------------------------------------- the task's side
 def build_data(cfg, model):
     """(the training data, the evaluation data): one task, or with --split base its base and new halves."""
-    train_transform = image_transform(model.config.image_size, train=True, flip=cfg.flip)
+    train_transform = image_transform(model.config.image_size, train=True, flip=cfg.flip, scale=(cfg.crop_scale, 1.0))
     ood = dict(o.split("=", 1) for o in cfg.ood)
     kw = dict(context_length=model.config.context_length, shots=cfg.shots, seed=cfg.seed, ood=ood, strict=cfg.strict)
     eval_transform = image_transform(model.config.image_size)
@@ -139,7 +173,7 @@ def task_for(cfg, model, task_data):
     logit scale unless --tau."""
     tau = cfg.tau or 1 / model.logit_scale.exp().item()
     names = getattr(task_data, "classnames", [])  # retrieval has none
-    train_templates = recipes.templates(cfg.prompts, getattr(task_data, "templates", []))
+    train_templates = templates(cfg.prompts, getattr(task_data, "templates", []))
     prompts = None  # [T, C, L]: every training template filled with every class name
     if names:
         L = model.config.context_length
@@ -148,7 +182,7 @@ def task_for(cfg, model, task_data):
         objective=mpm_nce.objective(cfg.loss, prompts, tau, delta=cfg.delta, epsilon=cfg.epsilon),
         classnames=names,
         prompts=prompts,
-        eval_templates=recipes.templates(cfg.eval_prompts, getattr(task_data, "templates", [])) if names else [],
+        eval_templates=templates(cfg.eval_prompts, getattr(task_data, "templates", [])) if names else [],
         n_train=0 if task_data.train is None else len(task_data.train),
         tau=tau,
     )
@@ -237,7 +271,7 @@ def run_methods(cfgs, out, device, ddp_rank=0, world_size=1):
         if cfg.method != "zero-shot":
             captions = (task.row_tokens, task.row_image_id) if isinstance(task, retrieval.RetrievalData) else None
             fine_tune(cfg, model, method, task.train, device, (ddp_rank, world_size), captions=captions)
-        prompts = recipes.templates(cfg.eval_prompts, getattr(eval_task, "templates", []))
+        prompts = templates(cfg.eval_prompts, getattr(eval_task, "templates", []))
         classifier = method.classifier if method.classifier_for is None else method.classifier_for(eval_task.classnames)
         kwargs = dict(split=cfg.split, prompts=prompts, classifier=classifier, workers=cfg.workers)
         kwargs["autocast_dtype"] = autocast_dtype(device)

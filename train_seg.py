@@ -22,7 +22,6 @@ classes present in the labels; data/segmentation.miou) with a bootstrap SE.
 The toy job (--data toy-seg) adds R-Adapter's claim against full fine-tuning, with paired bootstrap SEs.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -36,8 +35,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import claims
+import cli
 import data
-import recipes
 import report
 import segment
 import toy_experiments
@@ -46,6 +45,7 @@ from checkpoints import save_adapters
 from clip_model import autocast_dtype, count_trainable
 from clip_weights import load_clip, save_clip, save_safetensors
 from data import segmentation, toy_scenes
+from data import templates as prompt_sets
 from method import Task
 from methods import SEGMENTATION
 
@@ -92,17 +92,23 @@ TOY_SEG_LR = {"frozen": 1e-3, "catseg": 3e-3, "full": 3e-3, "r-adapter": 3e-3}  
 TOY_SEG_LR_TABLE = Path(__file__).resolve().parent / "docs" / "toy_seg_lr_selection.csv"
 
 
-# LoRA as in classification (recipes.py): rank 8, no EMA, its whole update merged (alpha 1).
-LORA = dict(rank=8, m=0.0, alpha=1.0)
+TOY_SEG_SOURCE = "toy-seg recipe (this repository)"
+TOY_SEG_LR_SOURCE = "toy lr rule: docs/toy_seg_lr_selection.csv"
+LORA_SOURCE = "LoRA's recipe in classification (recipes.py): rank 8, no EMA, its whole update merged"
+LORA = {k: (v, LORA_SOURCE) for k, v in dict(rank=8, m=0.0, alpha=1.0).items()}
 
 
-def recipe(data, method=None):
-    """The values the method's own recipe (LoRA's) and the toy setting set (none for coco-stuff), with the
-    method's selected lr."""
+def recipe(command, method=None):
+    """The method's own recipe (LoRA's) and the toy-seg job's flat recipe {field: (value, source)} (none for
+    coco-stuff), with the method's selected lr; without a method, the command's method list."""
     own = LORA if method == "lora" else {}
-    if data != "toy-seg":
-        return own
-    return {**TOY_SEG, **own, **({"lr": TOY_SEG_LR[method]} if method in TOY_SEG_LR else {})}
+    if command["data"] != "toy-seg":
+        return {} if method is None else own
+    toy = {k: (v, TOY_SEG_SOURCE) for k, v in TOY_SEG.items()}
+    if method is None:
+        return {"method": toy["method"]}
+    lr = {"lr": (TOY_SEG_LR[method], TOY_SEG_LR_SOURCE)} if method in TOY_SEG_LR else {}
+    return {k: v for k, v in toy.items() if k != "method"} | own | lr
 
 
 arg = train.arg  # a field with its --help text
@@ -132,7 +138,7 @@ class SegConfig:
     lr: float = arg(2e-4, "peak learning rate (AdamW) of the head and of new weights")
     clip_lr_scale: float = arg(0.01, "learning rate multiplier of CLIP's own weights")
     min_lr: float = arg(0.0, "learning rate at the end of the cosine")
-    weight_decay: float = arg(1e-4, "decoupled weight decay (none on norm layers and embeddings)")
+    weight_decay: float = arg(1e-4, "AdamW's decoupled weight decay (none on norm layers and embeddings)")
     warmup: int = arg(0, "warm-up steps")
     grad_clip: float = arg(0.01, "max L2 norm of all gradients together; 0 = no clipping")
     precision: str = arg("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (+ GradScaler) | fp32")
@@ -147,33 +153,17 @@ class SegConfig:
     resume: Optional[str] = arg(None, "latest | PATH: continue from a checkpoint")
     max_steps: Optional[int] = arg(None, "stop after N steps (smoke tests); the schedule still spans --iterations")
     optimizer: str = arg("adamw", "adamw (CAT-Seg's) | sgd (momentum 0.9)")
+    schedule: str = arg("cosine", "cosine: warm-up, then cosine to --min-lr, per step (CAT-Seg's WarmupCosineLR)")
     warmup_epochs: Optional[float] = arg(None, "warm-up length in epochs (replaces --warmup)")
     warmup_lr: Optional[float] = arg(None, "constant learning rate during warm-up (default: linear ramp)")
 
 
-RANGES = {
-    "iterations": (lambda v: v >= 1, ">= 1"),
-    "crop": (lambda v: v >= 1, ">= 1"),
-    "eval_size": (lambda v: v is None or v >= 1, ">= 1"),
-    "clip_lr_scale": (lambda v: v >= 0, ">= 0"),
-    "grad_clip": (lambda v: v >= 0, ">= 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-}
-
-
 def check(cfg):
-    """What is wrong with a config, as one line naming the flag, or None (recipes.py's checks where shared)."""
-    shared = {k: v for k, v in recipes.RANGES.items() if k in SegConfig.__dataclass_fields__}
-    for name, (ok, want) in {**shared, **RANGES}.items():
-        if not ok(getattr(cfg, name)):
-            return f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {want}"
-    for name in ("drop_mode", "precision"):
-        if getattr(cfg, name) not in recipes.CHOICES[name]:
-            return (
-                f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of {', '.join(recipes.CHOICES[name])}"
-            )
-    if cfg.method not in METHODS:
-        return f"--method {cfg.method}: expected one of {', '.join(METHODS)}"
+    """What is wrong with a config, as one line naming the flag, or None (cli.py's range and choice checks,
+    then segmentation's own)."""
+    problem = cli.check_fields(cfg)
+    if problem:
+        return problem
     if cfg.data not in ("coco-stuff", "toy-seg"):
         return f"--data {cfg.data}: expected coco-stuff or toy-seg"
     if cfg.data_root is None and cfg.data == "coco-stuff":
@@ -182,7 +172,7 @@ def check(cfg):
     tests = [t for t in cfg.test.split(",") if t not in known]
     if tests:
         return f"--test {tests[0]}: expected some of {', '.join(known)}"
-    if cfg.prompts != recipes.IMAGENET_80 and "{}" not in cfg.prompts:
+    if cfg.prompts != prompt_sets.IMAGENET_80 and "{}" not in cfg.prompts:
         return f"--prompts {cfg.prompts!r}: expected imagenet-80 or a template with {{}}"
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % (world * cfg.accum_steps):
@@ -191,47 +181,22 @@ def check(cfg):
 
 
 def parse_args(argv=None):
-    """One SegConfig per method of the command (flags over the toy recipe over the defaults), flags checked;
-    the command's action (--print-config, --select-lr or None) and the flags given."""
-    parser = recipes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(SegConfig):
-        flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=f.metadata["help"])
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            kind = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(f.type, f.type)
-            parser.add_argument(flag, type=recipes.rank if f.name == "rank" else kind, **kw)
-    parser.add_argument("--print-config", action="store_true", help="print each method's recipe with sources, exit")
-    parser.add_argument(
-        "--select-lr", action="store_true", help=f"toy-seg: the lr rule for the methods -> {TOY_SEG_LR_TABLE.name}"
+    """One SegConfig per method of the command (defaults < the toy recipe < --config < flags), flags
+    checked, and whether --select-lr was given. --print-config prints them, each value with its source,
+    and exits."""
+    cfgs, switches = cli.parse(
+        SegConfig,
+        argv,
+        description=__doc__,
+        methods=METHODS,
+        recipe=recipe,
+        check=check,
+        default_sources={f.name: SOURCES.get(f.name, "this repository") for f in dataclasses.fields(SegConfig)},
+        switches={"--select-lr": f"toy-seg: the lr rule for the methods -> {TOY_SEG_LR_TABLE.name}"},
     )
-    given = vars(parser.parse_args(argv))
-    show, select = given.pop("print_config"), given.pop("select_lr")
-    action = "print_config" if show else "select_lr" if select else None
-    data = given.get("data", SegConfig.data)
-    methods = {"method": SegConfig.method, **recipe(data), **given}["method"]
-    cfgs = [SegConfig(**{**recipe(data, m), **given, "method": m}) for m in methods.split(",")]
-    for cfg in cfgs:
-        problem = check(cfg)
-        if problem:
-            parser.error(problem)
-    if action == "select_lr" and data != "toy-seg":
-        parser.error("--select-lr: the lr rule is the toy's (--data toy-seg)")
-    return cfgs, action, given
-
-
-def describe(cfg, given):
-    """--print-config: every value with where it comes from."""
-    toy_lr = "toy lr rule: docs/toy_seg_lr_selection.csv"
-    toy_source = lambda k: toy_lr if k == "lr" else "toy-seg recipe (this repository)"
-    source = lambda k: (
-        "flag"
-        if k in given
-        else toy_source(k)
-        if k in recipe(cfg.data, cfg.method)
-        else SOURCES.get(k, "this repository")
-    )
-    return {k: {"value": v, "source": source(k)} for k, v in asdict(cfg).items()}
+    if switches["--select-lr"] and cfgs[0].data != "toy-seg":
+        cli.refuse("--select-lr: the lr rule is the toy's (--data toy-seg)")
+    return cfgs, switches["--select-lr"]
 
 
 # ---------------------------------------------------------------------- methods
@@ -306,7 +271,7 @@ def fit(cfg, train_set, device, rank=0, world=1):
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     clip = load_clip(cfg.model, device=device)
     head = segment.HeadConfig() if clip.config.vision_width >= 768 else segment.SMALL
-    templates = recipes.templates(cfg.prompts, [])
+    templates = prompt_sets.templates(cfg.prompts, [])
     torch.manual_seed(cfg.seed)  # the same head for every method
     model = segment.CATSeg(clip, len(templates), head).to(device)
     tokens = segment.class_tokens(train_set.names, templates, clip.config.context_length)
@@ -392,11 +357,8 @@ def export(cfg, model, method):
 
 
 def main(argv=None):
-    cfgs, action, given = parse_args(argv)
-    if action == "print_config":
-        print(json.dumps([describe(cfg, given) for cfg in cfgs], indent=2))
-        return
-    train.launch(select_lr if action == "select_lr" else run, cfgs)
+    cfgs, select = parse_args(argv)
+    train.launch(select_lr if select else run, cfgs)
 
 
 if __name__ == "__main__":

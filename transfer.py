@@ -8,7 +8,9 @@ datasets (each with its own classes and prompt) and on ImageNet-V2, -Sketch, -A 
 ROOT has CoOp's layout (data/coop.py): ROOT/imagenet/images/{train,val}, the ten dataset folders, and
 the four shifts where CoOp's DATASETS.md puts them (SHIFTS); an absent one is skipped with one line.
 Every other flag is train.py's, and each method's recipe resolves as for `--data imagenet --shots 16`
-(recipes.py). Each target is scored with the prompts that method's recipe gives that dataset.
+(recipes.py), except CoOp's context, which starts from "a photo of a" as in the cross-dataset scripts
+(vit_b16_ep50_ctxv1), not from CoOp's few-shot 16 random vectors. Each target is scored with the
+prompts that method's recipe gives that dataset.
 
 One table, runs/xd/results.{csv,json}: per method, ImageNet, each target, their mean `xd_avg`, each
 shift and their mean `dg_avg`; a cell is the mean over the seeds ± its standard error over the seeds
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import evaluate
 import recipes
@@ -34,6 +37,7 @@ import train
 from clip_model import autocast_dtype, image_transform
 from clip_weights import WeightsError, load_clip
 from data import coop
+from data.templates import templates
 from methods import METHODS
 
 # Where CoOp's DATASETS.md puts each shift under ROOT, by the name data/imagenet.py gives its set.
@@ -48,7 +52,7 @@ OWN_FLAGS = ("--data", "--data-root", "--shots", "--split", "--seed", "--ood", "
 
 def parse_args(argv=None):
     """(CoOp root, seeds, run dir, [[TrainConfig per method] per seed])."""
-    parser = recipes.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--data-root", required=True, help="CoOp's dataset root (layout: data/coop.py)")
@@ -63,7 +67,8 @@ def parse_args(argv=None):
     root = Path(ours.data_root)
     ood = [f"--ood={name}={root / path}" for name, path in SHIFTS.items() if (root / path).is_dir()]
     imagenet = ["--data", "imagenet", "--data-root", str(root / "imagenet" / "images"), "--shots", "16", *ood]
-    runs = [train.parse_args([*rest, *imagenet, "--seed", str(seed)]) for seed in range(1, ours.seeds + 1)]
+    xd = ["--ctx-init", "a photo of a"]  # scripts/cocoop/xd_train.sh: CoOp from vit_b16_ep50_ctxv1; flags given win
+    runs = [train.parse_args([*xd, *rest, *imagenet, "--seed", str(seed)]) for seed in range(1, ours.seeds + 1)]
     if any(cfg.method == "linear-probe" for cfg in runs[0]):
         parser.error("--method linear-probe: its classifier has ImageNet's classes only, so it cannot transfer")
     return root, ours.seeds, Path(ours.run_dir), runs
@@ -100,7 +105,7 @@ def run_method(cfg, device, root):
         for target, t in [("imagenet", eval_task), *target_tasks.items()]:
             prompts = cfg.eval_prompts if target == "imagenet" else target_prompts(target, cfg.method)
             classifier = None if method.classifier_for is None else method.classifier_for(t.classnames)
-            acc = evaluate.evaluate_task(model, t, classifier, recipes.templates(prompts, t.templates), **kwargs)
+            acc = evaluate.evaluate_task(model, t, classifier, templates(prompts, t.templates), **kwargs)
             sets = [t.test.name] + [s.name for s in t.ood if s.name in SHIFTS]
             row |= {k: acc[k] for s in sets for k in (s, f"{s}_se")}
     return row
@@ -108,7 +113,7 @@ def run_method(cfg, device, root):
 
 def target_prompts(target, method):
     """The evaluation prompts the recipe gives `method` on `target` (its dataset template by default)."""
-    return recipes.recipe(target, shots=16, method=method).get("eval_prompts", "task")
+    return recipes.values(target, method, shots=16).get("eval_prompts", "task")
 
 
 def with_means(row, targets_found):

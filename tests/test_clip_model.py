@@ -4,6 +4,7 @@ import socket
 import string
 from dataclasses import replace
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -235,6 +236,30 @@ def test_image_transform():
         assert x.shape == (3, 32, 32)
         expected = (128 / 255 - torch.tensor(clip_model.CLIP_MEAN)) / torch.tensor(clip_model.CLIP_STD)
         torch.testing.assert_close(x.mean((1, 2)), expected, atol=1e-2, rtol=0)
+
+
+def crop_areas(scale, draws=60):
+    """The share of the image area each training crop of image_transform(scale=...) covers, read off the
+    output of an image whose red channel is its x coordinate and green channel its y coordinate."""
+    xy = np.stack(np.meshgrid(np.arange(256), np.arange(256)), axis=-1)  # [H, W, 2]: (x, y) per pixel
+    image = Image.fromarray(np.concatenate([xy, np.zeros_like(xy[..., :1])], -1).astype(np.uint8))
+    transform = clip_model.image_transform(32, train=True, scale=scale)
+    mean, std = torch.tensor(clip_model.CLIP_MEAN)[:2, None, None], torch.tensor(clip_model.CLIP_STD)[:2, None, None]
+    torch.manual_seed(0)
+    areas = []
+    for _ in range(draws):
+        x, y = 255 * (transform(image)[:2] * std + mean)  # the coordinates the crop covers, [32, 32] each
+        # the 32 output pixels sample the crop at their centres: their span is 31/32 of the crop's side
+        areas.append(float((x.max() - x.min()) * (y.max() - y.min())) * (32 / 31) ** 2 / 256**2)
+    return areas
+
+
+def test_training_crop_covers_the_share_of_the_image_its_scale_says():
+    """R-Adapter's crop, scale (0.9, 1), keeps nearly the whole image; Dassl's, (0.08, 1), draws small crops too."""
+    r_adapter = crop_areas((0.9, 1.0))
+    assert min(r_adapter) > 0.88
+    dassl = crop_areas((0.08, 1.0))
+    assert min(dassl) < 0.3 and max(dassl) > 0.6
 
 
 def test_forward_returns_normalised_features_and_scale():

@@ -219,6 +219,8 @@ def test_base_to_novel_end_to_end(tmp_path):
             "1",
             "--workers",
             "0",
+            "--seeds",
+            "1",
             "--run-dir",
             str(out),
         ]

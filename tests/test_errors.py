@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import bench
+import cli
 import evaluate
-import recipes
 import train
+import train_seg
 from clip_model import CLIP, PRESETS
 from clip_weights import WeightsError, load_clip, save_clip
 
@@ -118,17 +119,38 @@ BAD = {
     "min_lr": -1.0,
     "max_steps": 0,
     "seeds": 0,
+    "grad_clip": -1.0,
+    "weight_decay": -0.1,
+    "iterations": 0,
+    "crop": 0,
+    "eval_size": 0,
+    "clip_lr_scale": -1.0,
+    "crop_scale": 0.0,
 }
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(train.TrainConfig)}
 
 
-@pytest.mark.parametrize("name", sorted(recipes.RANGES))
+def test_every_range_has_a_bad_value():
+    assert set(BAD) == set(cli.RANGES)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in cli.RANGES if n in TRAIN_FIELDS))
 def test_every_numeric_range_is_checked_before_anything_loads(name, capsys):
     flag = "--" + name.replace("_", "-")
     code, message = refused(
         train.parse_args, ["--data", "folder", "--data-root", "/nowhere", flag, str(BAD[name])], capsys
     )
     assert code == 2 and message.endswith(
-        f"error: {flag} {BAD[name]}: expected {recipes.RANGES[name][1]} (--help lists the flags)"
+        f"error: {flag} {BAD[name]}: expected {cli.RANGES[name][1]} (--help lists the flags)"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(n for n in cli.RANGES if n in train_seg.SegConfig.__dataclass_fields__))
+def test_every_numeric_range_of_train_seg_is_checked(name, capsys):
+    flag = "--" + name.replace("_", "-")
+    code, message = refused(train_seg.main, ["--data-root", "/nowhere", flag, str(BAD[name])], capsys)
+    assert code == 2 and message.endswith(
+        f"error: {flag} {BAD[name]}: expected {cli.RANGES[name][1]} (--help lists the flags)"
     )
 
 

@@ -66,7 +66,7 @@ def n_trainable(model):
 
 def setup(method, model, **overrides):
     """The method's setup (methods.METHODS) with its recipe (recipes.py) under TrainConfig's defaults."""
-    cfg = train.TrainConfig(**{**recipes.recipe("imagenet", method=method), **overrides, "method": method})
+    cfg = train.TrainConfig(**{**recipes.values("imagenet", method), **overrides, "method": method})
     return METHODS[method](model, cfg, train.task_for(cfg, model, fake_task()))
 
 
@@ -344,6 +344,30 @@ def test_method_recipes_fill_flags_not_given(tiny_path):
     for bad in (["--method", "clipfit", "--loss", "infonce"], ["--explicit", "lr"], ["--method", "clipfit2"]):
         with pytest.raises(SystemExit):
             train.parse_args(base + bad)
+
+
+@pytest.mark.parametrize("warm, min_lr", [(1, 0.0), (2, 1e-4), (None, 0.0)])
+def test_dassl_schedule_is_a_constant_warmup_then_torchs_cosine_stepped_per_epoch(warm, min_lr):
+    """--schedule dassl against an independent computation: during the warm-up epochs the constant warm-up
+    rate; after them torch's CosineAnnealingLR(T_max=epochs, eta_min=min_lr), started at the first epoch
+    after the warm-up and stepped once at the end of each epoch, its rate held for every step of the epoch."""
+    epochs, per_epoch = 10, 3
+    cfg = train.TrainConfig(
+        lr=0.002, min_lr=min_lr, schedule="dassl", warmup_epochs=warm, warmup_lr=1e-5, epochs=epochs, warmup=7
+    )
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=min_lr)
+    expected = []
+    for epoch in range(epochs):
+        if epoch < (warm or 0):
+            expected += [1e-5] * per_epoch
+            continue
+        expected += cosine.get_last_lr() * per_epoch
+        optimizer.step()
+        cosine.step()
+    got = [train.lr_at(step, epochs * per_epoch, cfg) for step in range(epochs * per_epoch)]
+    assert got == pytest.approx(expected, rel=1e-9, abs=0)
+    assert got[-1] > min_lr + 1e-5  # the last epoch's rate: the cosine never reaches min_lr
 
 
 def test_constant_warmup_then_cosine():

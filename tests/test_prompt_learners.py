@@ -4,6 +4,7 @@ on CoOp-layout fixtures (tiny CLIP, CPU)."""
 
 import csv
 import math
+import pickle
 
 import pytest
 import torch
@@ -127,11 +128,76 @@ def test_coop_and_cocoop_base_to_novel_end_to_end(tmp_path):
     common += ["--split", "base", "--shots", "2", "--epochs", "1", "--workers", "0", "--run-dir", str(out)]
     (coop_cfg, cocoop_cfg) = train.parse_args([*common, "--method", "coop,cocoop"])
     assert (coop_cfg.batch_size, coop_cfg.epochs, cocoop_cfg.batch_size) == (32, 1, 1)  # recipes, --epochs given
-    train.main([*common, "--method", "zero-shot,coop,cocoop", "--batch-size", "3"])
+    assert coop_cfg.seeds == cocoop_cfg.seeds == 3  # the release's seeds 1, 2, 3; one here
+    train.main([*common, "--method", "zero-shot,coop,cocoop", "--batch-size", "3", "--seeds", "1"])
     with open(out / "results.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"zero-shot", "coop", "cocoop"}
     for r in rows.values():
         assert math.isclose(float(r["hm"]), claims.harmonic_mean(float(r["base"]), float(r["new"])))
     assert int(rows["coop"]["trainable"]) == 4 * TINY.text_width
-    assert (out / "cocoop" / "prompt_learner.safetensors").exists()
+    for method in ("coop", "cocoop"):  # the exported context, loaded by evaluate.py, scores as in training
+        learner = out / method / "prompt_learner.safetensors"
+        evaluate.main(
+            ["--model", str(tmp_path / "tiny.safetensors"), "--prompt-learner", str(learner), "--data", "dtd"]
+            + ["--data-root", str(root), "--split", "base", "--workers", "0", "--out", str(tmp_path / method)]
+        )
+        with open(tmp_path / method / "results.csv") as f:
+            (row,) = csv.DictReader(f)
+        assert [float(row[k]) for k in ("base", "new")] == [float(rows[method][k]) for k in ("base", "new")]
+
+
+class Payload:
+    """Unpickling this runs open(marker, 'w'): any code that ran leaves the marker file behind."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_released_checkpoints_load(tmp_path):
+    """A checkpoint as the CoOp release's Dassl trainer writes it (prompt_learner/model.pth.tar-N: the state
+    dict with CoCoOp's meta-net as linear1 / linear2 in fp16 and the class-name buffers token_prefix /
+    token_suffix, next to the optimizer's and the scheduler's pickled state) loads with no code of the file
+    running, and its learner scores as the one it was saved from."""
+    model, learner = cocoop()
+    names = {"0": "linear1", "2": "linear2"}  # the release's nn.Sequential(OrderedDict(linear1, relu, linear2))
+    state = {"ctx": learner.ctx.detach().clone(), "token_prefix": torch.randn(3, 1, 8), "token_suffix": torch.randn(3)}
+    for name, tensor in learner.meta_net.state_dict().items():
+        index, kind = name.split(".")
+        state[f"meta_net.{names[index]}.{kind}"] = tensor.half()  # PREC fp16
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.002, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    marker = tmp_path / "pwned"
+    checkpoint = {"state_dict": state, "epoch": 10, "optimizer": optimizer.state_dict(), "val_result": None}
+    checkpoint["scheduler"] = {"successor": scheduler, "warmup_epoch": 1, "cons_lr": 1e-5, "hook": Payload(marker)}
+    path = tmp_path / "model.pth.tar-10"
+    torch.save(checkpoint, path)
+    with pytest.raises(pickle.UnpicklingError):  # objects besides tensors: torch.load's safe mode refuses it
+        torch.load(path, weights_only=True)
+    fresh = tiny_clip()
+    loaded = prompt_learners.load_prompt_learner(fresh, path)
+    assert not marker.exists() and loaded.meta_net is not None and fresh.prompt_learner is loaded
+    assert not any(p.requires_grad for n, p in fresh.named_parameters() if not n.startswith("prompt_learner."))
+    with torch.no_grad():
+        learner.meta_net.load_state_dict({k: v.half().float() for k, v in learner.meta_net.state_dict().items()})
+        f = F.normalize(torch.randn(5, TINY.embed_dim), dim=-1)
+        expected = learner.similarities(model, f, *learner.prompts(model, NAMES))
+        got = loaded.similarities(fresh, f, *loaded.prompts(fresh, NAMES))
+    torch.testing.assert_close(got, expected)
+    coop_state = {"state_dict": {"ctx": torch.randn(16, TINY.text_width), "token_prefix": torch.zeros(1)}}
+    torch.save(coop_state, tmp_path / "coop.pth.tar-50")
+    coop_learner = prompt_learners.load_prompt_learner(tiny_clip(), tmp_path / "coop.pth.tar-50")
+    assert coop_learner.meta_net is None and torch.equal(coop_learner.ctx, coop_state["state_dict"]["ctx"])
+
+
+def test_a_checkpoint_that_is_no_prompt_learner_is_one_line(tmp_path):
+    junk = tmp_path / "junk.pth.tar"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(prompt_learners.WeightsError, match=f"{junk}: not a CoOp or CoCoOp prompt learner checkpoint"):
+        prompt_learners.load_prompt_learner(tiny_clip(), junk)
+    torch.save({"state_dict": {"ctx": torch.randn(16, TINY.text_width + 1)}}, tmp_path / "wide.pth")
+    with pytest.raises(prompt_learners.WeightsError, match="does not fit this CLIP"):
+        prompt_learners.load_prompt_learner(tiny_clip(), tmp_path / "wide.pth")

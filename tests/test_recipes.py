@@ -1,4 +1,5 @@
-"""Every documented command resolves to the released recipe (recipes.py), checked through train.parse_args."""
+"""Every documented command resolves to the released recipe (recipes.py), checked through train.parse_args;
+--print-config and --config (cli.py)."""
 
 import csv
 import dataclasses
@@ -6,13 +7,18 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from torchvision.transforms import RandomResizedCrop
 
+import cli
 import recipes
 import toy_experiments
 import train
+from clip_model import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = (
@@ -207,19 +213,19 @@ def test_print_config_names_each_source(tmp_path):
     assert ra["data"] == fit["data"] == ("dtd", "flag")
     assert ra["epochs"] == fit["epochs"] == (7, "flag")
     assert ra["p"] == (0.2, "default")
-    assert ra["m"] == (0.9, "setting base-to-novel")  # the setting's '*', under each method's recipe
-    assert ra["rank"] == (4, "setting base-to-novel, method r-adapter")
-    assert fit["optimizer"] == ("sgd", "method clipfit")
-    assert fit["prompts"] == ("a photo of a {}, a type of texture.", "dataset dtd, method clipfit")
-    assert fit["clipfit_lambda"] == (8.0, "dataset dtd, method clipfit")
+    assert ra["m"] == (0.9, recipes.B2N["m"][1])  # the setting's values, under each method's own recipe
+    assert ra["rank"] == recipes.RECIPES["base-to-novel", "r-adapter"]["rank"]
+    assert fit["optimizer"] == recipes.OWN["clipfit"]["optimizer"]
+    assert fit["prompts"] == recipes.DATASETS["dtd", "clipfit"]["prompts"]  # the dataset's exception wins
+    assert fit["clipfit_lambda"] == (8.0, "CLIPFit paper: lambda 8 on DTD")
 
 
 @pytest.mark.parametrize("method", train.METHODS)
 def test_the_toy_budget_holds_for_every_method(method):
     (cfg,) = train.parse_args(["--method", method])
-    assert {k: getattr(cfg, k) for k in recipes.TOY_BUDGET} == recipes.TOY_BUDGET
-    (_, sources), *_ = recipes.resolve([("flag", {"method": method})], {"data": "toy", "method": "x", "ood": ()})
-    assert {sources[k] for k in recipes.TOY_BUDGET} == {"setting toy, every method"}
+    assert {k: getattr(cfg, k) for k in recipes.TOY_BUDGET} == {k: v for k, (v, _) in recipes.TOY_BUDGET.items()}
+    (_, sources), *_ = cli.resolve([("flag", {"method": method})], asdict(train.TrainConfig()), recipes.recipe)
+    assert {k: sources[k] for k in recipes.TOY_BUDGET} == {k: s for k, (_, s) in recipes.TOY_BUDGET.items()}
 
 
 def test_the_toy_base_to_new_job():
@@ -227,25 +233,88 @@ def test_the_toy_base_to_new_job():
     (CoCoOp's batch 1 included), R-Adapter at the base-to-novel rank, its own run folder."""
     cfgs = train.parse_args(["--data", "toy", "--split", "base"])
     assert [c.method for c in cfgs] == ["zero-shot", "coop", "cocoop", "clipfit", "r-adapter"]
+    budget = {k: v for k, (v, _) in recipes.TOY_B2N_BUDGET.items()}
     for cfg in cfgs:
-        assert {k: getattr(cfg, k) for k in recipes.TOY_B2N_BUDGET} == recipes.TOY_B2N_BUDGET
+        assert {k: getattr(cfg, k) for k in budget} == budget
         assert (cfg.shots, cfg.model, cfg.run_dir, cfg.sweep) == (16, "toy", "runs/toy-b2n", False)
     by = {c.method: c for c in cfgs}
     assert by["r-adapter"].rank == 4 and (by["r-adapter"].delta, by["r-adapter"].epsilon) == (0.1, 0.0)
     assert (by["coop"].optimizer, by["cocoop"].warmup_epochs) == ("sgd", 1)  # Dassl's, under the budget
     assert by["clipfit"].prompts == by["clipfit"].eval_prompts == "a photo of the {}."
-    (_, sources), *_ = recipes.resolve(
-        [("flag", {"method": "cocoop", "split": "base"})], {"data": "toy", "method": "x", "ood": ()}
-    )
-    assert {sources[k] for k in recipes.TOY_B2N_BUDGET} == {"setting toy-base-to-novel, every method"}
+    command = [("flag", {"method": "cocoop", "split": "base"})]
+    (_, sources), *_ = cli.resolve(command, asdict(train.TrainConfig()), recipes.recipe)
+    assert {k: sources[k] for k in recipes.TOY_B2N_BUDGET} == {k: s for k, (_, s) in recipes.TOY_B2N_BUDGET.items()}
 
 
-def test_readme_recipe_table_is_recipes_table():
-    """The README shows `python recipes.py`'s table, and every entry of recipes.py has its source."""
-    assert recipes.table() in (ROOT / "README.md").read_text()
-    entries = {("method", m) for m in recipes.METHODS} | set(recipes.DATASETS)
-    entries |= {(s, m) for s, rules in recipes.SETTINGS.items() for m in rules}
-    assert entries == set(recipes.SOURCES)
+def test_docs_recipe_table_is_recipes_table():
+    """docs/recipes.md shows `python recipes.py`'s table; every method has a recipe in every setting,
+    and every value of every recipe carries its source."""
+    assert recipes.table() in (ROOT / "docs" / "recipes.md").read_text()
+    assert set(recipes.OWN) == set(train.METHODS)
+    settings = {setting for setting, _ in recipes.RECIPES}
+    assert set(recipes.RECIPES) == {(s, m) for s in settings for m in train.METHODS}
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    for recipe in [*recipes.RECIPES.values(), *recipes.DATASETS.values()]:
+        for name, entry in recipe.items():
+            by_shots = entry.values() if isinstance(entry, dict) else [entry]  # {K: (value, source)} by --shots
+            assert name in fields and all(isinstance(e, tuple) and len(e) == 2 for e in by_shots), (name, entry)
+            assert all(isinstance(source, str) and source for _, source in by_shots), name
+
+
+def test_a_command_runs_one_recipe_per_method():
+    """The rule: TrainConfig's default < RECIPES[setting, method] < DATASETS[data, method] < --config < flags,
+    checked on a command that meets each: a value of the setting's recipe, the dataset's over it, a flag over
+    both, and a field nothing sets."""
+    (fit,) = train.parse_args(["--data", "dtd", "--data-root", "D", "--shots", "4", "--method", "clipfit", "--lr", "1"])
+    setting = recipes.RECIPES["few-shot", "clipfit"]
+    assert fit.epochs == setting["epochs"][0] == 100 and fit.batch_size == setting["batch_size"][0]
+    assert fit.clipfit_lambda == recipes.DATASETS["dtd", "clipfit"]["clipfit_lambda"][0] != setting["clipfit_lambda"][0]
+    assert fit.lr == 1.0 and fit.p == train.TrainConfig.p
+
+
+def test_the_dassl_family_trains_on_dassls_schedule_and_crop(tree):
+    """CoOp, CoCoOp and CLIPFit: Dassl's per-epoch schedule and RandomResizedCrop(scale=(0.08, 1)) reach the
+    training transform; R-Adapter keeps its per-step cosine and (0.9, 1)."""
+    argv = ["--data", "folder", "--data-root", str(tree), "--method", "coop,cocoop,clipfit,r-adapter"]
+    model = SimpleNamespace(config=PRESETS["tiny"])
+    for cfg in train.parse_args(argv):
+        task, _ = train.build_data(cfg, model)
+        (crop,) = [t for t in task.train.transform.transforms if isinstance(t, RandomResizedCrop)]
+        dassl = cfg.method != "r-adapter"
+        assert crop.scale == ((0.08, 1.0) if dassl else (0.9, 1.0)), cfg.method
+        assert cfg.schedule == ("dassl" if dassl else "cosine"), cfg.method
+
+
+@pytest.mark.parametrize("shots, epochs", [(1, 50), (2, 100), (3, 100), (4, 100), (8, 200), (16, 200), (32, 200)])
+def test_coops_few_shot_recipe_is_the_releases(shots, epochs):
+    """CoOp's few-shot tables as released (COOP.md, scripts/coop/main.sh): 16 random context vectors, 50 epochs
+    for 1 shot, 100 for 2 and 4, 200 for 8 and 16 (ImageNet: 50 for every shot count), seeds 1, 2, 3 pooled."""
+    (coop,) = train.parse_args(["--data", "dtd", "--data-root", "D", "--shots", str(shots), "--method", "coop"])
+    assert (coop.ctx_init, coop.epochs, coop.seed, coop.seeds) == ("16", epochs, 1, 3)
+    argv = ["--data", "imagenet", "--data-root", "D", "--shots", str(shots), "--method", "coop"]
+    assert train.parse_args(argv)[0].epochs == 50
+
+
+def test_print_config_shows_dassls_recipe_with_release_files(tmp_path):
+    """The Dassl family in the few-shot and base-to-new settings: Dassl's schedule and crop, CoOp's 16 context
+    vectors (few-shot; base-to-new starts from "a photo of a", as its script's ctxv1 config), epochs by shots,
+    16 shots for --split base and 3 seeds, each with the release file it comes from."""
+    common = ["--data", "dtd", "--data-root", str(tmp_path), "--method", "coop,cocoop,clipfit"]
+    few = printed(print_config(*common, "--shots", "16", cwd=tmp_path).stdout)[0]
+    b2n = printed(print_config(*common, "--split", "base", cwd=tmp_path).stdout)[0]
+    release_file = re.compile(r"(CoOp|CLIPFit) release, (configs|scripts)/\S+\.(yaml|sh)")
+    for fields in (few, b2n):
+        for method, config in fields.items():
+            expected = dict(schedule="dassl", crop_scale=0.08, seed=1, seeds=3, epochs=None)
+            for name, value in expected.items():
+                assert value is None or config[name][0] == value, (method, name)
+                assert release_file.search(config[name][1]), (method, name, config[name][1])
+    assert few["coop"]["ctx_init"][0] == "16" and release_file.search(few["coop"]["ctx_init"][1]) is None
+    assert "scripts/coop/main.sh" in few["coop"]["ctx_init"][1]
+    assert [few[m]["epochs"][0] for m in ("coop", "cocoop", "clipfit")] == [200, 10, 100]
+    assert "vit_b16.yaml" in few["coop"]["epochs"][1]  # 8 and 16 shots
+    assert b2n["coop"]["ctx_init"][0] == "a photo of a" and all(c["shots"][0] == 16 for c in b2n.values())
+    assert all("base2new_train.sh" in c["shots"][1] for c in b2n.values())
 
 
 def test_config_replays_a_run(tree, tmp_path):

@@ -105,9 +105,9 @@ def test_base_to_new_lr_rule_scores_base_class_validation_images(tmp_path, small
     on the 6 base classes' validation images only (18 here), the argmax selected."""
     import recipes
 
-    budget = {**recipes.TOY_B2N_BUDGET, "epochs": 1, "batch_size": 6}
-    monkeypatch.setitem(recipes.SETTINGS["toy-base-to-novel"], "all", budget)
-    monkeypatch.setitem(recipes.SETTINGS["toy-base-to-novel"]["*"], "shots", 2)
+    small = {"epochs": (1, "test"), "batch_size": (6, "test"), "shots": (2, "test")}
+    for key in (("toy-base-to-novel", "coop"), ("toy-base-to-novel", "r-adapter")):
+        monkeypatch.setitem(recipes.RECIPES, key, {**recipes.RECIPES[key], **small})
     monkeypatch.setitem(toy_experiments.LR_TABLES, "base", tmp_path / "selection.csv")
     toy_experiments.select_lr(["coop", "r-adapter"], split="base", grid=(1e-3, 1e-1))
     with open(tmp_path / "selection.csv") as f:

@@ -5,6 +5,7 @@ tiny budget, its lr rule and the recipe's lrs as the committed table's argmax; e
 import csv
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -90,18 +91,35 @@ def test_resume_ends_where_a_straight_run_ends(tiny_path, segmentation_root, tmp
         assert torch.equal(a["ema"]["W_tilde"][k], b["ema"]["W_tilde"][k]), k
 
 
+def printed(text):
+    """--print-config's tables -> [{field: (value, source)}], one per method."""
+    configs = []
+    for block in text.strip().split("\n\n"):
+        _, *lines = block.splitlines()
+        configs.append({})
+        for line in lines:
+            name, value, source = re.split(r"\s{2,}", line, maxsplit=2)
+            configs[-1][name] = (json.loads(value), source)
+    return configs
+
+
 def test_print_config_shows_catsegs_recipe_with_sources(capsys):
-    train_seg.main(["--data-root", "anywhere", "--method", "catseg,r-adapter", "--print-config"])
-    configs = json.loads(capsys.readouterr().out)
-    assert [c["method"]["value"] for c in configs] == ["catseg", "r-adapter"]
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(["--data-root", "anywhere", "--method", "catseg,r-adapter", "--print-config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# catseg\n")  # the table format of train.py --print-config
+    configs = printed(out)
+    assert [c["method"][0] for c in configs] == ["catseg", "r-adapter"]
     expected = dict(
         data="coco-stuff", crop=384, batch_size=4, iterations=80_000, lr=2e-4, clip_lr_scale=0.01, weight_decay=1e-4,
         warmup=0, min_lr=0.0, grad_clip=0.01, prompts="A photo of a {} in the scene",
         test="ade-847,pc-459,ade-150,pc-59,voc-20,voc-20b",
     )  # fmt: skip
-    assert {k: configs[0][k]["value"] for k in expected} == expected
-    assert "configs/vitb_384.yaml SOLVER.MAX_ITER" in configs[0]["iterations"]["source"]
-    assert configs[0]["data_root"]["source"] == "flag" and configs[1]["method"]["source"] == "flag"
+    assert {k: configs[0][k][0] for k in expected} == expected
+    assert "configs/vitb_384.yaml SOLVER.MAX_ITER" in configs[0]["iterations"][1]
+    assert configs[0]["data_root"][1] == "flag" and configs[1]["method"][1] == "flag"
+    assert set(configs[0]) == {f.name for f in dataclasses.fields(train_seg.SegConfig)}
 
 
 def test_bad_flags_and_bad_trees_are_one_line_errors(tiny_path, tmp_path, capsys):
@@ -187,21 +205,23 @@ def test_toy_seg_select_lr_writes_each_methods_argmax(tmp_path, small_scenes, mo
         assert max(mine, key=lambda r: float(r["val_miou"]))["selected"] == "1"
 
 
-def test_toy_seg_lrs_are_the_selection_tables_argmax():
+def test_toy_seg_lrs_are_the_selection_tables_argmax(capsys):
     """The toy recipe's lrs are the argmax rows of the committed table (photo validation mIoU over the grid
     of toy_experiments.py's lr rule), and --print-config names the table as their source."""
     table = toy_experiments.selected_lrs(path=train_seg.TOY_SEG_LR_TABLE)
-    cfgs, _, given = train_seg.parse_args(["--data", "toy-seg"])
+    cfgs, _ = train_seg.parse_args(["--data", "toy-seg"])
     assert {cfg.method: cfg.lr for cfg in cfgs} == table == train_seg.TOY_SEG_LR
     with open(train_seg.TOY_SEG_LR_TABLE) as f:
         rows = list(csv.DictReader(f))
     for method in table:  # every lr of the grid was tried, and the selected one scored highest
         scores = {float(r["lr"]): float(r["val_miou"]) for r in rows if r["method"] == method}
         assert sorted(scores) == sorted(toy_experiments.LR_GRID) and scores[table[method]] == max(scores.values())
-    shown = train_seg.describe(cfgs[0], given)
-    assert shown["lr"]["source"] == "toy lr rule: docs/toy_seg_lr_selection.csv"
-    assert shown["crop"] == {"value": toy_scenes.SIZE, "source": "toy-seg recipe (this repository)"}
-    (flagged,) = train_seg.parse_args(["--data", "toy-seg", "--method", "full", "--lr", "0.5"])[0]
+    with pytest.raises(SystemExit):
+        train_seg.main(["--data", "toy-seg", "--print-config"])
+    shown = printed(capsys.readouterr().out)[0]
+    assert shown["lr"][1] == "toy lr rule: docs/toy_seg_lr_selection.csv"
+    assert shown["crop"] == (toy_scenes.SIZE, "toy-seg recipe (this repository)")
+    (flagged,), _ = train_seg.parse_args(["--data", "toy-seg", "--method", "full", "--lr", "0.5"])
     assert flagged.lr == 0.5
 
 
