@@ -96,9 +96,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model):
-        """Call after every optimiser step."""
-        for n, p in self.live(model, "EMA.update").items():
-            self.W_tilde[n].mul_(self.m).add_(p.float(), alpha=1 - self.m)
+        """Call after every optimiser step: W~ <- m W~ + (1 - m) W."""
+        for n, W in self.live(model, "EMA.update").items():
+            self.W_tilde[n].mul_(self.m).add_((1 - self.m) * W.float())
 
     @contextmanager
     def applied(self, model):
