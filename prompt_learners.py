@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_model import tokenize
-from clip_weights import WeightsError, cause, read_inert, read_state_dict
 from method import Method
+from weight_files import WeightsError, cause, read_inert, read_state_dict
 
 
 class PromptLearner(nn.Module):
@@ -149,7 +149,7 @@ def released_state(state):
 def load_prompt_learner(model, path):
     """Freeze CLIP and attach the prompt learner saved at `path` as model.prompt_learner: train.py's
     prompt_learner.safetensors, or a released CoOp or CoCoOp checkpoint (Dassl's
-    prompt_learner/model.pth.tar-N, read by clip_weights.read_inert: no code of the file runs). CoCoOp's
+    prompt_learner/model.pth.tar-N, read by weight_files.read_inert: no code of the file runs). CoCoOp's
     when it holds a meta-net."""
     try:
         if str(path).endswith(".safetensors"):
