@@ -39,7 +39,6 @@ from clip_weights import load_toy_clip, save_clip, sha256
 from data import toy_world
 from data.templates import templates
 from data.toy import task, validation
-from methods import METHODS
 from mpm_nce import infonce_loss
 
 TOY_PRETRAIN = dict(pairs=200_000, steps=4500, batch_size=256, lr=1e-3, warmup=100, weight_decay=0.1, seed=0)
@@ -133,7 +132,7 @@ def fine_tune(method, lr, run_dir, seed=0, split=None):
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir), seed=seed, sweep=False)
     model = load_toy_clip()
     data = train.build_data(cfg, model)[0]
-    fitted = METHODS[cfg.method](model, cfg, train.task_for(cfg, model, data))
+    fitted = train.setup(cfg, model, data)
     if method == BLOCKS_ONLY:
         freeze_before_blocks(model)
     Path(run_dir).mkdir(parents=True, exist_ok=True)

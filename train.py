@@ -188,6 +188,13 @@ def task_for(cfg, model, task_data):
     )
 
 
+def setup(cfg, model, task_data):
+    """The method of cfg.method set up on model (methods.py), its new weights (low-rank adapters, LoRA,
+    CoCoOp's meta-net, prompt vectors) drawn from --seed."""
+    torch.manual_seed(cfg.seed)
+    return SETUPS[cfg.method](model, cfg, task_for(cfg, model, task_data))
+
+
 # ------------------------------------------------------------ the paper's training
 def fine_tune(cfg, model, method, train_set, device, ddp=(0, 1), *, groups=None, iterations=None, captions=None):
     """Train the parameters method.setup left trainable (or the optimiser `groups` given) with method.loss,
@@ -262,7 +269,7 @@ def run_methods(cfgs, out, device, ddp_rank=0, world_size=1):
         task, eval_task = build_data(cfg, model)
         if task.train is None and cfg.method != "zero-shot":
             raise data.DataError(f"--data-root {cfg.data_root}: no train/ folder, so only --method zero-shot can run")
-        method = SETUPS[cfg.method](model, cfg, task_for(cfg, model, task))
+        method = setup(cfg, model, task)
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         n_train = count_trainable(model)
         if ddp_rank == 0:

@@ -38,7 +38,6 @@ from clip_model import autocast_dtype, image_transform
 from clip_weights import WeightsError, load_clip
 from data import coop
 from data.templates import templates
-from methods import METHODS
 
 # Where CoOp's DATASETS.md puts each shift under ROOT, by the name data/imagenet.py gives its set.
 SHIFTS = {
@@ -94,7 +93,7 @@ def run_method(cfg, device, root):
     model = load_clip(cfg.model, device=device)
     target_tasks = targets(root, model.config.image_size)
     task, eval_task = train.build_data(cfg, model)
-    method = METHODS[cfg.method](model, cfg, train.task_for(cfg, model, task))
+    method = train.setup(cfg, model, task)
     if cfg.method != "zero-shot":
         train.fine_tune(cfg, model, method, task.train, device)
     train.export(cfg, model, method)
