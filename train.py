@@ -107,6 +107,11 @@ class TrainConfig:
     compile: bool = arg(False, "torch.compile the model")
     grad_checkpointing: bool = arg(False, "recompute each block in backward: far less activation memory")
     workers: int = arg(8, "data loader worker processes")
+    threads: Optional[int] = arg(
+        None,
+        "intra-op CPU threads (default: torch's, one per core); the toy jobs use 2, so their numbers "
+        "do not depend on the core count",
+    )
     seed: int = arg(0, "seed of every random choice")
     run_dir: Optional[str] = arg(None, "output folder (default runs/<data>); each method in a subfolder")
     save_every: int = arg(1000, "checkpoint every N steps (and at each epoch end)")
@@ -161,6 +166,7 @@ def in_random_templates(prompts, labels, ddp=(0, 1)):
 
 def setup_method(model, cfg, task):
     """Make the method's parameters (and only those) trainable; the only per-method branch."""
+    torch.manual_seed(cfg.seed)  # new weights (low-rank adapters, LoRA, CoCoOp's meta-net) start from --seed
     tau = cfg.tau or 1 / model.logit_scale.exp().item()
     L = model.config.context_length
     train_templates = recipes.templates(cfg.prompts, getattr(task, "templates", []))
@@ -440,8 +446,8 @@ def one_line(e):
 
 
 def launch(run_fn, cfgs):
-    """Start the process (DDP under torchrun, the device), call run_fn(cfgs, device, ddp_rank, world_size),
-    and end a preemption, a non-finite loss or bad input with one line and its exit code."""
+    """Start the process (DDP under torchrun, the device, --threads), call run_fn(cfgs, device, ddp_rank,
+    world_size), and end a preemption, a non-finite loss or bad input with one line and its exit code."""
     ddp_rank, world_size = 0, 1
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # README, "Several GPUs": why 30 minutes is safe
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
@@ -451,6 +457,9 @@ def launch(run_fn, cfgs):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    threads = torch.get_num_threads()
+    if cfgs[0].threads:  # the intra-op threads fix the order CPU kernels sum in (docs/install.md)
+        torch.set_num_threads(cfgs[0].threads)
     try:
         run_fn(cfgs, device, ddp_rank, world_size)
     except faults.Preempted as e:  # every rank, after the checkpoint
@@ -462,6 +471,7 @@ def launch(run_fn, cfgs):
     except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
         sys.exit(f"error: {one_line(e)}")
     finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process
         if world_size > 1:
             dist.destroy_process_group()
 

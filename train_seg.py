@@ -86,6 +86,7 @@ TOY_SEG = dict(
     iterations=250,
     m=0.9,
     workers=0,
+    threads=2,  # as recipes.TOY_JOB: the same table on any number of cores
     save_every=250,
 )
 TOY_SEG_LR = {"frozen": 1e-3, "catseg": 3e-3, "full": 3e-3, "r-adapter": 3e-3}  # docs/toy_seg_lr_selection.csv
@@ -133,6 +134,7 @@ class SegConfig:
     compile: bool = arg(False, "torch.compile the model")
     grad_checkpointing: bool = arg(False, "recompute each CLIP block in backward: far less activation memory")
     workers: int = arg(8, "data loader worker processes")
+    threads: Optional[int] = arg(None, "intra-op CPU threads (default: torch's); the toy job uses 2 (any core count)")
     seed: int = arg(0, "seed of every random choice")
     run_dir: Optional[str] = arg(None, "output folder (default runs/seg-<data>); each method in a subfolder")
     save_every: int = arg(1000, "checkpoint every N steps")
