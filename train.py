@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -447,7 +448,7 @@ def one_line(e):
 
 def launch(run_fn, cfgs):
     """Start the process (DDP under torchrun, the device, --threads), call run_fn(cfgs, device, ddp_rank,
-    world_size), and end a preemption, a non-finite loss or bad input with one line and its exit code."""
+    world_size), and end a preemption, Ctrl-C, a non-finite loss or bad input with one line and its exit code."""
     ddp_rank, world_size = 0, 1
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # README, "Several GPUs": why 30 minutes is safe
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
@@ -466,6 +467,10 @@ def launch(run_fn, cfgs):
         if ddp_rank == 0:
             print(e)
         sys.exit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it: no traceback
+        if ddp_rank == 0:
+            print("stopped at once; continue from the last checkpoint with --resume latest")
+        sys.exit(128 + signal.SIGINT)
     except faults.NonFiniteLoss as e:  # every rank, at the same step
         sys.exit(f"error: {e}" if ddp_rank == 0 else 1)
     except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
