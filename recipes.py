@@ -346,6 +346,8 @@ def check(cfg):
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             return f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of {', '.join(map(str, choices))}"
+    if cfg.overwrite and cfg.resume:
+        return f"--overwrite starts over, --resume {cfg.resume} continues: give one of them"
     if cfg.min_lr > cfg.lr:
         return f"--min-lr {cfg.min_lr}: expected <= --lr {cfg.lr}"
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes

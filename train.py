@@ -43,6 +43,7 @@ import prompt_learners
 import r_adapter
 import recipes
 import reparam
+import run_log
 import ssf
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
 from clip_weights import WeightsError, load_clip, save_clip, save_safetensors
@@ -115,6 +116,7 @@ class TrainConfig:
     )
     seed: int = arg(0, "seed of every random choice")
     run_dir: Optional[str] = arg(None, "output folder (default runs/<data>); each method in a subfolder")
+    overwrite: bool = arg(False, "start over in a --run-dir that holds a run: first delete what a run wrote there")
     save_every: int = arg(1000, "checkpoint every N steps (and at each epoch end)")
     resume: Optional[str] = arg(None, "latest | PATH: continue from a checkpoint")
     sweep: bool = arg(False, "also evaluate alpha = 0, 0.1, ..., 1 and plot ID against OOD")
@@ -369,6 +371,9 @@ def run(cfgs, device, ddp_rank=0, world_size=1):
     for cfg in cfgs:
         check_paths(cfg)
     out = Path(cfgs[0].run_dir or f"runs/{cfgs[0].data}")
+    if ddp_rank == 0 or not cfgs[0].overwrite:  # one run per folder (run_log.py)
+        run_log.claim(out, resume=cfgs[0].resume, overwrite=cfgs[0].overwrite)
+    cfgs = [dataclasses.replace(c, overwrite=False) for c in cfgs]  # a replayed config.json deletes nothing
     seeds = [cfgs[0].seed + s for s in range(cfgs[0].seeds)]
     runs = []
     for seed in seeds:

@@ -43,6 +43,7 @@ import evaluate
 import r_adapter
 import recipes
 import reparam
+import run_log
 import segment
 import train
 from clip_model import autocast_dtype, count_trainable
@@ -137,6 +138,7 @@ class SegConfig:
     threads: Optional[int] = arg(None, "intra-op CPU threads (default: torch's); the toy job uses 2 (any core count)")
     seed: int = arg(0, "seed of every random choice")
     run_dir: Optional[str] = arg(None, "output folder (default runs/seg-<data>); each method in a subfolder")
+    overwrite: bool = arg(False, "start over in a --run-dir that holds a run: first delete what a run wrote there")
     save_every: int = arg(1000, "checkpoint every N steps")
     log_every: int = arg(50, "a log.jsonl line (loss, lr, samples/s) every N steps and per epoch; loss checked finite")
     report_to: Optional[str] = arg(None, "tensorboard: also write log.jsonl's scalars to <run dir>/tensorboard")
@@ -179,6 +181,8 @@ def check(cfg):
     tests = [t for t in cfg.test.split(",") if t not in known]
     if tests:
         return f"--test {tests[0]}: expected some of {', '.join(known)}"
+    if cfg.overwrite and cfg.resume:
+        return f"--overwrite starts over, --resume {cfg.resume} continues: give one of them"
     if cfg.prompts != recipes.IMAGENET_80 and "{}" not in cfg.prompts:
         return f"--prompts {cfg.prompts!r}: expected imagenet-80 or a template with {{}}"
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -350,6 +354,9 @@ def fit(cfg, train_set, device, rank=0, world=1):
 
 def run(cfgs, device, rank=0, world=1):
     rows, out = [], Path(cfgs[0].run_dir or f"runs/seg-{cfgs[0].data}")
+    if rank == 0 or not cfgs[0].overwrite:  # one run per folder (run_log.py)
+        run_log.claim(out, resume=cfgs[0].resume, overwrite=cfgs[0].overwrite)
+    cfgs = [dataclasses.replace(c, overwrite=False) for c in cfgs]  # a replayed config.json deletes nothing
     for cfg in cfgs:
         cfg = dataclasses.replace(cfg, run_dir=str(out / cfg.method))
         train_set, test_sets = datasets(cfg)
