@@ -4,7 +4,7 @@
     python train.py --data imagenet --data-root DIR --model ViT-B-16:openai
     torchrun --nproc-per-node 8 -- train.py --data imagenet --data-root DIR --model ViT-B-16.pt
     python train.py ... --resume latest | --print-config
-    python train.py --config runs/toy/r-adapter/config.json --epochs 4   # replay a run, one value changed
+    python train.py --config runs/toy/r-adapter/config.json --epochs 4 --run-dir runs/toy-4ep   # one value changed
 
 Per method: setup_method decides what trains, the loss and the evaluation weights; the loop pairs
 each image with its class name in a random template (Sec. 3.4) or its caption, steps the optimiser
