@@ -120,6 +120,7 @@ BAD = {
     "min_lr": -1.0,
     "max_steps": 0,
     "seeds": 0,
+    "threads": 0,
 }
 
 
