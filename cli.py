@@ -76,6 +76,7 @@ RANGES = {  # field: (check, what it must be); a config is checked on the fields
     "grad_clip": (lambda v: v >= 0, ">= 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "crop_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "threads": (lambda v: v is None or v >= 1, ">= 1"),
 }
 CHOICES = {
     "loss": ("mpm-nce", "infonce", "ce"),
@@ -97,6 +98,8 @@ def check_fields(cfg):
     for name, choices in CHOICES.items():
         if name in fields and getattr(cfg, name) not in choices:
             return f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of {', '.join(map(str, choices))}"
+    if cfg.overwrite and cfg.resume:
+        return f"--overwrite starts over, --resume {cfg.resume} continues: give one of them"
     return None
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from tqdm import tqdm
 
 import baselines
@@ -235,6 +236,8 @@ def check_paths(args):
     """The input checks that cost nothing, made before any download or data read."""
     if args.images and not Path(args.images).exists():
         raise data.DataError(f"--images {args.images}: no such file or folder")
+    if args.images and Path(args.images).is_dir() and not image_files(args.images):
+        raise data.DataError(f"--images {args.images}: no image in the folder (no {'/'.join(IMG_EXTENSIONS)} files)")
     if not args.images:
         data.check_root(args.data, args.data_root)
     for flag, path in (
@@ -246,11 +249,18 @@ def check_paths(args):
             raise data.DataError(f"{flag} {path}: no such file")
 
 
+def image_files(folder):
+    """The image files in `folder` (not its sub-folders), by name."""
+    return sorted(
+        p for p in Path(folder).iterdir() if p.is_file() and has_file_allowed_extension(p.name, IMG_EXTENSIONS)
+    )
+
+
 def run(args, alphas):
     model = load_clip(args.finetuned or args.model, device=args.device)
     if args.images:
         root = Path(args.images)
-        paths = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else [root]
+        paths = image_files(root) if root.is_dir() else [root]  # an undecodable one: OSError naming it
         for path, top in predict_images(model, paths, args.classes.split(","), ["a photo of a {}."], args.topk).items():
             print(path + ": " + ", ".join(f"{c} {100 * q:.1f}%" for c, q in top))
         return

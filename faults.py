@@ -1,16 +1,17 @@
 """What a long run on a shared cluster meets, and how train.py's loop answers it.
 
-Preemption. A scheduler signals a job some seconds before it kills it: SLURM sends SIGTERM (or
-SIGUSR1 with `--signal=USR1@SECONDS`), and torchrun forwards SIGTERM to its workers. StopSignal
-notes either; after every optimiser step the ranks all-reduce the note (one integer, on the CPU,
-so the device is not synchronised), and all of them stop after the same step. The loop writes a
-checkpoint and raises Preempted; train.py exits with 128 + the signal's number (143 for SIGTERM,
-138 for SIGUSR1), the status a shell (`$?`) and Kubernetes report for a process that signal ended,
-so a job script reads the same code whether the run stopped itself in time or was killed. Further
-signals change nothing (SLURM's step daemon and torchrun may each deliver one): noted again while
-the step and the checkpoint finish, ignored after. SIGKILL still ends a process at once, and the
-atomic write (clip_weights.atomic) then leaves the previous checkpoint or the new one, never half
-of one. Full disks and read-only folders: atomic as well.
+Preemption and Ctrl-C. A scheduler signals a job some seconds before it kills it: SLURM sends SIGTERM
+(or SIGUSR1 with `--signal=USR1@SECONDS`), and torchrun forwards SIGTERM to its workers; Ctrl-C sends
+SIGINT (torchrun forwards it too). StopSignal notes any of them; after every optimiser step the ranks
+all-reduce the note (one integer, on the CPU, so the device is not synchronised), and all of them stop
+after the same step. The loop writes a checkpoint and raises Preempted; train.py exits with 128 + the
+signal's number (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C), the status a shell (`$?`) and
+Kubernetes report for a process that signal ended, so a job script reads the same code whether the run
+stopped itself in time or was killed. Further signals change nothing (SLURM's step daemon and torchrun
+may each deliver one): noted again while the step and the checkpoint finish, ignored after. A second
+Ctrl-C is the exception: it stops at once (KeyboardInterrupt, exit 130). SIGKILL or a second Ctrl-C
+during a save: the atomic write (clip_weights.atomic) leaves the previous checkpoint or the new one,
+never half of one. Full disks and read-only folders: atomic as well.
 
 Non-finite losses. LossMeter sums the loss on the device and notes the first step whose loss was
 not finite, without a host sync; the loop reads it every --log-every steps, at each epoch end and
@@ -28,7 +29,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 NEVER = torch.iinfo(torch.long).max  # "no non-finite loss yet", as a step
 
 
@@ -36,7 +37,8 @@ class Preempted(Exception):
     """Stopped by SIGNALS after a checkpoint at `step`; the process exits with `code`."""
 
     def __init__(self, signum, step, total):
-        super().__init__(f"preempted at step {step}/{total}; continue with --resume latest")
+        how = "interrupted" if signum == signal.SIGINT else "preempted"
+        super().__init__(f"{how} at step {step}/{total}; continue with --resume latest")
         self.code = 128 + signum
 
 
@@ -45,12 +47,13 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class StopSignal:
-    """`with StopSignal() as stop:` notes SIGTERM and SIGUSR1 inside the block (the previous handlers
-    come back after it; after Preempted they are ignored); stop.agreed() is the signal any rank
-    received (0: none), the same on all ranks."""
+    """`with StopSignal() as stop:` notes SIGTERM, SIGUSR1 and SIGINT inside the block (the previous
+    handlers come back after it; after Preempted or a second Ctrl-C they are ignored); stop.agreed() is
+    the signal any rank received (0: none), the same on all ranks. A Ctrl-C after a Ctrl-C raises
+    KeyboardInterrupt at once."""
 
     def __init__(self):
-        self.signum, self.group = 0, None
+        self.signum, self.interrupts, self.group = 0, 0, None
         if dist.is_initialized() and dist.get_backend() != "gloo":  # the note travels on the CPU
             self.group = dist.new_group(backend="gloo")
 
@@ -59,10 +62,14 @@ class StopSignal:
         return self
 
     def __exit__(self, kind, *exc):
+        stopping = kind is not None and issubclass(kind, (Preempted, KeyboardInterrupt))
         for s, handler in self.previous.items():  # a stopping process ignores them until it has exited
-            signal.signal(s, signal.SIG_IGN if kind is Preempted else handler)
+            signal.signal(s, signal.SIG_IGN if stopping else handler)
 
     def note(self, signum, frame):
+        self.interrupts += signum == signal.SIGINT
+        if self.interrupts > 1:  # Ctrl-C twice: stop now
+            raise KeyboardInterrupt
         self.signum = self.signum or signum
 
     def agreed(self):

@@ -270,6 +270,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.split and not args.select_lr:
         parser.error("--split: it picks the task of --select-lr METHODS, which is not given")
+    if args.check or args.select_lr:  # on the toy jobs' intra-op threads: the same numbers on any machine
+        torch.set_num_threads(recipes.TOY_JOB["threads"][0])
     if args.check:
         return check()
     if args.select_lr:

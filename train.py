@@ -4,7 +4,7 @@
     python train.py --data imagenet --data-root DIR --model ViT-B-16:openai
     torchrun --nproc-per-node 8 -- train.py --data imagenet --data-root DIR --model ViT-B-16.pt
     python train.py ... --resume latest | --print-config
-    python train.py --config runs/toy/r-adapter/config.json --epochs 4   # replay a run, one value changed
+    python train.py --config runs/toy/r-adapter/config.json --epochs 4 --run-dir runs/toy-4ep   # one value changed
 
 Per method (methods.py): its setup decides what trains, the loss and the evaluation weights. `fine_tune`
 is the paper's training: each step sets the lr, pairs each image with its class name in a random
@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -36,6 +37,7 @@ import loop
 import mpm_nce
 import recipes
 import report
+import run_log
 from checkpoints import save_adapters
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
 from clip_weights import WeightsError, load_clip, save_clip, save_safetensors
@@ -106,8 +108,14 @@ class TrainConfig:
     compile: bool = arg(False, "torch.compile the model")
     grad_checkpointing: bool = arg(False, "recompute each block in backward: far less activation memory")
     workers: int = arg(8, "data loader worker processes")
+    threads: Optional[int] = arg(
+        None,
+        "intra-op CPU threads (default: torch's, one per core); the toy jobs use 2, so their numbers "
+        "do not depend on the core count",
+    )
     seed: int = arg(0, "seed of every random choice")
     run_dir: Optional[str] = arg(None, "output folder (default runs/<data>); each method in a subfolder")
+    overwrite: bool = arg(False, "start over in a --run-dir that holds a run: first delete what a run wrote there")
     save_every: int = arg(1000, "checkpoint every N steps (and at each epoch end)")
     resume: Optional[str] = arg(None, "latest | PATH: continue from a checkpoint")
     sweep: bool = arg(False, "also evaluate alpha = 0, 0.1, ..., 1 and plot ID against OOD")
@@ -245,6 +253,9 @@ def run(cfgs, device, ddp_rank=0, world_size=1):
     for cfg in cfgs:
         check_paths(cfg)
     out = Path(cfgs[0].run_dir or f"runs/{cfgs[0].data}")
+    if ddp_rank == 0 or not cfgs[0].overwrite:  # one run per folder (run_log.py)
+        run_log.claim(out, resume=cfgs[0].resume, overwrite=cfgs[0].overwrite)
+    cfgs = [dataclasses.replace(c, overwrite=False) for c in cfgs]  # a replayed config.json deletes nothing
     seeds = [cfgs[0].seed + s for s in range(cfgs[0].seeds)]
     runs = []
     for seed in seeds:
@@ -324,8 +335,8 @@ def one_line(e):
 
 
 def launch(run_fn, cfgs):
-    """Start the process (DDP under torchrun, the device), call run_fn(cfgs, device, ddp_rank, world_size),
-    and end a preemption, a non-finite loss or bad input with one line and its exit code."""
+    """Start the process (DDP under torchrun, the device, --threads), call run_fn(cfgs, device, ddp_rank,
+    world_size), and end a preemption, Ctrl-C, a non-finite loss or bad input with one line and its exit code."""
     ddp_rank, world_size = 0, 1
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # README, "Several GPUs": why 30 minutes is safe
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
@@ -335,17 +346,25 @@ def launch(run_fn, cfgs):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    threads = torch.get_num_threads()
+    if cfgs[0].threads:  # the intra-op threads fix the order CPU kernels sum in (docs/install.md)
+        torch.set_num_threads(cfgs[0].threads)
     try:
         run_fn(cfgs, device, ddp_rank, world_size)
     except faults.Preempted as e:  # every rank, after the checkpoint
         if ddp_rank == 0:
             print(e)
         sys.exit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it: no traceback
+        if ddp_rank == 0:
+            print("stopped at once; continue from the last checkpoint with --resume latest")
+        sys.exit(128 + signal.SIGINT)
     except faults.NonFiniteLoss as e:  # every rank, at the same step
         sys.exit(f"error: {e}" if ddp_rank == 0 else 1)
     except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
         sys.exit(f"error: {one_line(e)}")
     finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process
         if world_size > 1:
             dist.destroy_process_group()
 

@@ -38,6 +38,7 @@ import claims
 import cli
 import data
 import report
+import run_log
 import segment
 import toy_experiments
 import train
@@ -86,6 +87,7 @@ TOY_SEG = dict(
     iterations=250,
     m=0.9,
     workers=0,
+    threads=2,  # as recipes.TOY_JOB: the same table on any number of cores
     save_every=250,
 )
 TOY_SEG_LR = {"frozen": 1e-3, "catseg": 3e-3, "full": 3e-3, "r-adapter": 3e-3}  # docs/toy_seg_lr_selection.csv
@@ -145,8 +147,10 @@ class SegConfig:
     compile: bool = arg(False, "torch.compile the model")
     grad_checkpointing: bool = arg(False, "recompute each CLIP block in backward: far less activation memory")
     workers: int = arg(8, "data loader worker processes")
+    threads: Optional[int] = arg(None, "intra-op CPU threads (default: torch's); the toy job uses 2 (any core count)")
     seed: int = arg(0, "seed of every random choice")
     run_dir: Optional[str] = arg(None, "output folder (default runs/seg-<data>); each method in a subfolder")
+    overwrite: bool = arg(False, "start over in a --run-dir that holds a run: first delete what a run wrote there")
     save_every: int = arg(1000, "checkpoint every N steps")
     log_every: int = arg(50, "a log.jsonl line (loss, lr, samples/s) every N steps and per epoch; loss checked finite")
     report_to: Optional[str] = arg(None, "tensorboard: also write log.jsonl's scalars to <run dir>/tensorboard")
@@ -292,6 +296,9 @@ def fit(cfg, train_set, device, rank=0, world=1):
 
 def run(cfgs, device, rank=0, world=1):
     rows, out = [], Path(cfgs[0].run_dir or f"runs/seg-{cfgs[0].data}")
+    if rank == 0 or not cfgs[0].overwrite:  # one run per folder (run_log.py)
+        run_log.claim(out, resume=cfgs[0].resume, overwrite=cfgs[0].overwrite)
+    cfgs = [dataclasses.replace(c, overwrite=False) for c in cfgs]  # a replayed config.json deletes nothing
     for cfg in cfgs:
         cfg = dataclasses.replace(cfg, run_dir=str(out / cfg.method))
         train_set, test_sets = datasets(cfg)

@@ -118,8 +118,13 @@ def build(name, root, train_transform=None, eval_transform=None, *, shots=None, 
         raise DataError(f"{image_dir}: image folder not found; {hint}")
     if name == "fgvc_aircraft":
         splits, classnames = _read_fgvc_aircraft(folder, hint)
+        listed = {part: os.path.join(folder, f"images_variant_{part}.txt") for part in splits}
     else:
         splits, classnames = _read_split(os.path.join(folder, layout.split), image_dir, hint)
+        listed = dict.fromkeys(splits, os.path.join(folder, layout.split))
+    for part, samples in splits.items():
+        if not samples:
+            raise DataError(f"{listed[part]}: no {part} images listed; {hint}")
     missing = [p for samples in splits.values() for p, _ in samples if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{image_dir}: {len(missing)} listed images are missing, e.g. {missing[0]}; {hint}")

@@ -144,7 +144,10 @@ def test_sigkill_one_rank_then_resume_both(train_args, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc (Linux)")
-def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_then_resume(train_args, tmp_path, straight):
+@pytest.mark.parametrize("signum, stopped", [(signal.SIGTERM, "preempted"), (signal.SIGINT, "interrupted")])
+def test_sigterm_or_ctrl_c_to_torchrun_stops_both_ranks_at_one_step_then_resume(
+    train_args, tmp_path, straight, signum, stopped
+):
     run_dir, log = tmp_path / "stopped", tmp_path / "stopped.log"
     proc = torchrun(flags(train_args, run_dir, 3, "--save-every", "1000"), log)  # only a stop writes mid-epoch
     deadline = time.time() + 600  # generous: a loaded machine starts Python slowly
@@ -153,11 +156,11 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_then_resume(train_args
         if all(pid and catches(pid, signal.SIGTERM) for pid in pids):
             break
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)  # as SLURM does; torchrun passes it on to both workers
+    proc.send_signal(signum)  # as SLURM does, or Ctrl-C in a terminal; torchrun passes it on to both workers
     proc.wait(timeout=120)
     step, out = step_of(run_dir / "r-adapter" / "checkpoint.pt"), log.read_text()
-    assert out.count("preempted at step") == 1, out[-3000:]  # rank 0's line
-    assert f"preempted at step {step}/12; continue with --resume latest" in out and 1 <= step < 4
+    assert out.count(f"{stopped} at step") == 1, out[-3000:]  # rank 0's line
+    assert f"{stopped} at step {step}/12; continue with --resume latest" in out and 1 <= step < 4
     assert proc.returncode != 0 and not (run_dir / "r-adapter" / "adapters.safetensors").exists()
     finished(torchrun(flags(train_args, run_dir, 3, "--resume", "latest"), tmp_path / "resumed.log"))
     assert (

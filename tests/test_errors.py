@@ -2,6 +2,7 @@
 traceback: exit code 2 for flags, 1 for everything else (data trees, model, adapter and checkpoint files)."""
 
 import dataclasses
+import json
 import pickle
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import bench
 import cli
@@ -126,6 +128,7 @@ BAD = {
     "eval_size": 0,
     "clip_lr_scale": -1.0,
     "crop_scale": 0.0,
+    "threads": 0,
 }
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(train.TrainConfig)}
 
@@ -320,3 +323,33 @@ def test_cheap_checks_come_before_a_download(tree, tmp_path, capsys, offline):
     resume = [*argv(tree, tmp_path, "--resume", str(missing / "checkpoint.pt")), "--model", "ViT-B-16"]
     assert one_line(train.main, resume, capsys) == (1, f"error: --resume {missing / 'checkpoint.pt'}: no such file")
     assert offline == []  # no download was attempted
+
+
+def test_evaluate_images_on_a_folder_without_a_readable_image(tree, tmp_path, capsys):
+    model = ["--model", str(tree / "tiny.safetensors"), "--classes", "a,b"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, line = one_line(evaluate.main, [*model, "--images", str(empty)], capsys)
+    assert code == 1 and line.startswith(f"error: --images {empty}: no image in the folder (no .jpg/.jpeg/.png/")
+    (empty / "notes.txt").write_text("not an image")
+    assert one_line(evaluate.main, [*model, "--images", str(empty)], capsys) == (code, line)
+    broken = empty / "photo.png"
+    broken.write_bytes(b"\x89PNG not really")
+    code, line = one_line(evaluate.main, [*model, "--images", str(empty)], capsys)
+    assert code == 1 and line.startswith("error: ") and str(broken) in line
+
+
+def test_a_dataset_split_with_no_image_names_its_file(tmp_path, capsys):
+    """A CoOp split file whose train (or test) list is empty: one line naming the file, exit 1."""
+    root = tmp_path / "data"
+    (root / "dtd" / "images" / "banded").mkdir(parents=True)
+    split = root / "dtd" / "split_zhou_DescribableTextures.json"
+    for empty in ("train", "test"):
+        listed = [["banded/0.png", 0, "banded"]]
+        split.write_text(
+            json.dumps({"train": [] if empty == "train" else listed, "test": [] if empty == "test" else listed})
+        )
+        Image.new("RGB", (8, 8)).save(root / "dtd" / "images" / "banded" / "0.png")
+        args = ["--data", "dtd", "--data-root", str(root), "--model", "toy", "--method", "zero-shot"]
+        code, line = one_line(train.main, [*args, "--run-dir", str(tmp_path / "runs")], capsys)
+        assert code == 1 and line.startswith(f"error: {split}: no {empty} images listed; --data dtd expects")

@@ -1,4 +1,4 @@
-"""Faults a cluster run meets (faults.py): preemption signals, failed writes, non-finite losses.
+"""Faults a cluster run meets (faults.py): preemption signals, Ctrl-C, failed writes, non-finite losses.
 
 Each test checks the guarantee: what is on disk afterwards, what the run says (one line), its exit
 code, and that a resumed run ends bit-identical to one that was never interrupted.
@@ -62,25 +62,29 @@ def signal_at_loss_call(monkeypatch, n, signum):
 
 @pytest.fixture
 def handlers():
-    """This process's SIGTERM and SIGUSR1 handlers, put back after the test (a preempted run keeps its own)."""
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    """This process's SIGTERM, SIGUSR1 and SIGINT handlers, put back after the test (a preempted run keeps
+    its own)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     yield before
     for s, handler in before.items():
         signal.signal(s, handler)
 
 
 # ------------------------------------------------------------------ preemption
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
+@pytest.mark.parametrize(
+    "signum, code, stopped",
+    [(signal.SIGTERM, 143, "preempted"), (signal.SIGUSR1, 138, "preempted"), (signal.SIGINT, 130, "interrupted")],
+)
 def test_a_signal_ends_the_step_saves_and_exits_128_plus_it(
-    train_args, tmp_path, monkeypatch, capsys, handlers, signum, code
+    train_args, tmp_path, monkeypatch, capsys, handlers, signum, code, stopped
 ):
     signal_at_loss_call(monkeypatch, 3, signum)  # during step 2 (0-based), in epoch 0 of 4 steps
     got, out, _ = exits(train.main, flags(train_args, tmp_path), capsys)
     assert got == code
-    assert out.splitlines()[-1] == "preempted at step 3/12; continue with --resume latest"
+    assert out.splitlines()[-1] == f"{stopped} at step 3/12; continue with --resume latest"
     assert step_of(tmp_path / "r-adapter" / "checkpoint.pt") == 3  # the step finished, then the checkpoint
     assert not (tmp_path / "r-adapter" / "adapters.safetensors").exists()  # stopped before evaluation
-    assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # until exit
+    assert all(signal.getsignal(s) == signal.SIG_IGN for s in handlers)  # until exit
     # after a run that was not stopped, the handlers are the ones before it
     monkeypatch.undo()
     for s, handler in handlers.items():
@@ -104,6 +108,45 @@ def test_a_second_signal_during_the_save_changes_nothing(train_args, tmp_path, m
     code, out, _ = exits(train.main, flags(train_args, tmp_path), capsys)
     assert code == 143 and "preempted at step 2/12" in out  # the first signal names the exit code
     assert step_of(tmp_path / "r-adapter" / "checkpoint.pt") == 2 and leftovers(tmp_path) == []
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_previous_checkpoint(
+    train_args, tmp_path, monkeypatch, capsys, handlers
+):
+    """Ctrl-C in step 3, and again while its checkpoint is written: exit 130 at once, one line, the step-2
+    checkpoint intact; --resume latest then ends where a run that was never stopped ends."""
+    signal_at_loss_call(monkeypatch, 3, signal.SIGINT)
+    real = torch.save
+
+    def save_interrupted(obj, f):
+        if obj["step"] == 3:
+            f.write(b"PK")
+            os.kill(os.getpid(), signal.SIGINT)
+        real(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    run_dir = tmp_path / "stopped"
+    code, out, _ = exits(train.main, flags(train_args, run_dir, "--save-every", "1"), capsys)
+    assert code == 130 and out.splitlines()[-1] == (
+        "stopped at once; continue from the last checkpoint with --resume latest"
+    )
+    assert step_of(run_dir / "r-adapter" / "checkpoint.pt") == 2 and leftovers(run_dir) == []
+    monkeypatch.undo()
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+    train.main(flags(train_args, run_dir, "--save-every", "1", "--resume", "latest"))
+    assert "resumed from" in capsys.readouterr().out
+    train.main(flags(train_args, tmp_path / "straight", "--save-every", "1"))
+    _assert_identical(_final(tmp_path / "straight"), _final(run_dir))
+
+
+def test_ctrl_c_outside_the_training_loop_ends_in_one_line(train_args, tmp_path, monkeypatch, capsys, handlers):
+    def interrupted(*args, **kwargs):  # e.g. while the model loads or the evaluation runs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "load_clip", interrupted)
+    code, out, _ = exits(train.main, flags(train_args, tmp_path), capsys)
+    assert code == 130 and out.splitlines()[-1].startswith("stopped at once;")
 
 
 def _final(run_dir):
@@ -134,6 +177,35 @@ def test_sigterm_to_a_real_process_then_resume_latest_is_bit_identical(train_arg
     resumed = subprocess.run([*cmd, *flags(train_args, run_dir, "--resume", "latest")], env=ENV, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     assert f"at step {step}/12" in resumed.stdout.decode()
+    _assert_identical(_final(tmp_path / "straight"), _final(run_dir))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="watches the handler through /proc (Linux)")
+def test_ctrl_c_to_a_real_process_then_resume_latest_is_bit_identical(train_args, tmp_path, capsys):
+    """One Ctrl-C (SIGINT, as a terminal sends it): the step ends, a checkpoint, one line, exit 130, no
+    traceback; --resume latest (here in this process, on the same --threads) ends bit-identical to a run
+    that was never stopped."""
+    run_dir, argv = tmp_path / "stopped", ["--threads", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *flags(train_args, run_dir, *argv)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 600  # generous: a loaded machine starts Python slowly
+    while not catches(proc.pid, signal.SIGTERM) and time.time() < deadline:  # the loop has begun
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate()
+    step = step_of(run_dir / "r-adapter" / "checkpoint.pt")
+    assert proc.returncode == 130, err[-2000:]
+    assert out.splitlines()[-1] == f"interrupted at step {step}/12; continue with --resume latest"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert 1 <= step < 12 and leftovers(run_dir) == []
+    train.main(flags(train_args, run_dir, *argv, "--resume", "latest"))
+    assert f"resumed from {run_dir / 'r-adapter' / 'checkpoint.pt'} at step {step}/12" in capsys.readouterr().out
+    train.main(flags(train_args, tmp_path / "straight", *argv))
     _assert_identical(_final(tmp_path / "straight"), _final(run_dir))
 
 

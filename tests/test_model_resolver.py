@@ -2,6 +2,8 @@
 and the Python API each take `toy`, a file, an OpenAI name and ARCH:TAG. Offline, a name fails at once
 with the URL and where to put the file."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,7 +33,9 @@ def entry_points(tree, tmp_path):
     data = ["--data", "folder", "--data-root", str(tree), "--workers", "0"]
     images = ["--images", str(tree / "val" / "cat"), "--classes", "a,b"]
     return {
-        "train.py": lambda m: train.main([*data, "--model", m, "--method", "zero-shot", "--run-dir", str(tmp_path)]),
+        "train.py": lambda m: train.main(
+            [*data, "--model", m, "--method", "zero-shot", "--run-dir", str(tmp_path / Path(m).name)]
+        ),
         "evaluate.py": lambda m: evaluate.main(["--model", m, *images]),
         "bench.py": lambda m: bench.main(["--model", m, "--repeats", "1", "--batch", "2", "--device", "cpu"]),
         "load_clip": lambda m: load_clip(m),
@@ -75,8 +79,8 @@ def test_toy_is_the_checked_shipped_file():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_unknown_name_lists_the_names(capsys):
+def test_an_unknown_name_lists_the_names(tree, capsys):
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--model", "ViT-B-61", "--images", ".", "--classes", "a,b"])
+        evaluate.main(["--model", "ViT-B-61", "--images", str(tree / "val" / "cat"), "--classes", "a,b"])
     assert e.value.code.startswith("error: --model 'ViT-B-61': no such file, and not a known model name (toy, ")
     assert all(f"'{name}'" in e.value.code for name in ("ViT-B-16", "ViT-B-32", "ViT-L-14"))

@@ -89,3 +89,65 @@ def test_peak_memory_is_logged_on_cuda(tmp_path):
     log.close()
     assert json.loads((tmp_path / "log.jsonl").read_text())["peak_memory_gib"] >= 0.25
     del held
+
+
+def test_the_bar_shows_each_steps_lr_and_the_last_loss_read_with_its_step(tmp_path):
+    cfg = SimpleNamespace(log_every=3, report_to=None, run_dir=str(tmp_path), method="r-adapter")
+    log = RunLog(cfg, total=7, start=0, device=torch.device("cpu"))
+    for step in range(1, 8):
+        lr = step * 1e-3
+        log.add(torch.tensor(float(step)), samples=2, skipped=0)  # the loss of step s is s
+        log.step(step, epoch=0, lr=lr)
+        assert f"lr={lr:.2e}" in log.bar.postfix  # every step, not only at a log line
+        last = 3 * (step // 3)  # the last step with a log line; its loss: the mean over the 3 steps before
+        if last:
+            assert f"loss={last - 1:.4f} (step {last})" in log.bar.postfix
+        else:
+            assert "loss" not in log.bar.postfix
+    log.close()
+
+
+def test_a_second_run_in_the_same_folder_is_refused_in_one_line(tree, tmp_path, capsys):
+    out = tmp_path / "runs"
+    run(tree, out, "--max-steps", "2", "--log-every", "1")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        run(tree, out, "--max-steps", "2", "--log-every", "1")
+    assert e.value.code == (
+        f"error: {out} holds a run already: continue it with --resume latest, or start over with --overwrite "
+        "(deletes its checkpoints, logs and exports)"
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    # --overwrite starts over: the old method's folder and exports go, the log holds the new run only
+    argv = ["--data", "folder", "--data-root", str(tree), "--model", str(tree / "tiny.safetensors"), "--workers", "0"]
+    argv += ["--method", "lora", "--rank", "2", "--batch-size", "2", "--max-steps", "1", "--log-every", "1"]
+    train.main([*argv, "--run-dir", str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["lora", "results.csv", "results.json"]
+    assert not json.loads((out / "lora" / "config.json").read_text())["overwrite"]  # a replay deletes nothing
+    logged = [json.loads(line) for line in (out / "lora" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged] == [1, 1]  # its step line and its epoch line
+
+
+def test_overwrite_leaves_what_a_run_did_not_write(tree, tmp_path, capsys):
+    out = tmp_path / "runs"
+    run(tree, out, "--max-steps", "1")
+    (out / "notes.txt").write_text("mine")
+    run(tree, out, "--max-steps", "1", "--overwrite")
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit) as e:
+        run(tree, out, "--overwrite", "--resume", "latest")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--overwrite starts over, --resume latest continues: give one of them" in err
+
+
+def test_a_resumed_log_holds_each_step_once(tree, tmp_path):
+    """Lines written after the checkpoint by a run that was then killed (one of them cut short) are dropped
+    on --resume latest: the resumed run logs those steps again."""
+    out = tmp_path / "runs"
+    run(tree, out, "--max-steps", "2", "--log-every", "1")  # a checkpoint at step 2
+    log = out / "r-adapter" / "log.jsonl"
+    with open(log, "a") as f:
+        f.write(json.dumps({"kind": "step", "step": 3, "epoch": 0, "loss": 9.0}) + "\n" + '{"kind": "st')
+    lines = run(tree, out, "--log-every", "1", "--resume", "latest")
+    assert [x["step"] for x in lines if x["kind"] == "step"] == list(range(1, 9))
+    assert all(x["loss"] != 9.0 for x in lines)
