@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import evaluate
+import recipes
 import train
 from clip_model import CLIP, CLIP_MEAN, CLIP_STD, PRESETS, tokenize
 from clip_weights import load_toy_clip, save_clip, sha256
