@@ -95,3 +95,43 @@ def place_labels(ax, labels, points):
                     continue
             taken.append(box)
             break
+
+
+def plot_segmentations(scenes, classnames, path, ignore=-1):
+    """One row per scene: the image, its labels and each method's prediction, coloured by class (the legend
+    names them; unlabelled pixels are black in the labels and grey in the predictions). scenes: [{title,
+    image [H, W, 3] uint8, label [H, W], predictions {method: [H, W]}}]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    tab10 = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # no grey: it marks unlabelled
+    colours = (tab10 + ["navy", "gold", "lime", "darkred", "teal", "violet"])[: len(classnames)]
+    cmap = ListedColormap(["black", "0.85", *colours])  # index 0: unlabelled in labels, 1: in predictions
+    methods = list(scenes[0]["predictions"])
+    fig, axes = plt.subplots(len(scenes), 2 + len(methods), figsize=(1.9 * (2 + len(methods)), 2.0 * len(scenes)))
+    axes = np.atleast_2d(axes)
+    for row, scene in zip(axes, scenes):
+        unlabelled = scene["label"] == ignore
+        panels = [("image", None), ("labels", np.where(unlabelled, 0, scene["label"] + 2))]
+        panels += [(m, np.where(unlabelled, 1, p + 2)) for m, p in scene["predictions"].items()]
+        for ax, (name, classes) in zip(row, panels):
+            ax.imshow(
+                scene["image"] if classes is None else classes,
+                cmap=cmap,
+                vmin=0,
+                vmax=len(classnames) + 1,
+                interpolation="nearest",
+            )
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(name, fontsize=8)
+        row[0].set_ylabel(scene["title"], fontsize=8)
+    handles = [Patch(color=c, label=n) for c, n in zip(colours, classnames)]
+    handles += [Patch(color="black", label="unlabelled"), Patch(color="0.85", label="unlabelled (not scored)")]
+    fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

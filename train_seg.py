@@ -37,6 +37,7 @@ from tqdm import tqdm
 import claims
 import cli
 import data
+import plots
 import report
 import run_log
 import segment
@@ -45,7 +46,7 @@ import train
 from checkpoints import save_adapters
 from clip_model import autocast_dtype, count_trainable
 from clip_weights import load_clip, save_clip, save_safetensors
-from data import segmentation, toy_scenes
+from data import segmentation, toy_scenes, toy_world
 from data import templates as prompt_sets
 from method import Task
 from methods import SEGMENTATION
@@ -224,13 +225,14 @@ def optimizer_groups(model, cfg):
 
 # ------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_sets(model, test_sets, templates, cfg, device):
+def evaluate_sets(model, test_sets, templates, cfg, device, keep=0):
     """{column: mIoU, column_se: bootstrap SE, 'skipped': unreadable files, 'unknown_pixels': ..., 'counts':
-    {set: per-image counts}} by sliding window; a set's columns are its own name (all its classes) unless it
-    names class subsets (the toy's seen and unseen)."""
+    {set: per-image counts}, 'predictions': {set: the [H, W] class maps of its first `keep` images}} by
+    sliding window; a set's columns are its own name (all its classes) unless it names class subsets (the
+    toy's seen and unseen)."""
     model.eval()
     amp = autocast_dtype(device, cfg.precision)
-    L, scores, per_image, skipped, unknown = model.config.context_length, {}, {}, 0, 0
+    L, scores, per_image, skipped, unknown, kept = model.config.context_length, {}, {}, 0, 0, {}
     for test_set in test_sets:
         tokens = segment.class_tokens(test_set.names, templates, L).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -248,6 +250,8 @@ def evaluate_sets(model, test_sets, templates, cfg, device):
             if test_set.prompt_class is not None:  # VOC-20b: a background name's pixels are background
                 pred = test_set.prompt_class[pred]
             counts.append(segmentation.iou_counts(pred, labels[0], test_set.classes))
+            if len(counts) <= keep:
+                kept.setdefault(test_set.name, []).append(pred)
             unknown += (labels[0] >= test_set.classes).sum().item()
         if not counts:
             raise data.DataError(f"test set {test_set.name!r} has no readable images")
@@ -255,7 +259,7 @@ def evaluate_sets(model, test_sets, templates, cfg, device):
         for column, classes in test_set.columns.items():
             scores[column] = segmentation.miou(counts.sum(0), classes).item()
             scores[f"{column}_se"] = claims.bootstrap_se(counts, classes, miou=segmentation.miou)
-    return {**scores, "skipped": skipped, "unknown_pixels": unknown, "counts": per_image}
+    return {**scores, "skipped": skipped, "unknown_pixels": unknown, "counts": per_image, "predictions": kept}
 
 
 # ------------------------------------------------------------------- the driver
@@ -307,15 +311,21 @@ def run(cfgs, device, rank=0, world=1):
             continue
         for name, alpha in method.rows:
             with method.weights(alpha):
-                scores = evaluate_sets(model, test_sets, templates, cfg, device)
+                scores = evaluate_sets(
+                    model, test_sets, templates, cfg, device, keep=SHOWN if cfg.data == "toy-seg" else 0
+                )
             rows.append({"method": name, "run": cfg.method, "trainable": n_clip, **scores})
         export(cfg, model, method)
     if rank == 0 and rows:
         print(
             "\n"
-            + report.format_table([{k: v for k, v in r.items() if k not in ("unknown_pixels", "counts")} for r in rows])
+            + report.format_table(
+                [{k: v for k, v in r.items() if k not in ("unknown_pixels", "counts", "predictions")} for r in rows]
+            )
         )
-        report.write_results([{k: v for k, v in r.items() if k != "counts"} for r in rows], out / "results")
+        report.write_results(
+            [{k: v for k, v in r.items() if k not in ("counts", "predictions")} for r in rows], out / "results"
+        )
         print(f"mIoU (%) ± bootstrap SE over images; wrote {out / 'results.csv'}")
         runs, tested = {r["run"] for r in rows}, set(rows[0]["counts"])
         if cfgs[0].data == "toy-seg" and {"full", "r-adapter"} <= runs and set(toy_scenes.TESTS) <= tested:
@@ -327,7 +337,41 @@ def run(cfgs, device, rank=0, world=1):
             for c in checked:
                 print(f"  {c['verdict']:>12}  {c['delta']:+6.2f} ± {c['se']:.2f}  {c['claim']}")
             print(f"wrote {out / 'claims.json'}")
+        if cfgs[0].data == "toy-seg":
+            plot_scenes(rows, test_sets, out / "scenes.png")
     return rows
+
+
+SHOWN = 50  # the first test scenes of each toy set whose predictions are kept for the figure
+
+
+def plot_scenes(rows, test_sets, path):
+    """The toy job's figure: two photo scenes that hold seen and unseen classes, a sketch and a rendition,
+    each with its labels and every row's prediction (unlabelled pixels greyed, as the metric ignores them)."""
+    picks = []
+    for test_set in test_sets:
+        unseen = set(toy_scenes.UNSEEN)
+        for i in range(min(SHOWN, len(test_set))):
+            classes = set(test_set.labels[i].unique().tolist())
+            if test_set.style != "photo" or (classes & unseen and classes - unseen - {segmentation.IGNORE}):
+                picks.append((test_set, i))
+                if test_set.style != "photo" or sum(t is test_set for t, _ in picks) == 2:
+                    break
+    scenes = [
+        dict(
+            title=f"{t.name} #{i}",
+            image=t.images[i].permute(1, 2, 0).numpy(),  # [H, W, 3] uint8
+            label=t.labels[i].numpy(),
+            predictions={r["method"]: r["predictions"][t.name][i].numpy() for r in rows},
+        )
+        for t, i in picks
+    ]
+    names = [toy_world.CLASSNAMES[c] for c in toy_scenes.SEEN] + [
+        f"{toy_world.CLASSNAMES[c]} (unseen)" for c in toy_scenes.UNSEEN
+    ]
+    plots.plot_segmentations(scenes, names, path)
+    print(f"wrote {path}")
+    return scenes
 
 
 def select_lr(cfgs, device, rank=0, world=1):

@@ -19,7 +19,7 @@ import train_seg
 from clip_model import CLIP, PRESETS
 from clip_weights import load_clip, save_clip
 from conftest import write_segmentation_tree
-from data import toy_scenes
+from data import segmentation, toy_scenes
 from data.segmentation import LAYOUTS
 
 TINY = PRESETS["tiny"]
@@ -278,3 +278,21 @@ def test_evaluation_scores_detectron2s_miou():
     assert scores["painted"] == pytest.approx(75.0)
     (counts,) = scores["counts"]["painted"]
     assert counts.tolist() == [[256, 512, 0], [256, 512, 256], [512, 512, 0]]
+
+
+def test_the_toy_figure_shows_seen_and_unseen_classes_and_each_row(tmp_path):
+    """plot_scenes: two photo scenes holding a seen and an unseen class, a sketch and a rendition, each with
+    its labels and every row's kept prediction, in one PNG."""
+    sets = toy_scenes.test_sets(list(toy_scenes.TESTS), segmentation.eval_transform())
+    methods = ["frozen", "R-Adapter (α=0.5)"]
+    rows = [
+        {"method": m, "predictions": {t.name: [t.labels[i].clamp(min=0) for i in range(train_seg.SHOWN)] for t in sets}}
+        for m in methods
+    ]
+    scenes = train_seg.plot_scenes(rows, sets, tmp_path / "scenes.png")
+    assert [s["title"].split(" #")[0] for s in scenes] == ["toy-photo", "toy-photo", "toy-sketch", "toy-r"]
+    for scene in scenes[:2]:
+        classes = set(scene["label"].flatten().tolist()) - {segmentation.IGNORE}
+        assert classes & set(toy_scenes.UNSEEN) and classes - set(toy_scenes.UNSEEN)
+    assert all(list(s["predictions"]) == methods for s in scenes)
+    assert (tmp_path / "scenes.png").stat().st_size > 10_000
