@@ -77,6 +77,6 @@ def test_a_methods_new_weights_start_from_the_seed(tree):
         cfg = train.parse_args([*argv, "--seed", str(seed)])[0]
         torch.rand(before)  # another history of the process's generator
         model = load_clip(cfg.model)
-        train.setup_method(model, cfg, train.build_data(cfg, model)[0])
+        train.setup(cfg, model, train.build_data(cfg, model)[0])
         drawn.append(torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith(".A")]))
     assert drawn[0].abs().sum() > 0 and torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
