@@ -9,7 +9,8 @@ rule (`resolve`):
 checks each (RANGES and CHOICES, then the command's own checks), and with --print-config prints them,
 one table per method with each value's source, and exits without reading data or weights. Bad input
 ends with one line naming the flag: exit code 2 for a flag (ArgumentParser.error), 1 for a --config
-file that is not a run's config.json.
+file that is not a run's config.json. `launch` starts the process (DDP under torchrun, the device,
+--threads) and ends a preemption, Ctrl-C, a non-finite loss or bad input with one line and its exit code.
 """
 
 import argparse
@@ -17,13 +18,20 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import sys
 import typing
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
-from data import coop, names, retrieval
+import torch
+import torch.distributed as dist
+
+import faults
+from data import DataError, coop, names, retrieval
 from data import templates as prompt_sets
+from weight_files import WeightsError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -294,3 +302,45 @@ def parse(
             print(f"warning: {e}", file=sys.stderr)
         parser.exit(0)
     return cfgs, on
+
+
+# ------------------------------------------------------------- the process
+def one_line(e):
+    """The message of e; for an error re-raised from a DataLoader worker, the original error's line."""
+    line = str(e).strip().splitlines()[-1]
+    return line.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ").removeprefix(f"{type(e).__name__}: ")
+
+
+def launch(run_fn, cfgs):
+    """Start the process (DDP under torchrun, the device, --threads), call run_fn(cfgs, device, ddp_rank,
+    world_size), and end a preemption, Ctrl-C, a non-finite loss or bad input with one line and its exit code."""
+    ddp_rank, world_size = 0, 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # README, "Several GPUs": why 30 minutes is safe
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
+        ddp_rank, world_size = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    threads = torch.get_num_threads()
+    if cfgs[0].threads:  # the intra-op threads fix the order CPU kernels sum in (docs/install.md)
+        torch.set_num_threads(cfgs[0].threads)
+    try:
+        run_fn(cfgs, device, ddp_rank, world_size)
+    except faults.Preempted as e:  # every rank, after the checkpoint
+        if ddp_rank == 0:
+            print(e)
+        sys.exit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it: no traceback
+        if ddp_rank == 0:
+            print("stopped at once; continue from the last checkpoint with --resume latest")
+        sys.exit(128 + signal.SIGINT)
+    except faults.NonFiniteLoss as e:  # every rank, at the same step
+        sys.exit(f"error: {e}" if ddp_rank == 0 else 1)
+    except (DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
+        sys.exit(f"error: {one_line(e)}")
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process
+        if world_size > 1:
+            dist.destroy_process_group()

@@ -17,22 +17,16 @@ alpha), on every rank's shard of the sets. Which values a command gets is recipe
 import dataclasses
 import json
 import math
-import os
-import signal
-import sys
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 import cli
 import clipfit
 import data
 import evaluate
-import faults
 import loop
 import mpm_nce
 import recipes
@@ -40,7 +34,7 @@ import report
 import run_log
 from checkpoints import save_adapters
 from clip_model import autocast_dtype, count_trainable, image_transform, tokenize
-from clip_weights import WeightsError, load_clip, save_clip, save_safetensors
+from clip_weights import load_clip, save_clip, save_safetensors
 from data import coop, retrieval, seed_of
 from data.templates import templates
 from method import Task
@@ -328,49 +322,8 @@ def export(cfg, model, method):
             save_clip(model, out / "merged.safetensors")
 
 
-def one_line(e):
-    """The message of e; for an error re-raised from a DataLoader worker, the original error's line."""
-    line = str(e).strip().splitlines()[-1]
-    return line.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ").removeprefix(f"{type(e).__name__}: ")
-
-
-def launch(run_fn, cfgs):
-    """Start the process (DDP under torchrun, the device, --threads), call run_fn(cfgs, device, ddp_rank,
-    world_size), and end a preemption, Ctrl-C, a non-finite loss or bad input with one line and its exit code."""
-    ddp_rank, world_size = 0, 1
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # README, "Several GPUs": why 30 minutes is safe
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
-        ddp_rank, world_size = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    threads = torch.get_num_threads()
-    if cfgs[0].threads:  # the intra-op threads fix the order CPU kernels sum in (docs/install.md)
-        torch.set_num_threads(cfgs[0].threads)
-    try:
-        run_fn(cfgs, device, ddp_rank, world_size)
-    except faults.Preempted as e:  # every rank, after the checkpoint
-        if ddp_rank == 0:
-            print(e)
-        sys.exit(e.code)
-    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it: no traceback
-        if ddp_rank == 0:
-            print("stopped at once; continue from the last checkpoint with --resume latest")
-        sys.exit(128 + signal.SIGINT)
-    except faults.NonFiniteLoss as e:  # every rank, at the same step
-        sys.exit(f"error: {e}" if ddp_rank == 0 else 1)
-    except (data.DataError, WeightsError, OSError) as e:  # the user's input, named in the message: no traceback
-        sys.exit(f"error: {one_line(e)}")
-    finally:
-        torch.set_num_threads(threads)  # as it was, for a caller in the same process
-        if world_size > 1:
-            dist.destroy_process_group()
-
-
 def main(argv=None):
-    launch(run, parse_args(argv))
+    cli.launch(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -409,7 +409,7 @@ def export(cfg, model, method):
 
 def main(argv=None):
     cfgs, select = parse_args(argv)
-    train.launch(select_lr if select else run, cfgs)
+    cli.launch(select_lr if select else run, cfgs)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import train
 import train_seg
 from clip_weights import load_clip
@@ -37,8 +38,8 @@ def test_the_toy_recipes_fix_two_threads_and_others_keep_torchs():
 
 def test_launch_runs_on_the_configured_threads_and_restores_them():
     seen, before = [], torch.get_num_threads()
-    train.launch(lambda cfgs, *_: seen.append(torch.get_num_threads()), [train.TrainConfig(threads=3)])
-    train.launch(lambda cfgs, *_: seen.append(torch.get_num_threads()), [train.TrainConfig()])
+    cli.launch(lambda cfgs, *_: seen.append(torch.get_num_threads()), [train.TrainConfig(threads=3)])
+    cli.launch(lambda cfgs, *_: seen.append(torch.get_num_threads()), [train.TrainConfig()])
     assert seen == [3, before] and torch.get_num_threads() == before
 
 
