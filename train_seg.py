@@ -279,6 +279,7 @@ def fit(cfg, train_set, device, rank=0, world=1):
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     clip = load_clip(cfg.model, device=device)
     head = segment.HeadConfig() if clip.config.vision_width >= 768 else segment.SMALL
+    head = segment.TOY if cfg.data == "toy-seg" else head
     templates = prompt_sets.templates(cfg.prompts, [])
     torch.manual_seed(cfg.seed)  # the same head for every method
     model = segment.CATSeg(clip, len(templates), head).to(device)
