@@ -17,7 +17,10 @@ github.com/KaiyangZhou/CoOp (CoOp's and CoCoOp's), "Dassl" github.com/KaiyangZho
 prints the table of docs/recipes.md.
 """
 
+import csv
 import shlex
+import tempfile
+from pathlib import Path
 
 from data import retrieval, toy_world
 from data.templates import IMAGENET_80
@@ -192,8 +195,8 @@ TOY_BUDGET = {
     "warmup": (20, f"{TOY}: budget"),
     "m": (0.9, f"{TOY}: budget (the paper's short-run EMA)"),
 }
-# Learning rates: the toy lr rule (data/toy.py select_lr), each method's argmax of photo validation
-# accuracy over one grid; methods not in the table keep their own.
+# Learning rates: the toy lr rule (lr_rule), each method's argmax of photo validation accuracy over
+# LR_GRID; methods not in the table keep their own.
 TOY_LR = {"full-ft": 1e-3, "wise-ft": 1e-3, "r-adapter": 1e-2}  # docs/toy_lr_selection.csv (wise-ft: full-ft's)
 TOY_LR_SOURCE = "toy lr rule: docs/toy_lr_selection.csv"
 # The toy base-to-novel job (--data toy --split base): CoCoOp's protocol, 16 shots of the 6 base classes
@@ -205,6 +208,39 @@ TOY_B2N_BUDGET = {**TOY_BUDGET, "epochs": (100, f"{TOY_B2N}: budget"), "batch_si
 TOY_B2N_LR = {"coop": 1e-3, "cocoop": 1e-2, "clipfit": 1e-2, "r-adapter": 1e-4}  # docs/toy_b2n_lr_selection.csv
 TOY_B2N_LR_SOURCE = "toy lr rule: docs/toy_b2n_lr_selection.csv"
 TOY_TEMPLATE = toy_world.TEMPLATES[0]  # CLIPFit's one template, in the toy world
+
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # every toy lr table's grid
+
+
+def lr_rule(methods, score, metric, out, grid=LR_GRID):
+    """The toy learning-rate rule: each method trained at every lr of `grid` and scored on a validation split
+    (never on test, OOD, new or unseen classes) by score(method, lr, run_dir) -> (value, SE), fixed before any
+    test number is looked at. Writes method, lr, the value (column `metric`), its SE and the selected flag
+    (each method's argmax) to the CSV `out`; its callers: toy_experiments.py and train_seg.py --select-lr."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            for lr in grid:
+                value, se = score(method, lr, Path(tmp) / f"{method}-{lr:g}")
+                print(f"{method} lr {lr:g}: {metric} {value:.2f} ± {se:.2f}")
+                rows.append({"method": method, "lr": lr, metric: round(value, 2), "val_se": round(se, 2)})
+    for method in methods:
+        best = max((r for r in rows if r["method"] == method), key=lambda r: r[metric])
+        for r in rows:
+            if r["method"] == method:
+                r["selected"] = int(r is best)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
+def selected_lrs(path):
+    """{method: lr} of an lr table's argmax rows."""
+    with open(path) as f:
+        return {r["method"]: float(r["lr"]) for r in csv.DictReader(f) if r["selected"] == "1"}
+
 
 METHOD_LISTS = {  # setting: its methods when no --method is given
     "toy": ("zero-shot,full-ft,r-adapter", f"{TOY}: the rows of R-Adapter's Table 1"),

@@ -21,7 +21,6 @@ toy --split base` (16 shots of the 6 base classes), scored on the base classes' 
 """
 
 import argparse
-import csv
 import dataclasses
 import math
 import tempfile
@@ -32,12 +31,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import claims
 import evaluate
 import recipes
+import segment
 import train
+import train_seg
 from clip_model import CLIP, CLIP_MEAN, CLIP_STD, PRESETS, tokenize
 from clip_weights import load_toy_clip, save_clip, sha256
-from data import toy_world
+from data import segmentation, toy_scenes, toy_world
 from data.templates import templates
 from data.toy import task, validation
 from mpm_nce import infonce_loss
@@ -109,7 +111,6 @@ def pretrain(p=TOY_PRETRAIN, eval_every=500, snapshot=None):
 
 
 # ------------------------------------------ the analogy with CLIP on ImageNet, and the lr rule
-LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 DOCS = Path(__file__).resolve().parent / "docs"
 LR_TABLES = {None: DOCS / "toy_lr_selection.csv", "base": DOCS / "toy_b2n_lr_selection.csv"}  # by --split
 BLOCKS_ONLY = "full-ft-blocks"  # full-ft with everything before the first image block frozen (--check)
@@ -153,36 +154,20 @@ def top1(model, fitted, cfg, task):
     return row[task.test.name], row[f"{task.test.name}_se"]
 
 
-def select_lr(methods, split=None, grid=LR_GRID, score=None, metric="val_top1", out=None):
-    """The learning-rate rule: each method at every lr of `grid`, scored on a validation split (never on
-    test, OOD or new classes) by score(method, lr, run_dir) -> (value, SE), by default top-1 on the photo
-    validation split (split='base': its base-class images); writes method, lr, the value (as column
-    `metric`), its SE and the selected flag to `out` (default LR_TABLES[split])."""
-    out = out or LR_TABLES[split]
-    score = score or (lambda method, lr, run_dir: top1(*fine_tune(method, lr, run_dir, split=split), validation(split)))
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
-            for lr in grid:
-                value, se = score(method, lr, Path(tmp) / f"{method}-{lr:g}")
-                print(f"{method} lr {lr:g}: {metric} {value:.2f} ± {se:.2f}")
-                rows.append({"method": method, "lr": lr, metric: round(value, 2), "val_se": round(se, 2)})
-    for method in methods:
-        best = max((r for r in rows if r["method"] == method), key=lambda r: r[metric])
-        for r in rows:
-            if r["method"] == method:
-                r["selected"] = int(r is best)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
+def select_lr(methods, split=None, grid=recipes.LR_GRID):
+    """The lr rule (recipes.lr_rule) on the toy task: each method at every lr of the grid, scored by top-1 on
+    the photo validation split (split='base': its base-class images among the base classes), written to
+    LR_TABLES[split]."""
+
+    def score(method, lr, run_dir):
+        return top1(*fine_tune(method, lr, run_dir, split=split), validation(split))
+
+    recipes.lr_rule(methods, score, "val_top1", LR_TABLES[split], grid)
 
 
-def selected_lrs(split=None, path=None):
-    """{method: lr} of a selection table's argmax rows (default LR_TABLES[split])."""
-    with open(path or LR_TABLES[split]) as f:
-        return {r["method"]: float(r["lr"]) for r in csv.DictReader(f) if r["selected"] == "1"}
+def selected_lrs(split=None):
+    """{method: lr} of the toy task's lr table (split='base': the base-to-new one)."""
+    return recipes.selected_lrs(LR_TABLES[split])
 
 
 @torch.no_grad()
@@ -233,8 +218,92 @@ def linear_probe_gap(model):
     return zero_shot_photo(model, data.test.dataset), accuracy(W, b, xt, yt)
 
 
+# ------------------------------------------------- the few-shot analogy: CLIPFit's base-to-new table
+FEW_SHOTS = (1, 4, 16, 64)  # linear probes on frozen features, k images of each base class
+
+
+def few_shot_probes(model):
+    """{k: top-1 (%)} of k-shot linear probes on the base classes (the first k photo training images of each,
+    frozen features standardised by their own mean and spread), its L2 strength picked on the base-class
+    validation images and scored on the base-class test images: how much k images can teach a readout."""
+    data, val = task(), validation("base").test.dataset
+    (x, y), (xv, yv), (xt, yt) = (features(model, s) for s in (data.train, val.dataset, data.test.dataset))
+    base = torch.arange(len(toy_world.CLASSNAMES) // 2)
+    (xv, yv), (xt, yt) = ((z[torch.isin(t, base)], t[torch.isin(t, base)]) for z, t in ((xv, yv), (xt, yt)))
+    probes = {}
+    for k in FEW_SHOTS:
+        shots = torch.cat([torch.nonzero(y == c)[:k, 0] for c in base])  # [6k]
+        mean, std = x.mean(0), x.std(0)  # over every training image: one standardisation for every k
+        xs, xvs, xts = ((z - mean) / std for z in (x[shots], xv, xt))
+        fits = [logistic_regression(xs, y[shots], lam, len(base)) for lam in (1e-3, 1e-2, 1e-1, 1.0, 10.0)]
+        probes[k] = accuracy(*max(fits, key=lambda fit: accuracy(*fit, xvs, yv)), xts, yt)
+    return probes
+
+
+def few_shot_gain(out):
+    """CoOp against zero-shot on the toy base-to-new job (train.py --data toy --split base, CoOp at its
+    selected lr): (base gain, new-class change), each (delta, paired SE) in points."""
+    cfgs = train.parse_args(["--data", "toy", "--split", "base", "--method", "zero-shot,coop"])
+    rows = train.run_methods(cfgs, Path(out), torch.device("cpu"))[0]
+    zero_shot, coop = (next(r for r in rows if r["run"] == m) for m in ("zero-shot", "coop"))
+    return tuple(claims.paired([(1, coop), (-1, zero_shot)], [split]) for split in ("base", "new"))
+
+
+# ---------------------------------------- the segmentation analogy: CAT-Seg's open-vocabulary protocol
+@torch.no_grad()
+def nearest_prompt_counts(clip, test_set, templates, last_block="values"):
+    """[n, 3, C] IoU counts of the training-free segmenter: each pixel labelled by the class of highest cost
+    (segment.cost_volume, averaged over the templates, upsampled bilinearly from the patch grid), through the
+    dense features CAT-Seg's head reads (clip_model.encode_dense; last_block="attention": the plain block)."""
+    tokens = segment.class_tokens(test_set.names, templates, clip.config.context_length)  # [C, P, L]
+    text = clip.encode_text(tokens.flatten(0, 1)).view(*tokens.shape[:2], -1)  # [C*P, e] -> [C, P, e]
+    counts = []
+    for image, label in test_set:
+        tokens, _ = clip.encode_dense(image[None], last_block=last_block)  # [1, 1 + h*w, e]
+        h, w = (n // clip.config.patch_size for n in image.shape[-2:])
+        dense = tokens[:, 1:].transpose(1, 2).unflatten(2, (h, w))  # [1, e, h*w] -> [1, e, h, w]
+        cost = segment.cost_volume(dense, text).mean(2)  # [1, C, P, h, w] -> [1, C, h, w]
+        cost = F.interpolate(cost, size=label.shape, mode="bilinear", align_corners=False)
+        counts.append(segmentation.iou_counts(cost[0].argmax(0), label, test_set.classes))
+    return torch.stack(counts)
+
+
+def chance_counts(counts):
+    """The expected IoU counts [n, 3, C] of a prediction drawn uniformly among the C prompted classes at every
+    pixel, for the labels of counts [n, 3, C]: intersection label / C, predicted area (labelled pixels) / C."""
+    label = counts[:, 2].double()
+    C = counts.shape[-1]
+    return torch.stack([label / C, label.sum(-1, keepdim=True).expand_as(label) / C, label], dim=1)
+
+
+def segmentation_scores(counts, columns):
+    """{column: (mIoU, chance mIoU, paired SE of the difference)} of counts [n, 3, C] (photo test scenes)."""
+    chance = chance_counts(counts)
+    return {
+        column: (
+            segmentation.miou(counts.sum(0), classes).item(),
+            segmentation.miou(chance.sum(0), classes).item(),
+            claims.bootstrap_se(counts, classes, baseline=chance, miou=segmentation.miou),
+        )
+        for column, classes in columns.items()
+    }
+
+
+def trained_catseg_counts(out):
+    """[n, 3, C] IoU counts on the photo test scenes of the toy segmentation job's `catseg` row (train_seg.py
+    --data toy-seg --method catseg, at its selected lr)."""
+    cfg = train_seg.parse_args(["--data", "toy-seg", "--method", "catseg", "--test", "toy-photo"])[0][0]
+    cfg = dataclasses.replace(cfg, run_dir=str(out))
+    train_set, test_sets = train_seg.datasets(cfg)
+    model, fitted, templates, _ = train_seg.fit(cfg, train_set, torch.device("cpu"))
+    with fitted.weights(fitted.rows[0][1]):
+        return train_seg.evaluate_sets(model, test_sets, templates, cfg, torch.device("cpu"))["counts"]["toy-photo"]
+
+
 def check():
-    """The two properties that make the toy stand for CLIP on ImageNet (docs/toy.md, "What the toy stands for")."""
+    """The properties that make the toy jobs stand for their real experiments (docs/toy.md, "What the toy
+    stands for"): CLIP on ImageNet (the default job), 16 shots that teach (base-to-new) and patch tokens that
+    know their class (segmentation)."""
     model = load_toy_clip()
     zero_shot, probe = linear_probe_gap(model)
     print(f"strong features, imperfect alignment: zero-shot {zero_shot:.1f}, linear probe {probe:.1f} on toy-photo")
@@ -249,6 +318,35 @@ def check():
     share = 100 * gains[BLOCKS_ONLY] / gains["full-ft"]
     print(f"the gain lives in the blocks: full-ft with everything before the first block frozen reaches {share:.0f}%")
     print("  of full-ft's ID gain (CLIP ViT-B/16: the patch embedding is 0.7% of the image tower)")
+
+    probes = few_shot_probes(model)
+    print("\n16 shots that teach: k-shot linear probes on frozen features, base classes, toy-photo test:")
+    print("  " + ", ".join(f"{k} shots {acc:.1f}" for k, acc in probes.items()))
+    with tempfile.TemporaryDirectory() as tmp:
+        (base, base_se), (new, new_se) = few_shot_gain(tmp)
+    print(
+        f"  CoOp at 16 shots, its selected lr {selected_lrs('base')['coop']:g}, against zero-shot: base {base:+.1f} ± "
+        f"{base_se:.1f}, new {new:+.1f} ± {new_se:.1f} points"
+    )
+    print("  (CoCoOp's Table 1, ViT-B/16, mean of 11 datasets: base +13.4, new -11.0)")
+
+    print("\npatch tokens that know their class: mIoU (%) on the photo test scenes against chance (uniform over the")
+    print("  12 prompted classes), ± the paired bootstrap SE of the difference")
+    scenes = toy_scenes.test_sets(["toy-photo"], segmentation.eval_transform())[0]
+    found = {"training-free (nearest prompt)": nearest_prompt_counts(model, scenes, toy_world.TEMPLATES)}
+    with tempfile.TemporaryDirectory() as tmp:
+        found[f"catseg at its selected lr {train_seg.TOY_SEG_LR['catseg']:g}"] = trained_catseg_counts(tmp)
+    for name, counts in found.items():
+        scores = segmentation_scores(counts, scenes.columns)
+        print(
+            f"  {name}: "
+            + ", ".join(
+                f"{column} {m:.1f} (chance {c:.1f}, {m / c:.1f}x; {m - c:+.1f} ± {se:.1f})"
+                for column, (m, c, se) in scores.items()
+            )
+        )
+    print("  (CLIP ViT-B/16 through CAT-Seg's dense last block labels patches by their class without training;")
+    print("   CAT-Seg's trained head: 31.8 mIoU on ADE20K-150 and 57.5 on Pascal Context-59, Table 1)")
 
 
 def main(argv=None):

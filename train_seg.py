@@ -38,10 +38,10 @@ import claims
 import cli
 import data
 import plots
+import recipes
 import report
 import run_log
 import segment
-import toy_experiments
 import train
 from checkpoints import save_adapters
 from clip_model import autocast_dtype, count_trainable
@@ -76,7 +76,7 @@ SOURCES = {  # where each recipe value comes from
 # The offline toy job (--data toy-seg): the toy CLIP on the toy scenes at a CPU budget, over CAT-Seg's recipe.
 # A test scene is one crop large, so the sliding window scores it whole. m = 0.9 as in the toy classification
 # job (recipes.TOY_BUDGET: with 0.999 the EMA would stay near its zero start over a short run). Each method's lr
-# is the toy lr rule's (toy_experiments.select_lr, run by --select-lr): its argmax of photo validation mIoU over
+# is the toy lr rule's (recipes.lr_rule, run by --select-lr): its argmax of photo validation mIoU over
 # one grid, committed as docs/toy_seg_lr_selection.csv.
 TOY_SEG = dict(
     model="toy",
@@ -376,7 +376,7 @@ def plot_scenes(rows, test_sets, path):
 
 
 def select_lr(cfgs, device, rank=0, world=1):
-    """The toy lr rule (toy_experiments.select_lr) for segmentation: each method of the command at every lr of
+    """The toy lr rule (recipes.lr_rule) for segmentation: each method of the command at every lr of
     the grid, the rest of its recipe kept, scored by mIoU on the photo validation scenes (seen classes; never
     test, unseen or shifted scenes) at its fully fine-tuned end (R-Adapter merged at alpha = 1)."""
     by_method = {cfg.method: cfg for cfg in cfgs}
@@ -390,9 +390,7 @@ def select_lr(cfgs, device, rank=0, world=1):
             scores = evaluate_sets(model, [val], templates, cfg, device)
         return scores[val.name], scores[f"{val.name}_se"]
 
-    toy_experiments.select_lr(
-        list(by_method), grid=toy_experiments.LR_GRID, score=score, metric="val_miou", out=TOY_SEG_LR_TABLE
-    )
+    recipes.lr_rule(list(by_method), score, "val_miou", TOY_SEG_LR_TABLE, grid=recipes.LR_GRID)
 
 
 def export(cfg, model, method):

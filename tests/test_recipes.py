@@ -121,7 +121,7 @@ def test_full_ft_prints_wise_fts_imagenet_recipe():
 
 def test_toy_lrs_are_the_selection_tables_argmax():
     """The toy recipe's learning rates are the argmax rows of the committed lr-selection table
-    (photo validation accuracy over one grid, toy_experiments.select_lr); wise-ft trains as full-ft."""
+    (photo validation accuracy over one grid, recipes.lr_rule); wise-ft trains as full-ft."""
     table = toy_experiments.selected_lrs()
     assert set(table) == {"full-ft", toy_experiments.BLOCKS_ONLY, "r-adapter"}
     for method in ("full-ft", "r-adapter"):
@@ -147,7 +147,7 @@ def assert_argmax_of_the_grid(split, table):
         rows = list(csv.DictReader(f))
     for method in table:
         scores = {float(r["lr"]): float(r["val_top1"]) for r in rows if r["method"] == method}
-        assert sorted(scores) == sorted(toy_experiments.LR_GRID) and scores[table[method]] == max(scores.values())
+        assert sorted(scores) == sorted(recipes.LR_GRID) and scores[table[method]] == max(scores.values())
 
 
 def test_the_rest_of_each_setting():

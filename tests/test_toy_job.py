@@ -217,3 +217,55 @@ def test_flip_is_honoured_on_the_toy_world(small_toy):
         assert torch.equal(z, x)
         seen.append("same" if torch.equal(y, x) else "mirrored" if torch.equal(y, x.flip(-1)) else "other")
     assert set(seen) == {"same", "mirrored"}
+
+
+def test_chance_counts_are_the_expected_counts_of_uniform_guesses():
+    """The segmentation analogy's chance: a class drawn uniformly among the C prompted ones at every pixel. Its
+    counts are the mean of many such draws, and two classes of equal area score IoU 1/3 each (an expected
+    intersection of L/2 over a union of L + L - L/2)."""
+    from data import segmentation
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(-1, 5, (2, 12, 12), generator=g)  # -1: an unlabelled pixel, as IGNORE
+    labels[labels < 0] = segmentation.IGNORE
+    counts = torch.stack([segmentation.iou_counts(torch.zeros_like(y), y, 5) for y in labels])
+    chance = toy_experiments.chance_counts(counts)
+    draws = torch.stack(
+        [
+            torch.stack([segmentation.iou_counts(torch.randint(5, y.shape, generator=g), y, 5) for y in labels])
+            for _ in range(4000)
+        ]
+    ).double()
+    torch.testing.assert_close(draws.mean(0), chance, atol=0.15, rtol=0)
+    two = torch.tensor([[[0, 0], [50, 50], [50, 50]]])  # [1, 3, C=2]: 50 labelled pixels of each class
+    assert segmentation.miou(toy_experiments.chance_counts(two).sum(0)).item() == pytest.approx(100 / 3)
+    scores = toy_experiments.segmentation_scores(two, {"all": None})
+    assert scores["all"][:2] == (0.0, pytest.approx(100 / 3))
+
+
+def test_nearest_prompt_labels_each_patch_by_its_nearest_class(monkeypatch):
+    """The training-free segmenter: a patch whose dense feature is class c's prompt embedding is labelled c at
+    every one of its pixels; labels that match score 100, labels swapped score 0."""
+    from data import segmentation
+
+    torch.manual_seed(0)
+    clip = CLIP(TINY).eval()
+    templates = ["a photo of the {}.", "a drawing of the {}."]
+    names = ["circle", "square"]
+    tokens = toy_experiments.segment.class_tokens(names, templates, clip.config.context_length)
+    with torch.no_grad():
+        text = clip.encode_text(tokens.flatten(0, 1)).view(2, 2, -1).mean(1)  # [C, e]
+    grid = torch.zeros(4, 4, dtype=torch.long)
+    grid[:, :2] = 1  # [h, w] patches: the left half square, the right half circle
+    dense = torch.cat([torch.zeros(1, text.shape[1]), text[grid.flatten()]])[None]  # [1, 1 + h*w, e]
+    monkeypatch.setattr(clip, "encode_dense", lambda images, blocks=(), last_block="values": (dense, []))
+    label = grid.repeat_interleave(8, 0).repeat_interleave(8, 1)  # [32, 32]: 8 px patches
+
+    class Scenes(list):
+        pass
+
+    for truth, expected in ((label, 100.0), (1 - label, 0.0)):
+        scenes = Scenes([(torch.zeros(3, 32, 32), truth)])
+        scenes.names, scenes.classes = names, 2
+        counts = toy_experiments.nearest_prompt_counts(clip, scenes, templates)
+        assert segmentation.miou(counts.sum(0)).item() == pytest.approx(expected)

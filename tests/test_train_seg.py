@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-import toy_experiments
+import recipes
 import train_seg
 from clip_model import CLIP, PRESETS
 from clip_weights import load_clip, save_clip
@@ -190,7 +190,7 @@ def test_toy_seg_job_end_to_end(tmp_path, small_scenes, patch4_path, model):
 
 def test_toy_seg_select_lr_writes_each_methods_argmax(tmp_path, small_scenes, monkeypatch):
     monkeypatch.setattr(train_seg, "TOY_SEG_LR_TABLE", tmp_path / "table.csv")
-    monkeypatch.setattr(toy_experiments, "LR_GRID", (1e-4, 1e-1))
+    monkeypatch.setattr(recipes, "LR_GRID", (1e-4, 1e-1))
     train_seg.main(
         ["--data", "toy-seg", "--select-lr", "--method", "frozen,r-adapter", "--iterations", "2", "--batch-size", "2"]
     )
@@ -207,15 +207,15 @@ def test_toy_seg_select_lr_writes_each_methods_argmax(tmp_path, small_scenes, mo
 
 def test_toy_seg_lrs_are_the_selection_tables_argmax(capsys):
     """The toy recipe's lrs are the argmax rows of the committed table (photo validation mIoU over the grid
-    of toy_experiments.py's lr rule), and --print-config names the table as their source."""
-    table = toy_experiments.selected_lrs(path=train_seg.TOY_SEG_LR_TABLE)
+    of the lr rule, recipes.lr_rule), and --print-config names the table as their source."""
+    table = recipes.selected_lrs(train_seg.TOY_SEG_LR_TABLE)
     cfgs, _ = train_seg.parse_args(["--data", "toy-seg"])
     assert {cfg.method: cfg.lr for cfg in cfgs} == table == train_seg.TOY_SEG_LR
     with open(train_seg.TOY_SEG_LR_TABLE) as f:
         rows = list(csv.DictReader(f))
     for method in table:  # every lr of the grid was tried, and the selected one scored highest
         scores = {float(r["lr"]): float(r["val_miou"]) for r in rows if r["method"] == method}
-        assert sorted(scores) == sorted(toy_experiments.LR_GRID) and scores[table[method]] == max(scores.values())
+        assert sorted(scores) == sorted(recipes.LR_GRID) and scores[table[method]] == max(scores.values())
     with pytest.raises(SystemExit):
         train_seg.main(["--data", "toy-seg", "--print-config"])
     shown = printed(capsys.readouterr().out)[0]
