@@ -17,7 +17,7 @@ toy --split base` (16 shots of the 6 base classes), scored on the base classes' 
 
     python toy_experiments.py --select-lr full-ft,full-ft-blocks,r-adapter            # docs/toy_lr_selection.csv
     python toy_experiments.py --select-lr coop,cocoop,clipfit,r-adapter --split base  # docs/toy_b2n_lr_selection.csv
-    python toy_experiments.py --check   # the analogy with CLIP on ImageNet: its two figures
+    python toy_experiments.py --check   # the analogies: CLIP on ImageNet, 16 shots that teach, patch tokens
 """
 
 import argparse
@@ -321,7 +321,7 @@ def check():
 
     probes = few_shot_probes(model)
     print("\n16 shots that teach: k-shot linear probes on frozen features, base classes, toy-photo test:")
-    print("  " + ", ".join(f"{k} shots {acc:.1f}" for k, acc in probes.items()))
+    print("  " + ", ".join(f"{k} shot{'s' * (k > 1)} {acc:.1f}" for k, acc in probes.items()))
     with tempfile.TemporaryDirectory() as tmp:
         (base, base_se), (new, new_se) = few_shot_gain(tmp)
     print(
@@ -365,7 +365,7 @@ def main(argv=None):
         choices=["base"],
         help=f"--select-lr on the base-to-new task, written to docs/{LR_TABLES['base'].name}",
     )
-    parser.add_argument("--check", action="store_true", help="instead: print the toy CLIP's two analogy figures")
+    parser.add_argument("--check", action="store_true", help="instead: print the toy CLIP's analogy measurements")
     args = parser.parse_args(argv)
     if args.split and not args.select_lr:
         parser.error("--split: it picks the task of --select-lr METHODS, which is not given")
