@@ -223,20 +223,21 @@ FEW_SHOTS = (1, 4, 16, 64)  # linear probes on frozen features, k images of each
 
 
 def few_shot_probes(model):
-    """{k: top-1 (%)} of k-shot linear probes on the base classes (the first k photo training images of each,
-    frozen features standardised by their own mean and spread), its L2 strength picked on the base-class
-    validation images and scored on the base-class test images: how much k images can teach a readout."""
+    """{k: top-1 (%)} of k-shot linear probes on the base classes (the first k photo training images of each;
+    frozen features standardised by the mean and spread of every photo training image, one standardisation
+    for every k), its L2 strength picked on the base-class validation images and scored on the base-class
+    test images: how much k images can teach a readout."""
     data, val = task(), validation("base").test.dataset
     (x, y), (xv, yv), (xt, yt) = (features(model, s) for s in (data.train, val.dataset, data.test.dataset))
     base = torch.arange(len(toy_world.CLASSNAMES) // 2)
     (xv, yv), (xt, yt) = ((z[torch.isin(t, base)], t[torch.isin(t, base)]) for z, t in ((xv, yv), (xt, yt)))
+    mean, std = x.mean(0), x.std(0)
+    x, xv, xt = ((z - mean) / std for z in (x, xv, xt))
     probes = {}
     for k in FEW_SHOTS:
         shots = torch.cat([torch.nonzero(y == c)[:k, 0] for c in base])  # [6k]
-        mean, std = x.mean(0), x.std(0)  # over every training image: one standardisation for every k
-        xs, xvs, xts = ((z - mean) / std for z in (x[shots], xv, xt))
-        fits = [logistic_regression(xs, y[shots], lam, len(base)) for lam in (1e-3, 1e-2, 1e-1, 1.0, 10.0)]
-        probes[k] = accuracy(*max(fits, key=lambda fit: accuracy(*fit, xvs, yv)), xts, yt)
+        fits = [logistic_regression(x[shots], y[shots], lam, len(base)) for lam in (1e-3, 1e-2, 1e-1, 1.0, 10.0)]
+        probes[k] = accuracy(*max(fits, key=lambda fit: accuracy(*fit, xv, yv)), xt, yt)
     return probes
 
 
