@@ -5,7 +5,7 @@ Kim et al. (ECCV 2024), Sec. 4 and Table 1: full fine-tuning raises ID accuracy 
 OOD accuracy than full fine-tuning; and (Fig. 1, Sec. 4.2) its re-scaling curve over alpha lies above
 WiSE-FT's. Each claim is a difference in points, `delta`, with its standard error `se`; the verdict
 is 'within noise' when |delta| < 2 se, else 'holds' or 'fails' by the sign the paper expects.
-The toy base-to-new job (`train.py --data toy --split base`) checks CLIPFit's (Li et al., EMNLP
+The toy base-to-new job (`train.py --data toy-specialised --split base`) checks CLIPFit's (Li et al., EMNLP
 2024, Table 1): CLIPFit raises the harmonic mean of base and new accuracy over zero-shot, and its
 new-class accuracy is at least CoOp's, whose new-class accuracy falls below zero-shot's (CoCoOp,
 Zhou et al., CVPR 2022, Sec. 1).

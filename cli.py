@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 import faults
-from data import DataError, coop, names, retrieval
+from data import DataError, coop, names, retrieval, toy
 from data import templates as prompt_sets
 from weight_files import WeightsError
 
@@ -127,7 +127,7 @@ def check_train(cfg):
         return f"--batch-size {cfg.batch_size}: expected a multiple of --accum-steps {cfg.accum_steps} x {world} GPUs"
     if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         return "--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard)"
-    if cfg.data != "toy" and cfg.data_root is None:
+    if cfg.data not in toy.NAMES and cfg.data_root is None:
         return f"--data {cfg.data} needs --data-root DIR"
     retrieval_task = cfg.data in retrieval.DATASETS
     if cfg.split and retrieval_task:

@@ -22,7 +22,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from data import retrieval, toy_world
+from data import retrieval, toy, toy_world
 from data.templates import IMAGENET_80
 
 RUN_MD = "R-Adapter release, docs/RUN.md"
@@ -199,13 +199,13 @@ TOY_BUDGET = {
 # LR_GRID; methods not in the table keep their own.
 TOY_LR = {"full-ft": 1e-3, "wise-ft": 1e-3, "r-adapter": 1e-2}  # docs/toy_lr_selection.csv (wise-ft: full-ft's)
 TOY_LR_SOURCE = "toy lr rule: docs/toy_lr_selection.csv"
-# The toy base-to-novel job (--data toy --split base): CoCoOp's protocol, 16 shots of the 6 base classes
+# The toy base-to-novel job (--data toy-specialised --split base): CoCoOp's protocol, 16 shots of the 6 base classes
 # (96 images), and one budget over each method's own recipe: 100 epochs at batch 32 (300 steps; the
 # base-to-novel runs of R-Adapter and CLIPFit are 101 and 100 epochs at batch 32, CoCoOp's batch is 1).
 TOY_B2N = "toy base-to-novel job (this repository)"
 TOY_B2N_JOB = {**TOY_JOB, "shots": (16, f"{TOY_B2N}: CoCoOp's 16 shots"), "run_dir": ("runs/toy-b2n", TOY_B2N)}
 TOY_B2N_BUDGET = {**TOY_BUDGET, "epochs": (100, f"{TOY_B2N}: budget"), "batch_size": (32, f"{TOY_B2N}: budget")}
-TOY_B2N_LR = {"coop": 1e-3, "cocoop": 1e-2, "clipfit": 1e-2, "r-adapter": 1e-4}  # docs/toy_b2n_lr_selection.csv
+TOY_B2N_LR = {"coop": 3e-3, "cocoop": 1e-2, "clipfit": 1e-2, "r-adapter": 1e-3}  # docs/toy_b2n_lr_selection.csv
 TOY_B2N_LR_SOURCE = "toy lr rule: docs/toy_b2n_lr_selection.csv"
 TOY_TEMPLATE = toy_world.TEMPLATES[0]  # CLIPFit's one template, in the toy world
 
@@ -303,8 +303,8 @@ RECIPES = {
         }
         for method, lr in TOY_LR.items()
     },
-    # --data toy --split base. R-Adapter keeps its base-to-novel rank and loss, CLIPFit its one template (the
-    # toy's first); the others use the toy's templates.
+    # --data toy-specialised --split base. R-Adapter keeps its base-to-novel rank and loss, CLIPFit its one
+    # template (the toy's first); the others use the toy's templates.
     **{("toy-base-to-novel", method): {**TOY_B2N_JOB, **recipe, **TOY_B2N_BUDGET} for method, recipe in OWN.items()},
     ("toy-base-to-novel", "r-adapter"): {
         **TOY_B2N_JOB,
@@ -349,7 +349,7 @@ DATASETS = {
 
 def setting(data, split=None, shots=None):
     """The setting a command's --data, --split and --shots pick."""
-    if data == "toy":
+    if data in toy.NAMES:
         return "toy-base-to-novel" if split == "base" else "toy"
     if data in retrieval.DATASETS:
         return "retrieval"
@@ -390,7 +390,7 @@ WHERE = {
     "base-to-novel": "`--split base`",
     "retrieval": "`--data coco`, `flickr30k`",
     "toy": "`--data toy`",
-    "toy-base-to-novel": "`--data toy --split base`",
+    "toy-base-to-novel": "`--data toy-specialised --split base`",
 }
 
 

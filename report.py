@@ -18,6 +18,7 @@ import torch
 
 import claims
 import plots
+from data import toy
 
 
 def pool_seeds(runs, sweeps):
@@ -102,7 +103,7 @@ def report(rows, curves, out, cfg, task):
     runs, checked = {r["run"] for r in rows}, None
     if cfg.data == "toy" and not cfg.split and {"zero-shot", "full-ft", "r-adapter"} <= runs:
         checked = claims.paper_claims(rows, curves, task.test.name, ood, cfg.alpha)
-    if cfg.data == "toy" and cfg.split and {"zero-shot", "coop", "clipfit"} <= runs:
+    if cfg.data in toy.NAMES and cfg.split and {"zero-shot", "coop", "clipfit"} <= runs:
         checked = claims.base_to_new_claims(rows)
     if checked:
         (out / "claims.json").write_text(json.dumps(checked, indent=2))

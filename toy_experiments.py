@@ -12,8 +12,9 @@ class token and the logit scale (as open_clip does).
     python train.py --model PATH                             # fine-tune a rebuilt one
 
 The lr rule: each method trained at every lr of one grid and scored on photo validation images at its
-fully fine-tuned end; the argmax is its toy lr. With --split base the runs are those of `train.py --data
-toy --split base` (16 shots of the 6 base classes), scored on the base classes' validation images.
+fully fine-tuned end; the argmax is its toy lr. With --split base the runs are those of the base-to-new
+job, `train.py --data toy-specialised --split base` (16 shots of the 6 base classes), scored on its base
+classes' validation images.
 
     python toy_experiments.py --select-lr full-ft,full-ft-blocks,r-adapter            # docs/toy_lr_selection.csv
     python toy_experiments.py --select-lr coop,cocoop,clipfit,r-adapter --split base  # docs/toy_b2n_lr_selection.csv
@@ -113,6 +114,7 @@ def pretrain(p=TOY_PRETRAIN, eval_every=500, snapshot=None):
 # ------------------------------------------ the analogy with CLIP on ImageNet, and the lr rule
 DOCS = Path(__file__).resolve().parent / "docs"
 LR_TABLES = {None: DOCS / "toy_lr_selection.csv", "base": DOCS / "toy_b2n_lr_selection.csv"}  # by --split
+DATA = {None: "toy", "base": "toy-specialised"}  # by --split: the default job's task, the base-to-new job's
 BLOCKS_ONLY = "full-ft-blocks"  # full-ft with everything before the first image block frozen (--check)
 
 
@@ -127,9 +129,10 @@ def freeze_before_blocks(model):
 
 
 def fine_tune(method, lr, run_dir, seed=0, split=None):
-    """One run of `method` (or BLOCKS_ONLY) on the toy task (split='base': its base classes) with its
-    toy recipe at learning rate `lr`. Returns the fine-tuned model, its method.Method and config."""
-    argv = ["--method", "full-ft" if method == BLOCKS_ONLY else method, "--lr", str(lr)]
+    """One run of `method` (or BLOCKS_ONLY) on the toy task (split='base': the base-to-new job's base
+    classes) with its toy recipe at learning rate `lr`. Returns the fine-tuned model, its method.Method
+    and config."""
+    argv = ["--data", DATA[split], "--method", "full-ft" if method == BLOCKS_ONLY else method, "--lr", str(lr)]
     cfg = train.parse_args(argv + (["--split", split] if split else []))[0]
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir), seed=seed, sweep=False)
     model = load_toy_clip()
@@ -156,11 +159,11 @@ def top1(model, fitted, cfg, task):
 
 def select_lr(methods, split=None, grid=recipes.LR_GRID):
     """The lr rule (recipes.lr_rule) on the toy task: each method at every lr of the grid, scored by top-1 on
-    the photo validation split (split='base': its base-class images among the base classes), written to
-    LR_TABLES[split]."""
+    the photo validation split (split='base': the base-to-new job's base-class images among the base classes),
+    written to LR_TABLES[split]."""
 
     def score(method, lr, run_dir):
-        return top1(*fine_tune(method, lr, run_dir, split=split), validation(split))
+        return top1(*fine_tune(method, lr, run_dir, split=split), validation(split, DATA[split]))
 
     recipes.lr_rule(methods, score, "val_top1", LR_TABLES[split], grid)
 
@@ -227,7 +230,7 @@ def few_shot_probes(model):
     frozen features standardised by the mean and spread of every photo training image, one standardisation
     for every k), its L2 strength picked on the base-class validation images and scored on the base-class
     test images: how much k images can teach a readout."""
-    data, val = task(), validation("base").test.dataset
+    data, val = task(name=DATA["base"]), validation("base", DATA["base"]).test.dataset
     (x, y), (xv, yv), (xt, yt) = (features(model, s) for s in (data.train, val.dataset, data.test.dataset))
     base = torch.arange(len(toy_world.CLASSNAMES) // 2)
     (xv, yv), (xt, yt) = ((z[torch.isin(t, base)], t[torch.isin(t, base)]) for z, t in ((xv, yv), (xt, yt)))
@@ -242,9 +245,9 @@ def few_shot_probes(model):
 
 
 def few_shot_gain(out):
-    """CoOp against zero-shot on the toy base-to-new job (train.py --data toy --split base, CoOp at its
+    """CoOp against zero-shot on the toy base-to-new job (train.py --data toy-specialised --split base, CoOp at its
     selected lr): (base gain, new-class change), each (delta, paired SE) in points."""
-    cfgs = train.parse_args(["--data", "toy", "--split", "base", "--method", "zero-shot,coop"])
+    cfgs = train.parse_args(["--data", DATA["base"], "--split", "base", "--method", "zero-shot,coop"])
     rows = train.run_methods(cfgs, Path(out), torch.device("cpu"))[0]
     zero_shot, coop = (next(r for r in rows if r["run"] == m) for m in ("zero-shot", "coop"))
     return tuple(claims.paired([(1, coop), (-1, zero_shot)], [split]) for split in ("base", "new"))

@@ -49,7 +49,7 @@ def arg(default, help):
 
 @dataclass
 class TrainConfig:
-    data: str = arg("toy", "imagenet | folder | toy | coco | flickr30k | a CoOp dataset (data/coop.py)")
+    data: str = arg("toy", "imagenet | folder | toy | toy-specialised | coco | flickr30k | a CoOp dataset (coop.py)")
     data_root: Optional[str] = arg(None, "dataset root (layouts: data/imagenet.py, coop.py, retrieval.py)")
     ood: tuple = arg((), "NAME=DIR: an extra or relocated evaluation set (repeatable)")
     shots: Optional[int] = arg(None, "train on K images per class (seeded)")

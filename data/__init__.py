@@ -145,17 +145,21 @@ class SeededAugment(Dataset):
 
 
 def names():
-    """Every --data name: imagenet, folder, toy, the retrieval sets and the CoOp datasets."""
-    from data import coop, retrieval
+    """Every --data name: imagenet, folder, the toy tasks, the retrieval sets and the CoOp datasets."""
+    from data import coop, retrieval, toy
 
-    return ("imagenet", "folder", "toy", *retrieval.DATASETS, *coop.DATASETS)
+    return ("imagenet", "folder", *toy.NAMES, *retrieval.DATASETS, *coop.DATASETS)
 
 
 def check_root(name, root):
     """The checks of build_task that cost nothing, for entry points to make before any download."""
-    if name != "toy" and root is None:
+    from data import toy
+
+    if name in toy.NAMES:
+        return
+    if root is None:
         raise DataError(f"--data {name} needs --data-root DIR")
-    if name != "toy" and not os.path.isdir(root):
+    if not os.path.isdir(root):
         raise DataError(f"--data-root {root}: folder not found")
 
 
@@ -182,8 +186,8 @@ def build_task(
 
     if shots is not None and shots < 1:
         raise DataError(f"--shots {shots}: expected a positive number of images per class")
-    if name == "toy":
-        return toy.task(shots, flip=flip)
+    if name in toy.NAMES:
+        return toy.task(shots, flip=flip, name=name)
     check_root(name, root)
     if name in retrieval.DATASETS:
         if shots is not None:

@@ -12,7 +12,7 @@ A config names its set by one of:
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from data import coop, imagenet, retrieval, toy_world
+from data import coop, imagenet, retrieval, toy, toy_world
 
 TASK = "task"
 IMAGENET_80 = "imagenet-80"
@@ -29,7 +29,7 @@ def templates(name, task_templates):
 
 def own(data):
     """The templates of --data `data`, without reading it (none for the retrieval sets: captions)."""
-    if data == "toy":
+    if data in toy.NAMES:
         return list(toy_world.TEMPLATES)
     if data == "folder":
         return list(imagenet.FOLDER_TEMPLATES)

@@ -46,6 +46,7 @@ __all__ = [
     "BACKGROUNDS",
     "WEB_MIX",
     "WEB_HYPERNYM",
+    "SPECIALISED_COLOUR",
     "render",
     "render_float",
     "caption",
@@ -829,6 +830,18 @@ USUAL_COLOUR = dict(
 )
 _PHOTO_LIKE_WEB = ("photo", "web_photo", "web_corrupt")
 
+# A specialised downstream dataset (data/toy.py, --data toy-specialised) has a look of its own: this share
+# of its photos draw their object in SPECIALISED_COLOUR, a colour that its class never has on the web (no
+# class keeps its USUAL_COLOUR), as EuroSAT's forests, DTD's textures and Flowers' petals look a way that
+# web captions of their names do not describe. The features see the colour, the class prompts do not.
+SPECIALISED_BIAS = WEB_COLOUR_BIAS
+SPECIALISED_COLOUR = dict(
+    zip(
+        CLASSNAMES,
+        ("blue", "white", "red", "brown", "cyan", "orange", "gray", "green", "purple", "pink", "yellow", "black"),
+    )
+)
+
 
 def _build_vocab() -> list[str]:
     words: set[str] = set(CLASSNAMES) | set(COLOURS) | set(SIZES) | set(TEXTURES)
@@ -880,28 +893,39 @@ def _to_tensor(imgs: list[np.ndarray]) -> torch.Tensor:
 
 
 class ToySplit(Dataset):
-    """Labelled split of one style: ``n_per_class * len(CLASSNAMES)`` balanced samples.
+    """Labelled split of one style: ``n_per_class * len(CLASSNAMES)`` balanced samples; ``specialised``: the
+    photos of the specialised dataset (``SPECIALISED_COLOUR``).
 
     ``ds[i] -> (image float [3, H, W] in [0, 1], then ``transform``; int label)``.
     """
 
     def __init__(
-        self, style: str, n_per_class: int, seed: int = 0, split: str = "train", image_size: int = 32, transform=None
+        self,
+        style: str,
+        n_per_class: int,
+        seed: int = 0,
+        split: str = "train",
+        image_size: int = 32,
+        transform=None,
+        specialised: bool = False,
     ):
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if specialised and style != "photo":
+            raise ValueError(f"the specialised dataset is photos, got style {style!r}")
         self.style, self.split, self.seed = style, split, int(seed)
         self.image_size, self.transform = int(image_size), transform
         n = int(n_per_class) * len(CLASSNAMES)
-        key = ("split", style, n, self.seed, split, self.image_size)
+        key = ("split", style, n, self.seed, split, self.image_size, specialised)
         if key not in _CACHE:
             imgs, labels, caps, attrs = [], [], [], []
             for i in range(n):
                 rng = _sample_rng(self.seed, _DOMAIN[split], _STYLE_CODE[style], i)
                 lab = i % len(CLASSNAMES)
-                img, a = render(style, lab, rng, self.image_size)
+                own = specialised and rng.random() < SPECIALISED_BIAS
+                img, a = render(style, lab, rng, self.image_size, SPECIALISED_COLOUR[CLASSNAMES[lab]] if own else None)
                 imgs.append(img)
                 labels.append(lab)
                 caps.append(caption(a, rng))

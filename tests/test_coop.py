@@ -167,23 +167,25 @@ def test_bad_split_flags(capsys):
 
 
 def test_toy_world_base_to_novel(monkeypatch, tmp_path):
-    """--data toy --split base: the first 6 of the 12 toy classes train; base and new test images are
-    each scored among their own 6 classes."""
+    """--data toy-specialised --split base (the toy base-to-new job): the first 6 of the 12 toy classes
+    train; base and new test images are each scored among their own 6 classes."""
     from data import toy
 
     monkeypatch.setitem(toy.SIZES, "test_per_class", 2)
-    train_task, eval_task = coop.base_new(toy.task(shots=2))
+    assert toy.task(shots=2, name="toy-specialised").ood == []  # a specialised dataset has no shifted sets
+    train_task, eval_task = coop.base_new(toy.task(shots=2, name="toy-specialised"))
     assert train_task.classnames == eval_task.classnames[:6] and len(eval_task.classnames) == 12
     assert sorted(set(train_task.train.labels)) == list(range(6)) and len(train_task.train) == 12
-    base, (new,) = eval_task.test, eval_task.ood  # the five shifts are dropped
+    base, (new,) = eval_task.test, eval_task.ood
     assert new.class_index.tolist() == list(range(6, 12)) and len(base.dataset) == len(new.dataset) == 12
-    full = toy.task(shots=2).test.dataset
+    assert coop.base_new(toy.task(shots=2))[1].ood[0].name == "new"  # --data toy's five shifts are dropped
+    full = toy.task(shots=2, name="toy-specialised").test.dataset
     image, label = new.dataset[0]
     assert torch.equal(image, full[new.dataset.indices[0]][0]) and label == full.labels[new.dataset.indices[0]] - 6
 
     out = tmp_path / "runs"
-    argv = ["--split", "base", "--shots", "2", "--method", "zero-shot,clipfit", "--max-steps", "1"]
-    train.main([*argv, "--batch-size", "6", "--run-dir", str(out)])
+    argv = ["--data", "toy-specialised", "--split", "base", "--shots", "2", "--method", "zero-shot,clipfit"]
+    train.main([*argv, "--max-steps", "1", "--batch-size", "6", "--run-dir", str(out)])
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["zero-shot", "clipfit"]

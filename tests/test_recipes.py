@@ -133,10 +133,10 @@ def test_toy_lrs_are_the_selection_tables_argmax():
 
 
 def test_toy_base_to_new_lrs_are_the_selection_tables_argmax():
-    """The same for `--data toy --split base`: its table scores base-class validation images only."""
+    """The same for `--data toy-specialised --split base`: its table scores base-class validation images only."""
     table = toy_experiments.selected_lrs("base")
     assert set(table) == set(recipes.TOY_B2N_LR) == {"coop", "cocoop", "clipfit", "r-adapter"}
-    for cfg in train.parse_args(["--data", "toy", "--split", "base", "--method", ",".join(table)]):
+    for cfg in train.parse_args(["--data", "toy-specialised", "--split", "base", "--method", ",".join(table)]):
         assert cfg.lr == table[cfg.method], cfg.method
     assert_argmax_of_the_grid("base", table)
 
@@ -229,9 +229,9 @@ def test_the_toy_budget_holds_for_every_method(method):
 
 
 def test_the_toy_base_to_new_job():
-    """`--data toy --split base`: five methods, 16 shots, one budget over each method's own recipe
+    """`--data toy-specialised --split base`: five methods, 16 shots, one budget over each method's own recipe
     (CoCoOp's batch 1 included), R-Adapter at the base-to-novel rank, its own run folder."""
-    cfgs = train.parse_args(["--data", "toy", "--split", "base"])
+    cfgs = train.parse_args(["--data", "toy-specialised", "--split", "base"])
     assert [c.method for c in cfgs] == ["zero-shot", "coop", "cocoop", "clipfit", "r-adapter"]
     budget = {k: v for k, (v, _) in recipes.TOY_B2N_BUDGET.items()}
     for cfg in cfgs:

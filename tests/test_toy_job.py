@@ -75,10 +75,11 @@ def test_seeds_pool_runs_on_the_same_test_images(tmp_path, small_toy):
 
 
 def test_base_to_new_job_smoke(tmp_path, small_toy):
-    """`python train.py --data toy --split base` at a tiny budget: five rows of base, new and HM (each
+    """`python train.py --data toy-specialised --split base` at a tiny budget: five rows of base, new and HM (each
     with its SE), and CLIPFit's claims, each delta the difference of the table's own numbers."""
     out = tmp_path / "runs"
-    train.main(["--split", "base", "--shots", "2", "--max-steps", "1", "--batch-size", "6", "--run-dir", str(out)])
+    argv = ["--data", "toy-specialised", "--split", "base", "--shots", "2", "--max-steps", "1", "--batch-size", "6"]
+    train.main([*argv, "--run-dir", str(out)])
     with open(out / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["zero-shot", "coop", "cocoop", "clipfit", "r-adapter"]

@@ -197,6 +197,22 @@ def test_web_photos_favour_their_class_usual_colour_and_downstream_photos_do_not
     assert all(tw.render("photo", 3, rng, colour="cyan")[1]["colour"] == "cyan" for _ in range(5))
 
 
+def test_specialised_photos_favour_a_colour_their_class_never_has_on_the_web():
+    """The specialised dataset's classes each have a colour of their own, none of them the class's usual
+    web colour, shown in SPECIALISED_BIAS of its photos (plus the uniform draw's 1/12); the rest of each
+    photo is toy-photo's renderer."""
+    assert sorted(tw.SPECIALISED_COLOUR.values()) == sorted(tw.COLOURS)  # a permutation of the colours
+    assert all(tw.SPECIALISED_COLOUR[c] != tw.USUAL_COLOUR[c] for c in tw.CLASSNAMES)
+    special = tw.ToySplit("photo", 100, split="train", specialised=True)
+    own = np.mean([a["colour"] == tw.SPECIALISED_COLOUR[a["shape"]] for a in special.attrs])
+    assert abs(own - (tw.SPECIALISED_BIAS + (1 - tw.SPECIALISED_BIAS) / len(tw.COLOURS))) < 0.04
+    assert np.mean([a["colour"] == tw.USUAL_COLOUR[a["shape"]] for a in special.attrs]) < 0.06
+    assert {a["style"] for a in special.attrs} == {"photo"} and special.labels == tw.ToySplit("photo", 100).labels
+    assert not _hashes(special.images) & _hashes(tw.ToySplit("photo", 100, split="test", specialised=True).images)
+    with pytest.raises(ValueError, match="photos"):
+        tw.ToySplit("sketch", 1, specialised=True)
+
+
 def test_transform_is_applied():
     ds = tw.ToySplit("photo", 1, transform=lambda x: x * 0 + 0.25)
     x, _ = ds[0]
