@@ -226,10 +226,10 @@ FEW_SHOTS = (1, 4, 16, 64)  # linear probes on frozen features, k images of each
 
 
 def few_shot_probes(model):
-    """{k: top-1 (%)} of k-shot linear probes on the base classes (the first k photo training images of each;
-    frozen features standardised by the mean and spread of every photo training image, one standardisation
-    for every k), its L2 strength picked on the base-class validation images and scored on the base-class
-    test images: how much k images can teach a readout."""
+    """{k: top-1 (%)} of k-shot linear probes on the base classes of the base-to-new job's dataset (the first
+    k training images of each; frozen features standardised by the mean and spread of every training image,
+    one standardisation for every k), its L2 strength picked on the base-class validation images and scored
+    on the base-class test images: how much k images can teach a readout."""
     data, val = task(name=DATA["base"]), validation("base", DATA["base"]).test.dataset
     (x, y), (xv, yv), (xt, yt) = (features(model, s) for s in (data.train, val.dataset, data.test.dataset))
     base = torch.arange(len(toy_world.CLASSNAMES) // 2)
@@ -324,7 +324,7 @@ def check():
     print("  of full-ft's ID gain (CLIP ViT-B/16: the patch embedding is 0.7% of the image tower)")
 
     probes = few_shot_probes(model)
-    print("\n16 shots that teach: k-shot linear probes on frozen features, base classes, toy-photo test:")
+    print("\n16 shots that teach: k-shot linear probes on frozen features, base classes, toy-specialised test:")
     print("  " + ", ".join(f"{k} shot{'s' * (k > 1)} {acc:.1f}" for k, acc in probes.items()))
     with tempfile.TemporaryDirectory() as tmp:
         (base, base_se), (new, new_se) = few_shot_gain(tmp)
