@@ -225,12 +225,12 @@ def linear_probe_gap(model):
 FEW_SHOTS = (1, 4, 16, 64)  # linear probes on frozen features, k images of each base class
 
 
-def few_shot_probes(model):
-    """{k: top-1 (%)} of k-shot linear probes on the base classes of the base-to-new job's dataset (the first
-    k training images of each; frozen features standardised by the mean and spread of every training image,
-    one standardisation for every k), its L2 strength picked on the base-class validation images and scored
-    on the base-class test images: how much k images can teach a readout."""
-    data, val = task(name=DATA["base"]), validation("base", DATA["base"]).test.dataset
+def few_shot_probes(model, name=DATA["base"]):
+    """{k: top-1 (%)} of k-shot linear probes on the base classes of --data `name` (default: the base-to-new
+    job's; the first k training images of each; frozen features standardised by the mean and spread of every
+    training image, one standardisation for every k), its L2 strength picked on the base-class validation
+    images and scored on the base-class test images: how much k images can teach a readout."""
+    data, val = task(name=name), validation("base", name).test.dataset
     (x, y), (xv, yv), (xt, yt) = (features(model, s) for s in (data.train, val.dataset, data.test.dataset))
     base = torch.arange(len(toy_world.CLASSNAMES) // 2)
     (xv, yv), (xt, yt) = ((z[torch.isin(t, base)], t[torch.isin(t, base)]) for z, t in ((xv, yv), (xt, yt)))
@@ -270,6 +270,21 @@ def nearest_prompt_counts(clip, test_set, templates, last_block="values"):
         cost = F.interpolate(cost, size=label.shape, mode="bilinear", align_corners=False)
         counts.append(segmentation.iou_counts(cost[0].argmax(0), label, test_set.classes))
     return torch.stack(counts)
+
+
+class Quadrants:
+    """The scenes of `scenes` cut into their four 32 px cells, each alone ([3, 32, 32] image, [32, 32] label):
+    every object in a 4 x 4 token grid, as in pretraining, without the rest of its scene."""
+
+    def __init__(self, scenes):
+        self.scenes, self.names, self.classes = scenes, scenes.names, scenes.classes
+
+    def __iter__(self):
+        half = toy_scenes.SIZE // 2
+        for image, label in self.scenes:  # [3, 64, 64], [64, 64]
+            for top in (0, half):
+                for left in (0, half):
+                    yield image[:, top : top + half, left : left + half], label[top : top + half, left : left + half]
 
 
 def chance_counts(counts):
@@ -323,9 +338,10 @@ def check():
     print(f"the gain lives in the blocks: full-ft with everything before the first block frozen reaches {share:.0f}%")
     print("  of full-ft's ID gain (CLIP ViT-B/16: the patch embedding is 0.7% of the image tower)")
 
-    probes = few_shot_probes(model)
-    print("\n16 shots that teach: k-shot linear probes on frozen features, base classes, toy-specialised test:")
-    print("  " + ", ".join(f"{k} shot{'s' * (k > 1)} {acc:.1f}" for k, acc in probes.items()))
+    print("\n16 shots that teach: k-shot linear probes on frozen features, base classes, test images:")
+    for name in ("toy", DATA["base"]):
+        probes = few_shot_probes(model, name)
+        print(f"  {name}: " + ", ".join(f"{k} shot{'s' * (k > 1)} {acc:.1f}" for k, acc in probes.items()))
     with tempfile.TemporaryDirectory() as tmp:
         (base, base_se), (new, new_se) = few_shot_gain(tmp)
     print(
@@ -337,7 +353,10 @@ def check():
     print("\npatch tokens that know their class: mIoU (%) on the photo test scenes against chance (uniform over the")
     print("  12 prompted classes), ± the paired bootstrap SE of the difference")
     scenes = toy_scenes.test_sets(["toy-photo"], segmentation.eval_transform())[0]
-    found = {"training-free (nearest prompt)": nearest_prompt_counts(model, scenes, toy_world.TEMPLATES)}
+    found = {
+        "training-free (nearest prompt)": nearest_prompt_counts(model, scenes, toy_world.TEMPLATES),
+        "... each 32 px quadrant alone": nearest_prompt_counts(model, Quadrants(scenes), toy_world.TEMPLATES),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         found[f"catseg at its selected lr {train_seg.TOY_SEG_LR['catseg']:g}"] = trained_catseg_counts(tmp)
     for name, counts in found.items():

@@ -270,3 +270,24 @@ def test_nearest_prompt_labels_each_patch_by_its_nearest_class(monkeypatch):
         scenes.names, scenes.classes = names, 2
         counts = toy_experiments.nearest_prompt_counts(clip, scenes, templates)
         assert segmentation.miou(counts.sum(0)).item() == pytest.approx(expected)
+
+
+def test_quadrants_are_the_four_cells_of_each_scene_alone():
+    """--check's 'each 32 px quadrant alone': four crops per scene that tile it exactly, labels with them."""
+
+    class Scenes(list):
+        pass
+
+    image, label = torch.rand(3, 64, 64), torch.randint(0, 3, (64, 64))
+    scenes = Scenes([(image, label)])
+    scenes.names, scenes.classes = ["circle", "square", "star"], 3
+    cells = list(toy_experiments.Quadrants(scenes))
+    assert len(cells) == 4 and all(c.shape == (3, 32, 32) and t.shape == (32, 32) for c, t in cells)
+    rows = (
+        [torch.cat([cells[0][k], cells[1][k]], dim=-1) for k in (0, 1)],
+        [torch.cat([cells[2][k], cells[3][k]], dim=-1) for k in (0, 1)],
+    )
+    assert torch.equal(torch.cat([rows[0][0], rows[1][0]], dim=-2), image)
+    assert torch.equal(torch.cat([rows[0][1], rows[1][1]], dim=-2), label)
+    quadrants = toy_experiments.Quadrants(scenes)
+    assert (quadrants.names, quadrants.classes) == (scenes.names, 3)
