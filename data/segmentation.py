@@ -64,6 +64,7 @@ class Layout:
 
 
 COCO, ADE150, ADE847 = "coco-stuff", "ADEChallengeData2016", "ADE20K_2021_17_01"
+COCO_STUFF_TRAIN_IMAGES = 118_287  # train2017: CAT-Seg's 80,000 iterations of 4 images are 2.7 passes over it
 VOC2010, VOC2012 = "VOCdevkit/VOC2010", "VOCdevkit/VOC2012"
 LAYOUTS = {
     "coco-stuff-train": Layout(

@@ -225,6 +225,16 @@ def test_toy_seg_lrs_are_the_selection_tables_argmax(capsys):
     assert flagged.lr == 0.5
 
 
+def test_toy_seg_budget_is_catsegs_number_of_passes():
+    """The toy job trains as many passes over its 2,000 scenes as CAT-Seg's recipe (80,000 iterations of 4
+    images) over COCO-Stuff's 118,287 training images, to the first decimal (2.7)."""
+    (real,), _ = train_seg.parse_args(["--data-root", "anywhere", "--method", "catseg"])
+    (toy,), _ = train_seg.parse_args(["--data", "toy-seg", "--method", "catseg"])
+    passes = real.iterations * real.batch_size / segmentation.COCO_STUFF_TRAIN_IMAGES
+    assert round(passes, 1) == 2.7
+    assert round(toy.iterations * toy.batch_size / toy_scenes.SIZES["train"], 1) == round(passes, 1)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
