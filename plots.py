@@ -135,3 +135,24 @@ def plot_segmentations(scenes, classnames, path, ignore=-1):
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_captioned(images, captions, path, columns=4):
+    """A grid of images (uint8 [N, H, W, 3]), each under its caption, wrapped to the panel's width."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.7 * rows))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, image, caption in zip(np.ravel(axes), images, captions):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(textwrap.fill(caption, 26), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -221,3 +221,35 @@ def validation(transform):
 
 def test_sets(names, transform):
     return [ToyScenes(name, TESTS[name], "test", transform) for name in names]
+
+
+# ------------------------------------------------------------------ web scenes (the toy CLIP's 64 px stage)
+WEB_STYLES = {"photo": 0.6, "sketch": 0.2, "rendition": 0.2}
+WEB_SEED = (7, 99)  # entropy of the web scenes' own streams, apart from every split's (seed, _SCENES, ...)
+
+
+def scene_caption(shapes, variant, rng):
+    """'a picture of a star, a ring and an arrow.': every visible shape named, in drawing order, after one
+    of toy_world's style phrases (70% of captions)."""
+    names = [f"{tw._article(tw.CLASSNAMES[c])} {tw.CLASSNAMES[c]}" for c in shapes]
+    body = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    phrases = tw._STYLE_PHRASES.get(variant, tw._STYLE_PHRASES["photo"])
+    return (tw._pick(rng, phrases) + " " + body if rng.random() < 0.7 else body) + "."
+
+
+class WebScenes:
+    """n web scenes (64 px, 2-4 shapes of all 12 classes, styles drawn by WEB_STYLES) with captions that
+    name every shape left visible: uint8 `images` [n, 3, 64, 64] and `captions`, the toy's stand-in for
+    web images holding several objects. Scene i is drawn from its own generator."""
+
+    def __init__(self, n):
+        images, self.captions = [], []
+        styles, probs = list(WEB_STYLES), list(WEB_STYLES.values())
+        for i in range(int(n)):
+            rng = np.random.default_rng(np.random.SeedSequence([*WEB_SEED, i]))
+            style = styles[int(rng.choice(len(styles), p=probs))]
+            image, label, attrs = render_scene(style, range(len(tw.CLASSNAMES)), rng)
+            visible = [obj.label for obj in attrs["shapes"] if (label == obj.label).any()]
+            images.append(image)
+            self.captions.append(scene_caption(visible, attrs["variant"], rng))
+        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # [n, 3, H, W]

@@ -173,6 +173,24 @@ def test_toy_pretraining_is_deterministic():
     assert not torch.equal(a["text.proj.weight"], c["text.proj.weight"])
 
 
+def test_the_64px_stage_alternates_web_pairs_and_web_scenes_and_is_deterministic(monkeypatch):
+    stage = {**toy_experiments.TOY_SCENE_STAGE, "scenes": 6, "steps": 4, "batch_size": 8, "scene_batch": 4}
+    stage1 = {**toy_experiments.TOY_PRETRAIN, "pairs": 16}
+    shapes = []
+    forward = CLIP.forward
+    monkeypatch.setattr(CLIP, "forward", lambda self, x, t: shapes.append(tuple(x.shape)) or forward(self, x, t))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        start = CLIP(PRESETS["toy"])
+        runs.append(toy_experiments.pretrain_scenes(start, stage, stage1).state_dict())
+    assert shapes[:4] == [(8, 3, 32, 32), (4, 3, 64, 64)] * 2  # even steps: web pairs; odd: web scenes
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    torch.manual_seed(0)
+    before = CLIP(PRESETS["toy"]).half().float().state_dict()
+    assert not torch.equal(runs[0]["text.proj.weight"], before["text.proj.weight"])
+
+
 @pytest.mark.slow
 def test_every_method_on_the_toy_world(tmp_path, small_toy):
     """Every method trains on the toy world and lands in one table with every split (the full run

@@ -1,6 +1,8 @@
 """data/toy_scenes.py: the label map is the topmost shape's own mask at every pixel, the rendered strokes
 sit on the labelled shapes, scenes are deterministic per (seed, split, style, index), and the seen /
-unseen split holds in every set. CPU, a few seconds."""
+unseen split holds in every set; the web scenes' captions name their visible shapes. CPU, a few seconds."""
+
+import re
 
 import numpy as np
 import pytest
@@ -90,3 +92,20 @@ def test_seen_and_unseen_classes():
     assert ts.ToyScenes("toy-r", "rendition", "test", eval_transform(), n=4).columns == {"toy-r": None}
     image, label = photo[0]
     assert image.shape == (3, ts.SIZE, ts.SIZE) and image.dtype == torch.float32 and label.dtype == torch.int64
+
+
+def test_web_scene_captions_name_every_visible_shape_and_no_other():
+    """The 64 px pretraining stage's web scenes: each caption names the classes left visible in its scene's
+    label map (drawn again from scene i's generator), once each, in every web style."""
+    web = ts.WebScenes(40)
+    assert web.images.shape == (40, 3, ts.SIZE, ts.SIZE) and web.images.dtype == torch.uint8
+    styles = set()
+    for i, caption in enumerate(web.captions):
+        rng = np.random.default_rng(np.random.SeedSequence([*ts.WEB_SEED, i]))
+        style = list(ts.WEB_STYLES)[int(rng.choice(len(ts.WEB_STYLES), p=list(ts.WEB_STYLES.values())))]
+        image, label, _ = ts.render_scene(style, ALL, rng)
+        assert np.array_equal(web.images[i].permute(1, 2, 0).numpy(), image)
+        named = [c for c, n in enumerate(tw.CLASSNAMES) for _ in re.finditer(rf"\b{tw._article(n)} {n}\b", caption)]
+        assert sorted(named) == sorted(set(np.unique(label).tolist()) - {IGNORE}), caption
+        styles.add(style)
+    assert styles == set(ts.WEB_STYLES)
