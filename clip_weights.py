@@ -26,7 +26,7 @@ from clip_model import CLIP, PRESETS, CLIPConfig
 from weight_files import WeightsError, cause, read_state_dict  # noqa: F401 (WeightsError, cause: re-exported)
 
 CACHE_DIR = Path(os.environ.get("RADAPTER_CACHE", Path.home() / ".cache" / "r-adapter"))
-TOY_CLIP = Path(__file__).resolve().parent / "assets" / "toy-clip.safetensors"  # toy_experiments.py pretrains it
+TOY_CLIP = Path(__file__).resolve().parent / "assets" / "toy-clip.safetensors"  # toy_clip.py pretrains it
 TOY_CLIP_SHA256 = "136ebeb6647eff562301e8338a9ecbc3afb2d91b7f8c71296ae164479ea59cd0"
 
 
@@ -289,7 +289,7 @@ def load_toy_clip(device="cpu", path=TOY_CLIP, digest=TOY_CLIP_SHA256):
     if not path.exists():
         raise WeightsError(
             f"{path}: the toy CLIP is missing; restore it with `git checkout -- {path.name}` "
-            f"in {path.parent}, or rebuild it with `python toy_experiments.py` and pass --model PATH"
+            f"in {path.parent}, or rebuild it with `python toy_clip.py` and pass --model PATH"
         )
     found = sha256(path)
     if found != digest:

@@ -8,7 +8,7 @@ one training row per caption and the test sets of Sec. 4 (COCO 5K, Flickr30k 1K)
     imagenet.py   ImageNet, its five shifts, any ImageFolder tree (their layouts; imagenet_classes.py: the tables)
     coop.py       the 11 datasets of CoOp's few-shot / base-to-novel benchmark (their layouts)
     retrieval.py  COCO and Flickr30k on Karpathy's splits (their layouts)
-    toy.py        the offline toy world's task (toy_world.py renders it; toy_experiments.py: its CLIP)
+    toy.py        the offline toy world's task (toy_world.py renders it; toy_clip.py: its CLIP)
 
 Images that fail to decode come back as None with one warning per file (or raise with strict);
 `collate_skip` drops them when batching. A missing or malformed folder or file raises DataError

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import toy_clip
 import toy_experiments
 import train
 from clip_model import CLIP, PRESETS, TINY
@@ -166,16 +167,16 @@ def test_linear_probe_fits_the_regularised_optimum_on_pre_projection_features():
 
 
 def test_toy_pretraining_is_deterministic():
-    recipe = {**toy_experiments.TOY_PRETRAIN, "pairs": 64, "steps": 3, "batch_size": 16, "warmup": 1}
-    a, b = (toy_experiments.pretrain(recipe, eval_every=0).state_dict() for _ in range(2))
+    recipe = {**toy_clip.TOY_PRETRAIN, "pairs": 64, "steps": 3, "batch_size": 16, "warmup": 1}
+    a, b = (toy_clip.pretrain(recipe, eval_every=0).state_dict() for _ in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = toy_experiments.pretrain({**recipe, "seed": 1}, eval_every=0).state_dict()
+    c = toy_clip.pretrain({**recipe, "seed": 1}, eval_every=0).state_dict()
     assert not torch.equal(a["text.proj.weight"], c["text.proj.weight"])
 
 
 def test_the_64px_stage_alternates_web_pairs_and_web_scenes_and_is_deterministic(monkeypatch):
-    stage = {**toy_experiments.TOY_SCENE_STAGE, "scenes": 6, "steps": 4, "batch_size": 8, "scene_batch": 4}
-    stage1 = {**toy_experiments.TOY_PRETRAIN, "pairs": 16}
+    stage = {**toy_clip.TOY_SCENE_STAGE, "scenes": 6, "steps": 4, "batch_size": 8, "scene_batch": 4}
+    stage1 = {**toy_clip.TOY_PRETRAIN, "pairs": 16}
     shapes = []
     forward = CLIP.forward
     monkeypatch.setattr(CLIP, "forward", lambda self, x, t: shapes.append(tuple(x.shape)) or forward(self, x, t))
@@ -183,7 +184,7 @@ def test_the_64px_stage_alternates_web_pairs_and_web_scenes_and_is_deterministic
     for _ in range(2):
         torch.manual_seed(0)
         start = CLIP(PRESETS["toy"])
-        runs.append(toy_experiments.pretrain_scenes(start, stage, stage1).state_dict())
+        runs.append(toy_clip.pretrain_scenes(start, stage, stage1).state_dict())
     assert shapes[:4] == [(8, 3, 32, 32), (4, 3, 64, 64)] * 2  # even steps: web pairs; odd: web scenes
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     torch.manual_seed(0)
