@@ -27,7 +27,7 @@ from weight_files import WeightsError, cause, read_state_dict  # noqa: F401 (Wei
 
 CACHE_DIR = Path(os.environ.get("RADAPTER_CACHE", Path.home() / ".cache" / "r-adapter"))
 TOY_CLIP = Path(__file__).resolve().parent / "assets" / "toy-clip.safetensors"  # toy_clip.py pretrains it
-TOY_CLIP_SHA256 = "136ebeb6647eff562301e8338a9ecbc3afb2d91b7f8c71296ae164479ea59cd0"
+TOY_CLIP_SHA256 = "2080ff1a5fc7c79bc6d5497f5c1359ac3e278b3cc21bdf31316f123cf19b1377"
 
 
 @contextmanager
