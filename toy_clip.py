@@ -10,7 +10,7 @@ the learned logit scale clamped at 100, AdamW with linear warm-up and cosine dec
 gains, biases, the class token and the logit scale (as open_clip does). Seeded: a rerun with the same torch
 build and thread count gives the same weights.
 
-    OMP_NUM_THREADS=1 python toy_clip.py --out PATH                  # rebuild (about 1 h on 1 CPU core), print the digest
+    OMP_NUM_THREADS=1 python toy_clip.py --out PATH                  # rebuild (1 h on 1 CPU core), print its digest
     OMP_NUM_THREADS=1 python toy_clip.py --stage1 FILE --out PATH    # the 64 px stage only, from stage-1 weights
     python toy_clip.py --web-scenes PNG                              # draw 12 web scenes with their captions
     python train.py --model PATH                                     # fine-tune a rebuilt one
