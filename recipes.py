@@ -205,7 +205,7 @@ TOY_LR_SOURCE = "toy lr rule: docs/toy_lr_selection.csv"
 TOY_B2N = "toy base-to-novel job (this repository)"
 TOY_B2N_JOB = {**TOY_JOB, "shots": (16, f"{TOY_B2N}: CoCoOp's 16 shots"), "run_dir": ("runs/toy-b2n", TOY_B2N)}
 TOY_B2N_BUDGET = {**TOY_BUDGET, "epochs": (100, f"{TOY_B2N}: budget"), "batch_size": (32, f"{TOY_B2N}: budget")}
-TOY_B2N_LR = {"coop": 3e-3, "cocoop": 1e-2, "clipfit": 1e-2, "r-adapter": 1e-3}  # docs/toy_b2n_lr_selection.csv
+TOY_B2N_LR = {"coop": 1e-2, "cocoop": 1e-2, "clipfit": 1e-2, "r-adapter": 3e-3}  # docs/toy_b2n_lr_selection.csv
 TOY_B2N_LR_SOURCE = "toy lr rule: docs/toy_b2n_lr_selection.csv"
 TOY_TEMPLATE = toy_world.TEMPLATES[0]  # CLIPFit's one template, in the toy world
 
