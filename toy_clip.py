@@ -68,6 +68,19 @@ def adamw(model, p):
     )
 
 
+def clip_step(model, optimizer, images, tokens):
+    """One step of CLIP's objective on a batch of pairs: symmetric InfoNCE at the learned temperature
+    tau = 1 / logit_scale, which is then clamped at 100 (Radford et al. 2021, Sec. 2.5). Returns the loss."""
+    f, g, s = model(images, tokens)
+    loss = infonce_loss(f, g, tau=1 / s)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss
+
+
 def pretrain(p=TOY_PRETRAIN, eval_every=500, snapshot=None):
     """The toy CLIP, pretrained on p['pairs'] web pairs for p['steps'] steps; seeded, so a rerun with
     the same torch build and thread count gives the same weights. snapshot(model, step), if given, is
@@ -83,13 +96,7 @@ def pretrain(p=TOY_PRETRAIN, eval_every=500, snapshot=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, p)
         idx = order[torch.arange(step * p["batch_size"], (step + 1) * p["batch_size"]) % len(order)]
-        f, g, s = model(images[idx], tokens[idx])
-        loss = infonce_loss(f, g, tau=1 / s)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        loss = clip_step(model, optimizer, images[idx], tokens[idx])
         if eval_every and (step + 1) % eval_every == 0:
             model.eval()
             tqdm.write(
@@ -125,13 +132,7 @@ def pretrain_scenes(model, p=TOY_SCENE_STAGE, stage1=TOY_PRETRAIN):
             group["lr"] = p["lr"] * min(1, (step + 1) / p["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / p["steps"]))
         images, tokens, n = batches[step % 2]
         idx = torch.randint(len(images), (n,), generator=generator)
-        f, g, s = model(images[idx], tokens[idx])
-        loss = infonce_loss(f, g, tau=1 / s)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        loss = clip_step(model, optimizer, images[idx], tokens[idx])
         if (step + 1) % 100 == 0:
             tqdm.write(f"64 px step {step + 1}: InfoNCE {loss.item():.3f}")
     return model.eval()
