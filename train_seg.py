@@ -304,9 +304,9 @@ def run(cfgs, device, rank=0, world=1):
     if rank == 0 or not cfgs[0].overwrite:  # one run per folder (run_log.py)
         run_log.claim(out, resume=cfgs[0].resume, overwrite=cfgs[0].overwrite)
     cfgs = [dataclasses.replace(c, overwrite=False) for c in cfgs]  # a replayed config.json deletes nothing
+    train_set, test_sets = datasets(cfgs[0])  # data, crop and test sets are the command's, not a method's
     for cfg in cfgs:
         cfg = dataclasses.replace(cfg, run_dir=str(out / cfg.method))
-        train_set, test_sets = datasets(cfg)
         model, method, templates, n_clip = fit(cfg, train_set, device, rank, world)
         if rank != 0:
             continue
