@@ -91,7 +91,7 @@ TOY_SEG = dict(
     threads=2,  # as recipes.TOY_JOB: the same table on any number of cores
     save_every=675,
 )
-TOY_SEG_LR = {"frozen": 3e-3, "catseg": 1e-2, "full": 3e-3, "r-adapter": 3e-3}  # docs/toy_seg_lr_selection.csv
+TOY_SEG_LR = {"frozen": 3e-3, "catseg": 3e-3, "full": 3e-3, "r-adapter": 3e-3}  # docs/toy_seg_lr_selection.csv
 TOY_SEG_LR_TABLE = Path(__file__).resolve().parent / "docs" / "toy_seg_lr_selection.csv"
 
 
