@@ -21,7 +21,8 @@ homogeneous of degree 1), so with those derivatives held fixed it is, and its SE
 
 The toy segmentation job (train_seg.py --data toy-seg) checks the robustness claim on mIoU: unseen classes
 and shifted styles, R-Adapter against full fine-tuning. mIoU is not a mean over images, so its paired SE is
-the bootstrap's: both rows' mIoU on each resampling of the same images (bootstrap_se).
+the bootstrap's: both rows' mIoU on each resampling of the same images (bootstrap_se); with several
+training seeds (train_seg.py --seeds), the seed-mean mIoU on each resampling, plus the seeds' spread.
 """
 
 import math
@@ -179,17 +180,26 @@ def base_to_new_claims(rows):
 
 def bootstrap_se(counts, classes=None, samples=1000, seed=0, baseline=None, *, miou):
     """Standard error of miou over images: its spread over `samples` resamplings of the images (with
-    replacement). counts: [N, 3, C], one row per image; miou(summed counts [..., 3, C], classes) -> [...]
-    (data/segmentation.miou). With baseline (another model's counts on the same images), the paired SE of
-    the difference miou(counts) - miou(baseline), both on each resampling."""
-    n = len(counts)
+    replacement). counts: [N, 3, C], one row per image, or [S, N, 3, C] from S training seeds on the same
+    images; miou(summed counts [..., 3, C], classes) -> [...] (data/segmentation.miou). With baseline
+    (another model's counts on the same images), the paired SE of the difference miou(counts) -
+    miou(baseline), both on each resampling. With seeds, the value is the mean over the seeds, and its
+    SE adds the seed-to-seed variance over S to the images' (as report.pool_seeds does for accuracy)."""
+    counts = counts if counts.dim() == 4 else counts[None]  # [S, N, 3, C]
+    baseline = None if baseline is None else baseline if baseline.dim() == 4 else baseline[None]
+    n = counts.shape[1]
     picks = torch.randint(n, (samples, n), generator=torch.Generator().manual_seed(seed))
     times = torch.zeros(samples, n, dtype=torch.float64).scatter_add_(
         1, picks, torch.ones(samples, n, dtype=torch.float64)
     )  # [samples, N]: how often each image is drawn
-    resampled = lambda c: miou(torch.einsum("sn,nkc->skc", times, c.double()), classes)
+    resampled = lambda c: miou(torch.einsum("tn,snkc->stkc", times, c.double()), classes).mean(0)  # [samples]
     values = resampled(counts) - (0 if baseline is None else resampled(baseline))  # [samples]
-    return values[~values.isnan()].std().item()  # a resampling in which no class is present has no mIoU
+    image_se = values[~values.isnan()].std().item()  # a resampling in which no class is present has no mIoU
+    per_seed = miou(counts.double().sum(1), classes)  # [S]
+    if baseline is not None:
+        per_seed = per_seed - miou(baseline.double().sum(1), classes)
+    seed_se = (per_seed.var().item() / len(per_seed)) ** 0.5 if len(per_seed) > 1 else 0.0
+    return math.hypot(image_se, seed_se)
 
 
 def toy_seg_claims(rows, alpha=0.5, *, tests, unseen, miou):
@@ -197,7 +207,8 @@ def toy_seg_claims(rows, alpha=0.5, *, tests, unseen, miou):
     with its per-image counts): unseen-class mIoU of the photo test scenes, and the mean over the shifted
     styles. tests: the test sets (toy_scenes.TESTS, 'toy-photo' and the shifted styles), unseen: the unseen
     classes (toy_scenes.UNSEEN), miou: data/segmentation.miou. Each delta has the paired bootstrap SE over
-    the same images; a mean over the independent sets has sqrt(sum se^2) / K."""
+    the same images (with seeds, counts [S, N, 3, C]: the seed-to-seed spread of the delta added); a mean
+    over the independent sets has sqrt(sum se^2) / K."""
     ra, ft = (next(r for r in rows if r["run"] == m) for m in ("r-adapter", "full"))
 
     def delta(test_set, column, classes=None):

@@ -150,6 +150,7 @@ class SegConfig:
     workers: int = arg(8, "data loader worker processes")
     threads: Optional[int] = arg(None, "intra-op CPU threads (default: torch's); the toy job uses 2 (any core count)")
     seed: int = arg(0, "seed of every random choice")
+    seeds: int = arg(1, "train each method at seeds --seed, --seed + 1, ...; the table pools them (SEs add the spread)")
     run_dir: Optional[str] = arg(None, "output folder (default runs/seg-<data>); each method in a subfolder")
     overwrite: bool = arg(False, "start over in a --run-dir that holds a run: first delete what a run wrote there")
     save_every: int = arg(1000, "checkpoint every N steps")
@@ -262,6 +263,22 @@ def evaluate_sets(model, test_sets, templates, cfg, device, keep=0):
     return {**scores, "skipped": skipped, "unknown_pixels": unknown, "counts": per_image, "predictions": kept}
 
 
+def pool_seeds(runs, test_sets):
+    """evaluate_sets' scores of one row from S seeds as one: each mIoU the mean over the seeds, its SE the
+    bootstrap's over the images plus the seed-to-seed spread (claims.bootstrap_se), 'counts' [S, N, 3, C] per
+    set, the first seed's predictions. One seed passes through unchanged."""
+    if len(runs) == 1:
+        return runs[0]
+    counts = {name: torch.stack([r["counts"][name] for r in runs]) for name in runs[0]["counts"]}
+    scores = {}
+    for test_set in test_sets:
+        for column, classes in test_set.columns.items():
+            scores[column] = sum(r[column] for r in runs) / len(runs)
+            scores[f"{column}_se"] = claims.bootstrap_se(counts[test_set.name], classes, miou=segmentation.miou)
+    totals = {k: sum(r[k] for r in runs) for k in ("skipped", "unknown_pixels")}
+    return {**scores, **totals, "counts": counts, "predictions": runs[0]["predictions"]}
+
+
 # ------------------------------------------------------------------- the driver
 def datasets(cfg):
     """The training set and the test sets of cfg.data."""
@@ -305,18 +322,25 @@ def run(cfgs, device, rank=0, world=1):
         run_log.claim(out, resume=cfgs[0].resume, overwrite=cfgs[0].overwrite)
     cfgs = [dataclasses.replace(c, overwrite=False) for c in cfgs]  # a replayed config.json deletes nothing
     train_set, test_sets = datasets(cfgs[0])  # data, crop and test sets are the command's, not a method's
+    seeds = [cfgs[0].seed + s for s in range(cfgs[0].seeds)]
     for cfg in cfgs:
-        cfg = dataclasses.replace(cfg, run_dir=str(out / cfg.method))
-        model, method, templates, n_clip = fit(cfg, train_set, device, rank, world)
-        if rank != 0:
-            continue
-        for name, alpha in method.rows:
-            with method.weights(alpha):
-                scores = evaluate_sets(
-                    model, test_sets, templates, cfg, device, keep=SHOWN if cfg.data == "toy-seg" else 0
-                )
-            rows.append({"method": name, "run": cfg.method, "trainable": n_clip, **scores})
-        export(cfg, model, method)
+        runs = []  # per seed: [(row name, scores)] of the method's rows
+        for seed in seeds:
+            run_dir = out / cfg.method / (f"seed{seed}" if len(seeds) > 1 else "")
+            cfg = dataclasses.replace(cfg, seed=seed, run_dir=str(run_dir))
+            model, method, templates, n_clip = fit(cfg, train_set, device, rank, world)
+            if rank != 0:
+                continue
+            keep = SHOWN if cfg.data == "toy-seg" else 0
+            scored = []
+            for name, alpha in method.rows:
+                with method.weights(alpha):
+                    scored.append((name, evaluate_sets(model, test_sets, templates, cfg, device, keep=keep)))
+            runs.append(scored)
+            export(cfg, model, method)
+        for same in zip(*runs):  # one row per method row, pooled over the seeds
+            scores = pool_seeds([s for _, s in same], test_sets)
+            rows.append({"method": same[0][0], "run": cfg.method, "trainable": n_clip, **scores})
     if rank == 0 and rows:
         print(
             "\n"
@@ -327,7 +351,7 @@ def run(cfgs, device, rank=0, world=1):
         report.write_results(
             [{k: v for k, v in r.items() if k not in ("counts", "predictions")} for r in rows], out / "results"
         )
-        print(f"mIoU (%) ± bootstrap SE over images; wrote {out / 'results.csv'}")
+        print(f"mIoU (%) ± bootstrap SE over images{' and seeds' * (len(seeds) > 1)}; wrote {out / 'results.csv'}")
         runs, tested = {r["run"] for r in rows}, set(rows[0]["counts"])
         if cfgs[0].data == "toy-seg" and {"full", "r-adapter"} <= runs and set(toy_scenes.TESTS) <= tested:
             checked = claims.toy_seg_claims(
@@ -337,6 +361,8 @@ def run(cfgs, device, rank=0, world=1):
             print("\nR-Adapter's claim, checked (delta and se in points; 'within noise' when |delta| < 2 se):")
             for c in checked:
                 print(f"  {c['verdict']:>12}  {c['delta']:+6.2f} ± {c['se']:.2f}  {c['claim']}")
+            if len(seeds) == 1:
+                print("  (one seed: each SE counts the test scenes, not the training seed; --seeds 3 adds its spread)")
             print(f"wrote {out / 'claims.json'}")
         if cfgs[0].data == "toy-seg":
             plot_scenes(rows, test_sets, out / "scenes.png")

@@ -251,3 +251,21 @@ def test_bootstrap_se_skips_resamplings_without_any_class():
     counts[0, :, 1] = torch.tensor([3.0, 4.0, 5.0])  # class 1: intersection 3, prediction 4, label 5
     se = bootstrap_se(counts, samples=200, miou=miou)
     assert math.isfinite(se) and se == 0.0  # every defined resampling has the same mIoU, 50%
+
+
+def test_bootstrap_se_over_seeds_adds_their_spread_to_the_images():
+    """Counts of S seeds on the same images: on each resampling the seeds' mean mIoU, and the variance of the
+    seeds' mIoU over S added, as report.pool_seeds adds it to accuracy."""
+    rng = np.random.default_rng(2)
+    _, target = random_maps(rng, 20, 5, used=5)
+    seeds = [random_maps(np.random.default_rng(10 + s), 20, 5, used=5)[0] for s in range(3)]
+    counts = torch.stack([torch.stack([iou_counts(p, t, 5) for p, t in zip(pred, target)]) for pred in seeds])
+    picks = torch.randint(20, (200, 20), generator=torch.Generator().manual_seed(3))
+    image = torch.stack([torch.stack([miou(c[p].sum(0)) for c in counts]).mean() for p in picks]).std()
+    per_seed = torch.stack([miou(c.sum(0)) for c in counts])
+    expected = (image**2 + per_seed.var() / 3).sqrt()
+    torch.testing.assert_close(torch.tensor(bootstrap_se(counts, samples=200, seed=3, miou=miou)), expected.float())
+    one = counts[0]  # S copies of one seed: no seed spread, the single seed's SE
+    assert bootstrap_se(one.expand(3, -1, -1, -1), miou=miou) == pytest.approx(bootstrap_se(one, miou=miou))
+    paired = bootstrap_se(counts, baseline=counts[:, torch.arange(20).roll(1)], miou=miou)
+    assert paired > bootstrap_se(counts, baseline=counts, miou=miou) == 0

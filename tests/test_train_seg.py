@@ -188,6 +188,30 @@ def test_toy_seg_job_end_to_end(tmp_path, small_scenes, patch4_path, model):
     assert checked[0]["delta"] == pytest.approx(unseen, abs=0.01)
 
 
+def test_toy_seg_seeds_pool_the_runs_each_seed_gives(tmp_path, small_scenes):
+    """--seeds 2 trains each method at seeds 0 and 1, each in its own folder as a one-seed command at that
+    --seed trains it, and each row's mIoU is the mean of the two runs'; the claims come from the pooled rows."""
+    argv = ["--data", "toy-seg", "--method", "full,r-adapter", "--iterations", "2", "--batch-size", "2"]
+    train_seg.main([*argv, "--seeds", "2", "--run-dir", str(tmp_path / "pooled")])
+    for seed in (0, 1):
+        train_seg.main([*argv, "--seed", str(seed), "--run-dir", str(tmp_path / f"seed{seed}")])
+
+    def rows(run_dir):
+        with open(run_dir / "results.csv") as f:
+            return {r["run"]: r for r in csv.DictReader(f)}
+
+    pooled, one, two = rows(tmp_path / "pooled"), rows(tmp_path / "seed0"), rows(tmp_path / "seed1")
+    assert one != two  # the seeds train differently
+    for run in ("full", "r-adapter"):
+        for column in ("seen", "unseen", "toy-sketch", "toy-r"):
+            assert float(pooled[run][column]) == pytest.approx((float(one[run][column]) + float(two[run][column])) / 2)
+        for seed in (0, 1):
+            alone = (tmp_path / f"seed{seed}" / run / "head.safetensors").read_bytes()
+            assert (tmp_path / "pooled" / run / f"seed{seed}" / "head.safetensors").read_bytes() == alone
+    unseen = float(pooled["r-adapter"]["unseen"]) - float(pooled["full"]["unseen"])
+    assert json.loads((tmp_path / "pooled" / "claims.json").read_text())[0]["delta"] == pytest.approx(unseen, abs=0.01)
+
+
 def test_toy_seg_select_lr_writes_each_methods_argmax(tmp_path, small_scenes, monkeypatch):
     monkeypatch.setattr(train_seg, "TOY_SEG_LR_TABLE", tmp_path / "table.csv")
     monkeypatch.setattr(recipes, "LR_GRID", (1e-4, 1e-1))
