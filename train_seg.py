@@ -5,7 +5,6 @@ our CLIP, trained on COCO-Stuff with CLIP fine-tuned by a method, mIoU on the si
     python train_seg.py ... --resume latest | --print-config
     python train_seg.py --data toy-seg                # offline: the toy scenes (data/toy_scenes.py) on a CPU
     python train_seg.py --data toy-seg --select-lr    # the toy lr rule -> docs/toy_seg_lr_selection.csv
-    python train_seg.py --data toy-seg --seeds 3      # one table pooled over seeds 0, 1, 2
 
 R-Adapter's paper gives no segmentation recipe; this is CAT-Seg's (--print-config shows each value's
 source). What of CLIP trains (the CAT-Seg head always trains):
@@ -20,8 +19,8 @@ r-adapter and lora at lr (R-Adapter trains its adapters at a full learning rate)
 embeddings have no weight decay (detectron2's defaults, kept by CAT-Seg). Training is train.py's loop
 (checkpoints, --resume latest, DDP); evaluation is CAT-Seg's sliding window and detectron2's mIoU (over the
 classes present in the labels; data/segmentation.miou) with a bootstrap SE.
-The toy job (--data toy-seg) adds R-Adapter's claim against full fine-tuning, with paired bootstrap SEs
-(with --seeds, plus the seeds' spread).
+The toy job adds R-Adapter's claim against full fine-tuning, with paired bootstrap SEs; --seeds 3 pools
+three seeds into one table, each SE with the seeds' spread added.
 """
 
 import dataclasses
