@@ -212,6 +212,16 @@ def test_toy_seg_seeds_pool_the_runs_each_seed_gives(tmp_path, small_scenes):
     assert json.loads((tmp_path / "pooled" / "claims.json").read_text())[0]["delta"] == pytest.approx(unseen, abs=0.01)
 
 
+def test_a_methods_run_does_not_depend_on_the_methods_before_it(tmp_path, small_scenes):
+    """So the toy job's methods can be split across commands (docs/segmentation.md): full fine-tuning after
+    frozen and catseg in one command ends with the weights it ends with alone."""
+    argv = ["--data", "toy-seg", "--iterations", "2", "--batch-size", "2"]
+    train_seg.main([*argv, "--method", "frozen,catseg,full", "--run-dir", str(tmp_path / "all")])
+    train_seg.main([*argv, "--method", "full", "--run-dir", str(tmp_path / "alone")])
+    for name in ("head.safetensors", "merged.safetensors"):
+        assert (tmp_path / "all" / "full" / name).read_bytes() == (tmp_path / "alone" / "full" / name).read_bytes()
+
+
 def test_toy_seg_select_lr_writes_each_methods_argmax(tmp_path, small_scenes, monkeypatch):
     monkeypatch.setattr(train_seg, "TOY_SEG_LR_TABLE", tmp_path / "table.csv")
     monkeypatch.setattr(recipes, "LR_GRID", (1e-4, 1e-1))
