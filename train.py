@@ -204,10 +204,11 @@ def fine_tune(cfg, model, method, train_set, device, ddp=(0, 1), *, groups=None,
     each training row; otherwise each row is an image with its class label."""
     rank, _ = ddp
     groups = groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    # foreach: the multi-tensor update (CUDA's default), bit-identical to the per-tensor loop and faster on a CPU
     if cfg.optimizer == "sgd":  # the Dassl family: plain SGD with momentum 0.9, L2 weight decay
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, foreach=True)
     else:  # AdamW, decoupled weight decay
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     shared = {f.name for f in dataclasses.fields(loop.LoopConfig)} - {"config", "epochs", "iterations"}
     length = dict(iterations=iterations) if iterations else dict(epochs=cfg.epochs)
     loop_cfg = loop.LoopConfig(**{k: getattr(cfg, k) for k in shared}, **length, config=asdict(cfg))
