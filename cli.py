@@ -59,6 +59,7 @@ def rank(text):
 # ------------------------------------------------------------------ checks
 RANGES = {  # field: (check, what it must be); a config is checked on the fields it has
     "batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval_batch": (lambda v: v >= 1, ">= 1"),
     "epochs": (lambda v: v >= 1, ">= 1"),
     "accum_steps": (lambda v: v >= 1, ">= 1"),
     "lr": (lambda v: v > 0, "> 0"),

@@ -279,7 +279,8 @@ class Up(nn.Module):
 
     def forward(self, x, guidance):  # x [B*C, dim, h, w], guidance [B, g, 2h, 2w]
         guidance = guidance.repeat_interleave(len(x) // len(guidance), dim=0)
-        return self.conv(torch.cat([self.up(x), guidance], dim=1))
+        x = torch.cat([self.up(x), guidance.contiguous(memory_format=torch.channels_last)], dim=1)
+        return self.conv(x)  # channels_last, as self.up gives it: oneDNN's fast layout for few channels
 
 
 # ---------------------------------------------------------------- the model
@@ -351,6 +352,7 @@ class CATSeg(nn.Module):
                 x = block(x, norm(image_guide), window)
             x = self.classwise[i](x, text_guide)
         x = x.permute(0, 1, 4, 2, 3).flatten(0, 1)  # [B, K, h, w, d] -> [B*K, d, h, w]
+        x = x.contiguous(memory_format=torch.channels_last)  # the decoder's layout (Up)
         for up, guide, block_up, feature in zip(self.decoder, self.block_guide, self.block_up, blocks):
             x = up(x, guide(block_up(feature)))
         logits = self.out(x).view(B, K, 4 * h, 4 * w)  # [B*K, 1, 4h, 4w] -> [B, K, 4h, 4w]
@@ -416,41 +418,42 @@ def from_released_state_dict(state_dict, model):
 
 @torch.no_grad()
 def sliding_window(model, image, text, window=384, overlap=1 / 3, size=640, resize="shortest-edge", max_size=2560):
-    """Class probabilities [C, H, W] of one image [3, H, W], as the released evaluation computes them (eval.sh):
-    the test resize, detectron2's ResizeShortestEdge (shorter side to `size`, the longer at most max_size;
-    bilinear, antialiased), then CATSeg.inference_sliding_window: the image resized to size x size and cut
-    into window x window crops overlapping by `overlap`, the sigmoid scores averaged over the crops, then with
-    those of the whole image at window x window, and resized to H x W (bilinear). The release resizes the
-    uint8 image with PIL, we the normalised one (the same filter; no rounding to 8 bits). Switch: resize =
-    "direct" skips the shorter-side step. With size = window the one crop is the whole image, scored once."""
+    """Class probabilities [C, H, W] of one image [3, H, W] ([B, C, H, W] of B images of one size, scored
+    together), as the released evaluation computes them (eval.sh): the test resize, detectron2's
+    ResizeShortestEdge (shorter side to `size`, the longer at most max_size; bilinear, antialiased), then
+    CATSeg.inference_sliding_window: the image resized to size x size and cut into window x window crops
+    overlapping by `overlap`, the sigmoid scores averaged over the crops, then with those of the whole image at
+    window x window, and resized to H x W (bilinear). The release resizes the uint8 image with PIL, we the
+    normalised one (the same filter; no rounding to 8 bits). Switch: resize = "direct" skips the shorter-side
+    step. With size = window the one crop is the whole image, scored once."""
+    if image.dim() == 3:
+        return sliding_window(model, image[None], text, window, overlap, size, resize, max_size)[0]
     H, W = image.shape[-2:]
     if resize not in ("shortest-edge", "direct"):
         raise ValueError(f"resize {resize!r}: expected shortest-edge or direct")
     if resize == "shortest-edge" and shortest_edge(H, W, size, max_size) != (H, W):
         image = F.interpolate(
-            image[None], size=shortest_edge(H, W, size, max_size), mode="bilinear", antialias=True, align_corners=False
-        )[0]
-    x = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)
+            image, size=shortest_edge(H, W, size, max_size), mode="bilinear", antialias=True, align_corners=False
+        )
+    x = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)  # [B, 3, size, size]
     stride = int(window * (1 - overlap))
     starts = sorted({*range(0, size - window, stride), size - window})
 
-    def scores(crop, out):  # [1, 3, window, window] -> [C, out, out] probabilities
+    def scores(crop, out):  # [B, 3, window, window] -> [B, C, out, out] probabilities
         logits = F.interpolate(model(crop, text), size=(out, out), mode="bilinear", align_corners=False)
-        return logits[0].float().sigmoid()
+        return logits.float().sigmoid()
 
     if size == window:
-        return F.interpolate(scores(x, window)[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-    total = torch.zeros(len(text), size, size, device=image.device)
+        return F.interpolate(scores(x, window), size=(H, W), mode="bilinear", align_corners=False)
+    total = torch.zeros(len(image), len(text), size, size, device=image.device)
     count = torch.zeros(size, size, device=image.device)
     for top in starts:
         for left in starts:
-            total[:, top : top + window, left : left + window] += scores(
+            total[..., top : top + window, left : left + window] += scores(
                 x[..., top : top + window, left : left + window], window
             )
             count[top : top + window, left : left + window] += 1
-    whole = F.interpolate(image[None], size=(window, window), mode="bilinear", align_corners=False)
-    probs = (
-        total / count
-        + F.interpolate(scores(whole, window)[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-    ) / 2
-    return F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+    whole = F.interpolate(image, size=(window, window), mode="bilinear", align_corners=False)
+    whole = F.interpolate(scores(whole, window), size=(size, size), mode="bilinear", align_corners=False)
+    probs = (total / count + whole) / 2
+    return F.interpolate(probs, size=(H, W), mode="bilinear", align_corners=False)

@@ -61,6 +61,7 @@ SOURCES = {  # where each recipe value comes from
     "prompts": f"{CATSEG}, configs/vitb_384.yaml PROMPT_ENSEMBLE_TYPE 'single'",
     "crop": f"{CATSEG}, configs/vitb_384.yaml INPUT.CROP.SIZE",
     "batch_size": f"{CATSEG}, configs/vitb_384.yaml SOLVER.IMS_PER_BATCH",
+    "eval_batch": f"{CATSEG}, eval.sh (detectron2's test loader: one image at a time)",
     "iterations": f"{CATSEG}, configs/vitb_384.yaml SOLVER.MAX_ITER",
     "lr": f"{CATSEG}, configs/vitb_384.yaml SOLVER.BASE_LR (AdamW)",
     "clip_lr_scale": f"{CATSEG}, configs/vitb_384.yaml SOLVER.CLIP_MULTIPLIER",
@@ -85,6 +86,7 @@ TOY_SEG = dict(
     test=",".join(toy_scenes.TESTS),
     crop=toy_scenes.SIZE,
     eval_size=toy_scenes.SIZE,
+    eval_batch=50,  # the scenes share one size: scored 50 at a time
     batch_size=8,
     iterations=675,  # 2.7 passes over the 2,000 training scenes, as CAT-Seg's over COCO-Stuff (tested)
     m=0.9,
@@ -136,6 +138,7 @@ class SegConfig:
     eval_size: Optional[int] = arg(
         None, "test images are resized to this before the sliding window (default crop x 5/3)"
     )
+    eval_batch: int = arg(1, "test images scored at once (> 1: a test set's images share one size, as the toy's)")
     batch_size: int = arg(4, "global batch (all GPUs, all accumulation steps)")
     accum_steps: int = arg(1, "gradient accumulation steps per optimiser step")
     iterations: int = arg(80_000, "optimiser steps")
@@ -239,7 +242,7 @@ def evaluate_sets(model, test_sets, templates, cfg, device, keep=0):
         tokens = segment.class_tokens(test_set.names, templates, L).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             text = torch.cat([model.embed_text(t) for t in tokens.split(64)])  # [C, P, e], 64 classes at a time
-        loader = DataLoader(test_set, batch_size=1, num_workers=cfg.workers, collate_fn=data.collate_skip)
+        loader = DataLoader(test_set, cfg.eval_batch, num_workers=cfg.workers, collate_fn=data.collate_skip)
         counts = []
         for images, labels, n_bad in tqdm(loader, desc=test_set.name, leave=False, disable=None):
             skipped += n_bad
@@ -247,14 +250,14 @@ def evaluate_sets(model, test_sets, templates, cfg, device, keep=0):
                 continue
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 size = cfg.eval_size or cfg.crop * 5 // 3
-                probs = segment.sliding_window(model, images[0].to(device), text, cfg.crop, size=size)
-            pred = probs.argmax(0).cpu()
-            if test_set.prompt_class is not None:  # VOC-20b: a background name's pixels are background
-                pred = test_set.prompt_class[pred]
-            counts.append(segmentation.iou_counts(pred, labels[0], test_set.classes))
-            if len(counts) <= keep:
-                kept.setdefault(test_set.name, []).append(pred)
-            unknown += (labels[0] >= test_set.classes).sum().item()
+                probs = segment.sliding_window(model, images.to(device), text, cfg.crop, size=size)  # [B, C, H, W]
+            for pred, label in zip(probs.argmax(1).cpu(), labels):
+                if test_set.prompt_class is not None:  # VOC-20b: a background name's pixels are background
+                    pred = test_set.prompt_class[pred]
+                counts.append(segmentation.iou_counts(pred, label, test_set.classes))
+                if len(counts) <= keep:
+                    kept.setdefault(test_set.name, []).append(pred)
+                unknown += (label >= test_set.classes).sum().item()
         if not counts:
             raise data.DataError(f"test set {test_set.name!r} has no readable images")
         per_image[test_set.name] = counts = torch.stack(counts)

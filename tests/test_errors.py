@@ -126,6 +126,7 @@ BAD = {
     "iterations": 0,
     "crop": 0,
     "eval_size": 0,
+    "eval_batch": 0,
     "clip_lr_scale": -1.0,
     "crop_scale": 0.0,
     "threads": 0,

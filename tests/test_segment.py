@@ -144,6 +144,16 @@ def test_sliding_window_averages_crops_and_the_whole_image():
     assert (probs[:, 1:] >= probs[:, :-1] - 1e-4).all() and probs[0, 0] < 0.3 and probs[0, -1] > 0.7
 
 
+@pytest.mark.parametrize("size", [64, 80])  # one crop (the toy's test), and 4 crops and the whole image
+def test_sliding_window_scores_a_batch_as_each_image_alone(size):
+    model = tiny_segmenter().eval()
+    images = torch.randn(3, 3, 48, 56, generator=torch.Generator().manual_seed(0))
+    batch = segment.sliding_window(model, images, text(C=3), window=64, size=size)
+    alone = torch.stack([segment.sliding_window(model, image, text(C=3), window=64, size=size) for image in images])
+    assert batch.shape == (3, 3, 48, 56)
+    torch.testing.assert_close(batch, alone, rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------ CLIP tuning
 def qkv_rows(model, tower, block):
     """(W_q, W_k, W_v, bias) of one attention block, from the model's state dict (fused qkv)."""
