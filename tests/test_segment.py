@@ -1,8 +1,9 @@
 """segment.py: CAT-Seg's shapes, its cost volume, the class-order equivariance of class aggregation, the
-shifted-window mask, the loss, the sliding window, CAT-Seg's W_q/W_v tuning (W_k never moves), and the
-merged R-Adapter inside the segmenter. The released model's pieces, each against a computation by hand:
-class padding and per-image class selection, the class block's residual, the dense last block, the
-position embeddings' resampling, the test resize and the released checkpoint's name map."""
+shifted windows (their mask, and the block against Swin's attention by hand), the loss, the sliding window,
+CAT-Seg's W_q/W_v tuning (W_k never moves), and the merged R-Adapter inside the segmenter. The released
+model's pieces, each against a computation by hand: class padding and per-image class selection, the class
+block's residual, the dense last block, the position embeddings' resampling, the test resize and the
+released checkpoint's name map."""
 
 from dataclasses import replace
 
@@ -109,6 +110,35 @@ def test_spatial_block_with_one_window_is_global_attention_per_class():
     expected = x + block.proj(attended)
     expected = expected + block.mlp(block.norm2(expected))
     torch.testing.assert_close(block(x, g, window=4), expected, rtol=1e-5, atol=1e-5)  # window = grid: no shift
+
+
+@pytest.mark.parametrize("h, w", [(8, 8), (8, 12)])
+def test_shifted_spatial_block_is_attention_within_the_shifted_windows(h, w):
+    """Swin's shifted windows by hand (Liu et al. 2021, Sec. 3.2): the window at (top, left) of the grid shifted
+    by s = window / 2 holds the tokens ((top + a + s) mod h, (left + b + s) mod w); two of them attend iff
+    neither axis wrapped between them; each token's output goes back to its own place."""
+    torch.manual_seed(0)
+    block, window, heads = segment.SpatialBlock(dim=8, guidance=4, heads=2, shifted=True), 4, 2
+    s = window // 2
+    x, g = torch.randn(2, 3, h, w, 8), torch.randn(2, h, w, 4)
+    y = block.norm1(x)
+    q, k, v = block.q(y) + block.q_guide(g)[:, None], block.k(y) + block.k_guide(g)[:, None], block.v(y)
+    attended = torch.zeros_like(x)
+    for top in range(0, h, window):
+        for left in range(0, w, window):
+            a, b = torch.meshgrid(torch.arange(top, top + window), torch.arange(left, left + window), indexing="ij")
+            a, b = a.flatten(), b.flatten()  # places in the shifted grid
+            rows, cols = (a + s) % h, (b + s) % w  # the tokens' own places
+            wrapped = torch.stack([a >= h - s, b >= w - s], -1)
+            allowed = (wrapped[:, None] == wrapped[None, :]).all(-1)  # [T, T]
+            for head in range(heads):
+                part = slice(head * 4, head * 4 + 4)
+                qh, kh, vh = (t[:, :, rows, cols, part] for t in (q, k, v))  # [B, C, T, 4]
+                scores = (qh @ kh.transpose(-1, -2) / 2).masked_fill(~allowed, -torch.inf)  # / sqrt(4)
+                attended[:, :, rows, cols, part] = scores.softmax(-1) @ vh
+    expected = x + block.proj(attended)
+    expected = expected + block.mlp(block.norm2(expected))
+    torch.testing.assert_close(block(x, g, window=window), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bce_loss_counts_unlabelled_pixels_as_negatives():
